@@ -1,0 +1,103 @@
+"""MIDI <-> performance-event tokens for Perceiver AR piano models (no torch).
+
+>>> from midi_processor import encode_midi, decode_midi
+>>> tokens = encode_midi("piece.mid")          # list of ints, ends with END
+>>> pm = decode_midi(tokens, "roundtrip.mid")  # pretty_midi.PrettyMIDI, also written
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+
+from .core import NoteData, decode_tokens, encode_notes, token_to_text, tokens_to_text
+from .reader import MidiError, MidiSource, read_midi, read_midi_mido
+from .vocab import (
+    END,
+    NOTE_OFF,
+    NOTE_ON,
+    PAD,
+    STEPS_PER_SECOND,
+    TIME_SHIFT,
+    VELOCITY,
+    VOCAB_SIZE,
+    VOCAB_VERSION,
+)
+
+__all__ = [
+    "END",
+    "NOTE_OFF",
+    "NOTE_ON",
+    "PAD",
+    "TIME_SHIFT",
+    "VELOCITY",
+    "VOCAB_SIZE",
+    "VOCAB_VERSION",
+    "MidiError",
+    "NoteData",
+    "decode_midi",
+    "encode_midi",
+    "read_midi",
+    "read_midi_mido",
+    "token_to_text",
+    "tokens_to_text",
+]
+
+
+def encode_midi(source: MidiSource, name: str | None = None) -> list[int]:
+    """Tokens of a MIDI file path, raw MIDI bytes or a ``pretty_midi.PrettyMIDI``.
+
+    All non-drum instruments merge into one piano stream, the sustain pedal is applied,
+    times are quantised to 10 ms, and the list ends with END. ``name`` labels errors for
+    bytes input. Raises MidiError (message: file and reason) for unreadable or empty input.
+    """
+    return encode_notes(read_midi(source, name)).tolist()
+
+
+def decode_midi(tokens, path: str | os.PathLike | None = None) -> pretty_midi.PrettyMIDI:
+    """A one-piano ``PrettyMIDI`` from any token ids (see ``core.decode_tokens``).
+
+    With ``path`` the file is also written, atomically (temporary file, then rename).
+    """
+    start, end, pitch, velocity = decode_tokens(tokens)
+    pm = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    scale = 1.0 / STEPS_PER_SECOND
+    piano.notes = [
+        pretty_midi.Note(velocity=int(v), pitch=int(p), start=s * scale, end=e * scale)
+        for s, e, p, v in zip(
+            start.tolist(), end.tolist(), pitch.tolist(), velocity.tolist(), strict=True
+        )
+    ]
+    pm.instruments.append(piano)
+    if path is not None:
+        write_midi_atomic(pm, path)
+    return pm
+
+
+def write_midi_atomic(pm: pretty_midi.PrettyMIDI, path: str | os.PathLike) -> None:
+    """Write ``pm`` to ``path`` via a temporary file in the same folder, then rename, so a
+    crash never leaves a half-written MIDI file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pm.write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def piece_seconds(tokens) -> float:
+    """Seconds of music the tokens span (sum of TIME_SHIFTs up to END)."""
+    ids = np.asarray(list(tokens), dtype=np.int64)
+    stop = np.flatnonzero(ids == END)
+    ids = ids[: stop[0]] if len(stop) else ids
+    shifts = ids[(ids >= TIME_SHIFT) & (ids < VELOCITY)] - TIME_SHIFT + 1
+    return float(shifts.sum()) / STEPS_PER_SECOND
