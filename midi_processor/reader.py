@@ -42,18 +42,12 @@ class MidiError(Exception):
 MidiSource = str | os.PathLike | bytes | pretty_midi.PrettyMIDI
 
 
-def _marker_events() -> bytes:
-    """16 zero-length notes (channel c, pitch c, velocity 1), the first taking the delta
-    of the End-of-Track event they are inserted before."""
-    out = bytearray()
-    for c in range(16):
-        if c:
-            out += b"\x00"
-        out += bytes([0x90 | c, c, 1, 0, 0x80 | c, c, 0])
-    return bytes(out)
+def _markers(channels: np.ndarray) -> bytes:
+    """Zero-length notes (channel c, pitch c, velocity 1), one per channel, the first
+    taking the delta of the End-of-Track event they are inserted before."""
+    return b"\x00".join(bytes([0x90 | c, c, 1, 0, 0x80 | c, c, 0]) for c in channels.tolist())
 
 
-_MARKERS = _marker_events()
 _END_OF_TRACK = b"\xff\x2f\x00"
 
 
@@ -82,8 +76,14 @@ def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool]:
             raise MidiError(f"{name}: truncated file (chunk at byte {pos} ends past the end)")
         if cid == b"MTrk":
             n_tracks += 1
+            # Every channel a track uses has at least one explicit status byte 0x8c..0xEc
+            # (running status needs one first), so marking each channel whose status byte
+            # occurs anywhere (delta times and meta data may add a few) misses none.
+            raw = np.frombuffer(body, dtype=np.uint8)
+            channels = np.unique(raw[(raw >= 0x80) & (raw < 0xF0)] & 0x0F)
             if len(body) >= 4 and body.endswith(_END_OF_TRACK) and body[-4] < 0x80:
-                body = body[:-3] + _MARKERS + b"\x00" + _END_OF_TRACK
+                if len(channels):
+                    body = body[:-3] + _markers(channels) + b"\x00" + _END_OF_TRACK
             else:
                 all_tagged = False
         parts.append(cid + len(body).to_bytes(4, "big") + body)
@@ -94,22 +94,23 @@ def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool]:
 
 
 def _tick_scales(tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int) -> tuple:
-    """Tempo segments as pretty_midi builds them: (start ticks, seconds per tick, start s)."""
-    scales = [(0, 60.0 / (120.0 * tpq))]
-    for tick, mspq in zip(tempo_ticks.tolist(), tempo_mspq.tolist(), strict=True):
-        if mspq <= 0:
-            continue
-        scale = 60.0 / ((6e7 / mspq) * tpq)
-        if tick == 0:
-            scales = [(0, scale)]
-        elif scale != scales[-1][1]:
-            scales.append((tick, scale))
-    ticks = np.array([s[0] for s in scales], dtype=np.int64)
-    per_tick = np.array([s[1] for s in scales], dtype=np.float64)
-    start = np.zeros(len(scales))
-    for i in range(1, len(scales)):
-        start[i] = start[i - 1] + per_tick[i - 1] * float(ticks[i] - ticks[i - 1])
-    return ticks, per_tick, start
+    """Tempo segments as pretty_midi builds them: (start ticks, seconds per tick, start s).
+
+    120 bpm until the first tempo event; the last event at tick 0 replaces that; later
+    events open a segment when the tempo changes. Segment start times accumulate
+    sequentially (np.cumsum), with the same float operations as pretty_midi.
+    """
+    ok = tempo_mspq > 0
+    ticks, mspq = tempo_ticks[ok].astype(np.int64), tempo_mspq[ok].astype(np.float64)
+    scale = 60.0 / ((6e7 / mspq) * tpq)
+    at_zero = ticks == 0
+    first = scale[at_zero][-1] if at_zero.any() else 60.0 / (120.0 * tpq)
+    ticks = np.concatenate([[0], ticks[~at_zero]])
+    scale = np.concatenate([[first], scale[~at_zero]])
+    changed = np.concatenate([[True], scale[1:] != scale[:-1]])
+    ticks, scale = ticks[changed], scale[changed]
+    start = np.concatenate([[0.0], np.cumsum(scale[:-1] * np.diff(ticks).astype(np.float64))])
+    return ticks, scale, start
 
 
 def _to_seconds(ticks: np.ndarray, scales: tuple) -> np.ndarray:
@@ -140,8 +141,9 @@ def _assemble(name: str, tpq: int, tempos: tuple, notes: list, pedals: list) -> 
     return data
 
 
-def _repair_pairing(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, vel: np.ndarray):
-    """Re-pair one track-channel's notes the way pretty_midi (and so note-seq) does.
+def _repair_pairing(start, end, pitch, vel, part):
+    """Re-pair notes the way pretty_midi (and so note-seq) does, within each part (one
+    track's notes on one channel). Arrays in, arrays out (reordered).
 
     symusic pairs note-offs with note-ons first-in first-out. pretty_midi lets a note-off
     close every open note of its key that started on an earlier tick, and a note-off that
@@ -151,18 +153,19 @@ def _repair_pairing(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, vel: 
     note-off closes every open note (replaying note-offs before note-ons on one tick gives
     pretty_midi's result whatever their order in the file).
     """
-    order = np.lexsort((start, pitch))
-    start, end, pitch, vel = start[order], end[order], pitch[order], vel[order]
+    key = part * 128 + pitch
+    order = np.lexsort((start, key))
+    start, end, pitch, vel, part, key = (a[order] for a in (start, end, pitch, vel, part, key))
     clash = end == start
-    overlap = (pitch[1:] == pitch[:-1]) & (start[1:] < end[:-1])
+    overlap = (key[1:] == key[:-1]) & (start[1:] < end[:-1])
     clash[1:] |= overlap
     clash[:-1] |= overlap
     if not clash.any():
-        return start, end, pitch, vel
-    keep = ~np.isin(pitch, pitch[clash])
-    out = [(start[keep], end[keep], pitch[keep], vel[keep])]
-    for p in np.unique(pitch[clash]):
-        sel = pitch == p
+        return start, end, pitch, vel, part
+    keep = ~np.isin(key, key[clash])
+    out = [(start[keep], end[keep], pitch[keep], vel[keep], part[keep])]
+    for k in np.unique(key[clash]).tolist():
+        sel = key == k
         s, e, v = start[sel].tolist(), end[sel].tolist(), vel[sel].tolist()
         wiped = {a for a, b in zip(s, e, strict=True) if a == b}
         events = [(b, 0, 0) for a, b in zip(s, e, strict=True) if a != b]
@@ -177,8 +180,9 @@ def _repair_pairing(start: np.ndarray, end: np.ndarray, pitch: np.ndarray, vel: 
                 notes += [(a, t, v1) for a, v1 in open_notes]
                 open_notes = []
         arr = np.array(notes, dtype=np.int64).reshape(-1, 3)
-        out.append((arr[:, 0], arr[:, 1], np.full(len(arr), p), arr[:, 2]))
-    return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
+        n = len(arr)
+        out.append((arr[:, 0], arr[:, 1], np.full(n, k % 128), arr[:, 2], np.full(n, k // 128)))
+    return tuple(np.concatenate([o[i] for o in out]) for i in range(5))
 
 
 def _read_symusic(data: bytes, name: str) -> NoteData | None:
@@ -191,7 +195,7 @@ def _read_symusic(data: bytes, name: str) -> NoteData | None:
     except Exception as exc:  # the parser's own message, on one line
         msg = str(exc).strip() or type(exc).__name__
         raise MidiError(f"{name}: unreadable MIDI ({msg})") from None
-    notes, pedals = [], []
+    parts, channels, pedals = [], [], []
     for track in score.tracks:
         if track.note_num() == 1 and not track.controls:
             continue  # only a marker: the channel is unused in this track
@@ -205,12 +209,17 @@ def _read_symusic(data: bytes, name: str) -> NoteData | None:
             continue
         real = ~marker
         t = time[real].astype(np.int64)
-        part = _repair_pairing(t, t + dur[real], pitch[real].astype(np.int64), vel[real])
-        notes.append((*part, np.full(len(part[0]), channel)))
+        part = np.full(real.sum(), len(channels))
+        parts.append((t, t + dur[real], pitch[real].astype(np.int64), vel[real], part))
+        channels.append(channel)
         cc = track.controls.numpy()
         sus = cc["number"] == SUSTAIN_CC
         if sus.any():
             pedals.append((cc["time"][sus], np.full(sus.sum(), channel), cc["value"][sus]))
+    notes = []
+    if parts:
+        *note, part = _repair_pairing(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+        notes.append((*note, np.array(channels)[part]))
     tempo = score.tempos.numpy()
     order = np.argsort(tempo["time"], kind="stable")
     return _assemble(name, tpq, (tempo["time"][order], tempo["mspq"][order]), notes, pedals)

@@ -2,9 +2,10 @@
 
 It exists to check the vectorised encoder in ``core`` (tests compare the two on generated
 and real pieces) and as the baseline of ``bench/tokenizer.py``. It follows note-seq's
-sustain algorithm literally: events sorted by (time, kind) with sustain-on, sustain-off,
-note-on, note-off in that order, notes released under the pedal held until it lifts or
-the pitch is struck again.
+sustain algorithm literally: events sorted by time, then pedal before note-on before
+note-off, notes released under the pedal held until it lifts or the pitch is struck
+again. One difference: pedal events at the same time apply in file order (as a sequencer
+merges tracks), where note-seq would apply presses before releases.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pretty_midi
 
 from .vocab import END, NOTE_OFF, NOTE_ON, TIME_SHIFT, VELOCITY
 
-_SUS_ON, _SUS_OFF, _ON, _OFF = range(4)
+_PEDAL, _ON, _OFF = range(3)
 
 
 def reference_notes(pm: pretty_midi.PrettyMIDI) -> list[tuple[int, int, int, int]]:
@@ -30,7 +31,7 @@ def reference_notes(pm: pretty_midi.PrettyMIDI) -> list[tuple[int, int, int, int
     for i in insts:
         for cc in i.control_changes:
             if cc.number == 64:
-                events.append((cc.time, _SUS_ON if cc.value >= 64 else _SUS_OFF, -1))
+                events.append((cc.time, _PEDAL, cc.value))
     for k, n in enumerate(notes):
         events.append((n[0], _ON, k))
         events.append((n[1], _OFF, k))
@@ -39,9 +40,9 @@ def reference_notes(pm: pretty_midi.PrettyMIDI) -> list[tuple[int, int, int, int
     last_time = 0.0
     for time, kind, k in events:
         last_time = time
-        if kind == _SUS_ON:
+        if kind == _PEDAL and k >= 64:
             pedal_down = True
-        elif kind == _SUS_OFF:
+        elif kind == _PEDAL:
             pedal_down = False
             for held in sustained.values():
                 for j in held:

@@ -1,0 +1,30 @@
+"""Shared fixtures: the bundled real MIDI files and small pieces built in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pretty_midi
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data"
+
+REAL_FILES = sorted(DATA.glob("*.mid"))
+
+
+def make_pm(notes, pedal=(), instruments=1, resolution=480) -> pretty_midi.PrettyMIDI:
+    """A PrettyMIDI with ``notes`` [(start, end, pitch, velocity)] spread round-robin over
+    ``instruments`` pianos and sustain ``pedal`` [(time, value)] on the first."""
+    pm = pretty_midi.PrettyMIDI(resolution=resolution)
+    insts = [pretty_midi.Instrument(program=0) for _ in range(instruments)]
+    for i, (s, e, p, v) in enumerate(notes):
+        insts[i % instruments].notes.append(pretty_midi.Note(velocity=v, pitch=p, start=s, end=e))
+    insts[0].control_changes = [pretty_midi.ControlChange(64, v, t) for t, v in pedal]
+    pm.instruments.extend(insts)
+    return pm
+
+
+@pytest.fixture
+def real_files() -> list[Path]:
+    assert len(REAL_FILES) == 5, "tests/data should hold the five bundled MIDI files"
+    return REAL_FILES
