@@ -128,28 +128,36 @@ def notes_to_tokens(
     order = np.lexsort((pitches, kinds, steps))
     steps, kinds, pitches, bins = steps[order], kinds[order], pitches[order], bins[order]
 
-    gap = np.diff(steps, prepend=0)
-    n_shift = gap // MAX_SHIFT_STEPS + (gap % MAX_SHIFT_STEPS > 0)
     on_idx = np.flatnonzero(kinds == 1)
-    on_bins = bins[on_idx]
     has_vel = np.zeros(len(steps), dtype=bool)
-    has_vel[on_idx] = np.diff(on_bins, prepend=-1) != 0
+    has_vel[on_idx] = np.diff(bins[on_idx], prepend=-1) != 0
+    out, at = layout_time_shifts(np.diff(steps, prepend=0), has_vel + 1, extra=1)
+    out[at[has_vel]] = VELOCITY + bins[has_vel]
+    out[at + has_vel] = np.where(kinds == 1, NOTE_ON + pitches, NOTE_OFF + pitches)
+    out[-1] = END
+    return out
 
-    count = n_shift + has_vel + 1
-    first = np.cumsum(count) - count  # where each event's group starts
-    out = np.empty(int(count.sum()) + 1, dtype=np.int64)
-    # Time shifts: n_shift tokens per event, full 1 s shifts then the remainder.
+
+def layout_time_shifts(
+    gaps: np.ndarray, n_payload: np.ndarray, extra: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token array with the TIME_SHIFTs of every event already in place.
+
+    Event i is preceded by a silence of ``gaps[i]`` steps (full 1 s shifts, then the
+    rest) and owns ``n_payload[i]`` token slots after it; ``extra`` slots end the array.
+    Returns the array and where each event's payload starts, for the caller to fill.
+    """
+    n_shift = gaps // MAX_SHIFT_STEPS + (gaps % MAX_SHIFT_STEPS > 0)
+    count = n_shift + n_payload
+    first = np.cumsum(count) - count
+    out = np.empty(int(count.sum()) + extra, dtype=np.int64)
     shift_pos = np.repeat(first, n_shift) + (
         np.arange(int(n_shift.sum())) - np.repeat(np.cumsum(n_shift) - n_shift, n_shift)
     )
     out[shift_pos] = TIME_SHIFT + MAX_SHIFT_STEPS - 1
-    rem = gap % MAX_SHIFT_STEPS
-    has_rem = rem > 0
-    out[first[has_rem] + n_shift[has_rem] - 1] = TIME_SHIFT + rem[has_rem] - 1
-    out[(first + count - 2)[has_vel]] = VELOCITY + bins[has_vel]
-    out[first + count - 1] = np.where(kinds == 1, NOTE_ON + pitches, NOTE_OFF + pitches)
-    out[-1] = END
-    return out
+    rest = gaps % MAX_SHIFT_STEPS
+    out[(first + n_shift - 1)[rest > 0]] = TIME_SHIFT + rest[rest > 0] - 1
+    return out, first + n_shift
 
 
 def encode_notes(notes: NoteData) -> np.ndarray:
