@@ -1,0 +1,388 @@
+"""Train a Perceiver AR model on prep.py's token data.
+
+    python train.py --preset tiny --max_steps 200                 # one process
+    accelerate launch train.py --preset ctx2048                   # GPUs / TPU cores
+    python train.py --out_dir ckpt/run --resume                   # continue a run
+
+Every constant below is a command-line option (``--help`` lists them). The run folder gets
+``last/`` (every SAVE_INTERVAL steps and on Ctrl-C / SIGTERM, with the optimizer, RNG and
+data position in ``last/state``), ``best/`` (lowest validation loss), ``metrics.csv`` and
+TensorBoard logs in ``tb/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from perceiver_music.cli import fail, parse_constants
+
+DATA_DIR = "data"  # prep.py output: holds train/ and val/
+OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
+PRESET = "ctx2048"  # model preset: tiny, ctx2048, ctx4096, ctx8192, ctx16384
+LATENTS = 0  # number of latents (0: the preset's)
+WINDOW = 0  # training window in tokens, <= the preset's context (0: the full context)
+DROPOUT = 0.1  # dropout inside the model
+PREFIX_DROPOUT = 0.5  # share of prefix positions dropped in cross-attention (paper: 0.5)
+BATCH_SIZE = 4  # windows per process per micro-step
+GRAD_ACCUM = 1  # micro-steps per optimizer step
+LEARNING_RATE = 3e-4  # peak learning rate (AdamW)
+MIN_LR = 3e-5  # learning rate at the end of the cosine decay
+WARMUP_STEPS = 200  # linear warmup steps
+MAX_STEPS = 10000  # optimizer steps of the whole run
+WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices
+GRAD_CLIP = 1.0  # clip the gradient norm (0: off)
+EVAL_INTERVAL = 250  # steps between validations (and best/ updates)
+EVAL_WINDOWS = 256  # fixed validation windows (0: all)
+SAVE_INTERVAL = 250  # steps between saves of last/
+LOG_INTERVAL = 10  # steps between metric rows
+MIXED_PRECISION = "no"  # no, fp16 or bf16 (overrides accelerate's config when not 'no')
+PREFIX_FILL = 0.5  # share of windows whose prefix is cut to a random length
+TRANSPOSE = 3  # augment: transpose by up to +-N semitones (0: off)
+STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
+SEED = 1337  # seed of weights, data order and dropout
+RESUME = False  # continue the run in OUT_DIR from last/
+CPU = False  # run on the CPU even if an accelerator is present
+TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
+
+
+def lr_at(step: int, args) -> float:
+    """Warmup, then cosine decay from LEARNING_RATE to MIN_LR at MAX_STEPS."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        args.learning_rate - args.min_lr
+    )
+
+
+def make_optimizer(model, args):
+    """AdamW; matrices and embeddings decay, norms and biases do not (as nanoGPT)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+
+
+def evaluate(model, windows, accelerator, batch_size: int) -> float:
+    """Mean loss in nats per token over the fixed validation windows (all processes)."""
+    import torch
+
+    from perceiver_music.model import loss_fn
+
+    model.eval()
+    tokens, mask = windows
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(rank * batch_size, len(tokens), world * batch_size):
+            x = tokens[i : i + batch_size].to(accelerator.device)
+            m = mask[i : i + batch_size].to(accelerator.device)
+            logits = model(x[:, :-1], m)
+            count = logits.shape[0] * logits.shape[1]
+            total += torch.stack(
+                [loss_fn(logits, x[:, 1:]).double() * count, torch.tensor(count).double()]
+            ).to(total.device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1])
+
+
+def model_config(args):
+    """The run's ModelConfig from the preset and overrides; one clear line if impossible."""
+    from perceiver_music.config import PRESETS, preset
+
+    if args.preset not in PRESETS:
+        fail(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    context = PRESETS[args.preset]["max_seq_len"]
+    overrides = {"dropout": args.dropout, "cross_attn_dropout": args.prefix_dropout}
+    if args.latents:
+        if args.latents >= context:
+            fail(f"--latents {args.latents} must be smaller than the context {context}")
+        overrides["num_latents"] = args.latents
+    try:
+        return preset(args.preset, **overrides)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def save_last(accelerator, model, cfg, samplers_state, meta: dict, out_dir: Path) -> None:
+    """Write last/ atomically: build last.tmp/ on every process, then swap it in."""
+    from perceiver_music.checkpoint import save_checkpoint
+
+    tmp, last, old = out_dir / "last.tmp", out_dir / "last", out_dir / "last.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
+    rank = accelerator.process_index
+    (tmp / "state" / f"data_{rank}.json").write_text(json.dumps(samplers_state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(tmp, accelerator.unwrap_model(model), cfg, meta)
+        if last.exists():
+            last.rename(old)
+        tmp.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def main() -> None:
+    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        fail(f"--mixed_precision must be no, fp16 or bf16, not {args.mixed_precision!r}")
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "max_steps",
+        "eval_interval",
+        "save_interval",
+        "log_interval",
+    ):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1")
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    from perceiver_music.checkpoint import CheckpointError, load_checkpoint
+    from perceiver_music.data import (
+        DataError,
+        WindowSampler,
+        WindowSpec,
+        load_split,
+        validation_windows,
+    )
+    from perceiver_music.model import build_model, loss_fn, use_fast_forward
+
+    out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
+    meta: dict = {}
+    if args.resume:
+        try:
+            model, cfg, meta = load_checkpoint(out_dir / "last")
+        except CheckpointError as exc:
+            fail(f"cannot resume: {exc}")
+        if not (out_dir / "last" / "state").is_dir():
+            fail(f"cannot resume: {out_dir / 'last' / 'state'} is missing")
+    else:
+        cfg = model_config(args)
+    window = args.window or cfg.max_seq_len
+    if window > cfg.max_seq_len:
+        fail(f"--window {window} is longer than the model's context {cfg.max_seq_len}")
+    if window <= cfg.cross_attn_seq_len:
+        fail(f"--window {window} leaves no latents after the {cfg.cross_attn_seq_len}-token prefix")
+    try:
+        train_split = load_split(data_dir / "train")
+        val_split = load_split(data_dir / "val")
+        spec = WindowSpec(
+            window, cfg.cross_attn_seq_len, args.prefix_fill, args.transpose, args.stretch
+        )
+        val = validation_windows(val_split, window, cfg.cross_attn_seq_len, args.eval_windows)
+    except DataError as exc:
+        fail(str(exc))
+
+    no_accelerator = not (
+        torch.cuda.is_available()
+        or importlib.util.find_spec("torch_xla")
+        or torch.backends.mps.is_available()
+    )
+    precision = {} if args.mixed_precision == "no" else {"mixed_precision": args.mixed_precision}
+    accelerator = Accelerator(cpu=args.cpu or no_accelerator, **precision)
+    set_seed(args.seed)
+    if not args.resume:
+        model = build_model(cfg)
+    use_fast_forward(model)
+    model.train()
+    try:
+        sampler = WindowSampler(train_split, spec, seed=args.seed + accelerator.process_index)
+    except DataError as exc:
+        fail(f"{data_dir / 'train'}: {exc}")
+    optimizer = make_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, best = 0, math.inf
+    if args.resume:
+        accelerator.load_state(str(out_dir / "last" / "state"))
+        data_state = out_dir / "last" / "state" / f"data_{accelerator.process_index}.json"
+        if not data_state.exists():
+            fail(
+                f"cannot resume: {data_state} is missing (was the run launched with a "
+                "different number of processes?)"
+            )
+        sampler.state = json.loads(data_state.read_text())
+        step, best = meta["step"], meta.get("best_val_loss") or math.inf
+        if step >= args.max_steps:
+            fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
+
+    main_proc = accelerator.is_main_process
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    writer = None
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out_dir / "tb"))
+        metrics_path = out_dir / "metrics.csv"
+        new_csv = not (args.resume and metrics_path.exists())
+        metrics = open(metrics_path, "w" if new_csv else "a", newline="")  # noqa: SIM115
+        log = csv.writer(metrics)
+        if new_csv:
+            log.writerow(["step", "train_loss", "val_loss", "lr", "tokens_per_s", "seconds"])
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"model: {args.preset if not args.resume else 'resumed'} {n_params / 1e6:.2f}M "
+            f"parameters, context {cfg.max_seq_len}, {cfg.num_latents} latents; "
+            f"{len(train_split.tokens):,} training tokens; {accelerator.num_processes} "
+            f"process(es) on {accelerator.device}"
+        )
+
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):  # finish the step, save last/, exit
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def checkpoint_meta(val_loss) -> dict:
+        return {
+            "step": step,
+            "val_loss": val_loss,
+            "best_val_loss": best if best < math.inf else None,
+            "train": settings,
+        }
+
+    tokens_per_step = (
+        args.batch_size
+        * args.grad_accum
+        * accelerator.num_processes
+        * (window - cfg.cross_attn_seq_len)
+    )
+    bar = tqdm(total=args.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True)
+    t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
+    while step < args.max_steps:
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(args.grad_accum):
+            x, mask = sampler.sample(args.batch_size)
+            x, mask = x.to(accelerator.device), mask.to(accelerator.device)
+            last_micro = micro == args.grad_accum - 1
+            with nullcontext() if last_micro else accelerator.no_sync(model):
+                loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
+                accelerator.backward(loss / args.grad_accum)
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if args.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_interval == 0 or step == args.max_steps:
+            elapsed = time.perf_counter() - t_log
+            tps = tokens_per_step * (loss_n / args.grad_accum) / elapsed
+            train_loss = loss_sum / loss_n
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+            if main_proc:
+                log.writerow(
+                    [
+                        step,
+                        f"{train_loss:.5f}",
+                        "",
+                        f"{lr:.3e}",
+                        f"{tps:.0f}",
+                        f"{time.time() - started:.1f}",
+                    ]
+                )
+                metrics.flush()
+                if writer:
+                    writer.add_scalar("loss/train", train_loss, step)
+                    writer.add_scalar("lr", lr, step)
+                    writer.add_scalar("tokens_per_s", tps, step)
+            t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+
+        if step % args.eval_interval == 0 or step == args.max_steps:
+            val_loss = evaluate(model, val, accelerator, args.batch_size)
+            improved = val_loss < best
+            best = min(best, val_loss)
+            if main_proc:
+                bar.write(
+                    f"step {step}: validation loss {val_loss:.4f} nats/token"
+                    + (" (best)" if improved else "")
+                )
+                log.writerow(
+                    [step, "", f"{val_loss:.5f}", f"{lr:.3e}", "", f"{time.time() - started:.1f}"]
+                )
+                metrics.flush()
+                if writer:
+                    writer.add_scalar("loss/val", val_loss, step)
+                if improved:
+                    from perceiver_music.checkpoint import save_checkpoint
+
+                    save_checkpoint(
+                        out_dir / "best",
+                        accelerator.unwrap_model(model),
+                        cfg,
+                        checkpoint_meta(val_loss),
+                    )
+            accelerator.wait_for_everyone()
+
+        stop_now = (
+            accelerator.reduce(
+                torch.tensor(float(stop["flag"]), device=accelerator.device), reduction="sum"
+            ).item()
+            > 0
+        )
+        if step % args.save_interval == 0 or step == args.max_steps or stop_now:
+            save_last(accelerator, model, cfg, sampler.state, checkpoint_meta(val_loss), out_dir)
+        if stop_now:
+            if main_proc:
+                bar.write(
+                    f"stopped at step {step}; saved {out_dir / 'last'}. "
+                    f"Continue with: python train.py --out_dir {out_dir} --resume"
+                )
+            break
+    bar.close()
+
+    if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it cheaply
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        ramp = torch.linspace(1, 2, len(flat), dtype=flat.dtype, device=flat.device)
+        sums = torch.stack([flat.sum(), (flat * flat).sum(), (flat * ramp).sum()])
+        every = accelerator.gather(sums[None])
+        if main_proc:
+            same = bool((every == every[0]).all())
+            print(f"weights identical across {accelerator.num_processes} processes: {same}")
+    if main_proc:
+        metrics.close()
+        if writer:
+            writer.close()
+        if step == args.max_steps:
+            print(
+                f"done: {step} steps, best validation loss {best:.4f} nats/token; "
+                f"checkpoints in {out_dir}"
+            )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
