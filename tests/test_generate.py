@@ -1,0 +1,158 @@
+"""generate.py through its CLI with a tiny checkpoint made here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pretty_midi
+import pytest
+import torch
+from PIL import Image
+
+from perceiver_music.checkpoint import save_checkpoint
+from perceiver_music.config import preset
+from perceiver_music.model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIMER = ROOT / "tests" / "data" / "scn15_4.mid"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(d, build_model(cfg), cfg, {"step": 0})
+    return d
+
+
+def gen(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "generate.py",
+        "--ckpt",
+        str(ckpt),
+        "--primer",
+        str(PRIMER),
+        "--out_dir",
+        str(out),
+        "--new_tokens",
+        "40",
+        "--seconds",
+        "0",
+        "--seed",
+        "7",
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "generation.json").read_text())
+
+
+def test_outputs_exist_and_parse(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "run", "--prime_seconds", "4")
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    files = {p.name for p in run.iterdir()}
+    assert files == {
+        "primer.mid",
+        "continuation.mid",
+        "full.mid",
+        "pianoroll.png",
+        "generation.json",
+    }
+    primer = pretty_midi.PrettyMIDI(str(run / "primer.mid")).instruments[0].notes
+    full = pretty_midi.PrettyMIDI(str(run / "full.mid")).instruments[0].notes
+    assert primer and len(full) >= len(primer) and max(n.start for n in primer) < 4.0
+    pretty_midi.PrettyMIDI(str(run / "continuation.mid"))
+    width, height = Image.open(run / "pianoroll.png").size
+    assert width > 100 and height > 30
+    rep = report(run)
+    assert {
+        "settings",
+        "checkpoint",
+        "model",
+        "seed",
+        "timings",
+        "samples",
+        "primer_tokens",
+    } <= rep.keys()
+    assert rep["seed"] == 7 and rep["samples"][0]["tokens"] == 40
+    assert rep["timings"]["tokens_per_s"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_same_seed_same_tokens_and_samples_differ(ckpt, tmp_path):
+    assert gen(ckpt, tmp_path, "--name", "a").returncode == 0
+    assert gen(ckpt, tmp_path, "--name", "b").returncode == 0
+    a, b = report(tmp_path / "a"), report(tmp_path / "b")
+    assert a["samples"][0]["token_ids"] == b["samples"][0]["token_ids"]
+    r = gen(ckpt, tmp_path, "--name", "three", "--num_samples", "3")
+    assert r.returncode == 0, r.stderr
+    three = [s["token_ids"] for s in report(tmp_path / "three")["samples"]]
+    assert len({tuple(t) for t in three}) == 3
+    assert (tmp_path / "three" / "full_3.mid").exists()
+
+
+def test_primer_cuts(ckpt, tmp_path):
+    assert gen(ckpt, tmp_path, "--name", "n", "--num_prime", "50").returncode == 0
+    assert report(tmp_path / "n")["primer_tokens"] == 50
+    assert (
+        gen(ckpt, tmp_path, "--name", "e", "--num_prime", "50", "--prime_from_end").returncode == 0
+    )
+    rep = report(tmp_path / "e")
+    assert rep["primer_tokens"] in (50, 51)  # plus the VELOCITY in force at the cut
+    assert gen(ckpt, tmp_path, "--name", "s", "--primer", "").returncode == 0
+    assert report(tmp_path / "s")["primer_tokens"] == 1
+
+
+def test_stop_on_seconds_and_greedy_and_beams(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "g", "--greedy", "--new_tokens", "400", "--seconds", "2")
+    assert r.returncode == 0, r.stderr
+    s = report(tmp_path / "g")["samples"][0]
+    assert s["stop_reason"] in ("seconds", "end", "max_tokens")
+    assert s["seconds"] <= 3.0
+    r = gen(ckpt, tmp_path, "--name", "beam", "--beams", "3", "--new_tokens", "10")
+    assert r.returncode == 0, r.stderr
+
+
+def test_render_without_fluidsynth_says_so_and_keeps_the_midi(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "w", "--render", "--soundfont", "/nonexistent.sf2")
+    assert r.returncode == 0
+    assert "--render" in r.stderr and "MIDI files are written" in r.stderr
+    assert (tmp_path / "w" / "full.mid").exists() and not (tmp_path / "w" / "audio.wav").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--primer", "/nonexistent.mid"], "primer file not found"),
+        (["--primer", "CORRUPT"], "not a MIDI file"),
+        (["--ckpt", "/nonexistent"], "not a checkpoint directory"),
+        (["--ckpt", "BADCKPT"], "config.json"),
+        (["--new_tokens", "0"], "--new_tokens must be at least 1"),
+        (["--seconds", "-1"], "--seconds must not be negative"),
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--top_p", "1.5"], "--top_p"),
+        (["--beams", "2", "--num_samples", "2"], "beam search"),
+        (["--stride", "1000"], "--stride"),
+    ],
+)
+def test_bad_input_gets_one_line_and_no_files(ckpt, tmp_path, args, message):
+    corrupt = tmp_path / "corrupt.mid"
+    corrupt.write_bytes(b"definitely not midi")
+    bad = tmp_path / "badckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    args = [str(corrupt) if a == "CORRUPT" else str(bad) if a == "BADCKPT" else a for a in args]
+    out = tmp_path / "out"
+    r = gen(ckpt, out, *args)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() or not list(out.iterdir())
