@@ -1,0 +1,131 @@
+"""Training step speed and peak memory: the library's forward against the fast forward.
+
+Both run forward + backward of the same loss (`perceiver_music.loss_fn`) on the same
+random batch, in training mode (prefix dropout on). Each variant runs in its own
+subprocess so that its peak memory is its own: peak RSS on CPU (torch allocations are
+invisible to tracemalloc), max allocated memory on CUDA. "activations" is the peak minus
+the memory held just before the first step (interpreter, torch, model). Figures only.
+
+    python -m bench.training                          # 4096 context, 3072 latents, CPU
+    python -m bench.training --device cuda --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from midi_processor.vocab import PAD
+from perceiver_music.config import ModelConfig
+from perceiver_music.model import build_model, forward, loss_fn
+
+VARIANTS = ("library", "fast")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=4096, help="max_seq_len")
+    parser.add_argument(
+        "--latents",
+        type=int,
+        default=3072,
+        help="latents (the original 4096 run used a 1024-token prefix)",
+    )
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--cross_attn_dropout", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, float]:
+    """Time ``args.variant`` in this process; its figures as a dict."""
+    device = torch.device(args.device)
+    cfg = ModelConfig(
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        max_seq_len=args.context,
+        cross_attn_seq_len=args.context - args.latents,
+        cross_attn_dropout=args.cross_attn_dropout,
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(cfg).to(device).train()
+    seq = torch.randint(0, PAD, (args.batch, args.context + 1), device=device)
+    x, y = seq[:, :-1], seq[:, 1:]
+    run = model if args.variant == "library" else lambda tokens: forward(model, tokens)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(run(x), y).backward()
+
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) / 2**20 if cuda else rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - began) / args.steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else rss_mb()
+    return {
+        "tokens_per_s": args.batch * args.context / seconds,
+        "s_per_step": seconds,
+        "peak_mb": peak,
+        "activations_mb": peak - before,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    print(
+        f"context {args.context}, {args.latents} latents, dim {args.dim}, depth "
+        f"{args.depth}, heads {args.heads}, batch {args.batch}, device {args.device}, "
+        f"threads {torch.get_num_threads()}, {args.steps} timed steps"
+    )
+    results = {}
+    for variant in VARIANTS:
+        child = [sys.executable, "-m", "bench.training", *sys.argv[1:], "--variant", variant]
+        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+        r = results[variant]
+        print(
+            f"{variant:8s} {r['tokens_per_s']:9.0f} tokens/s  {r['s_per_step']:7.2f} s/step  "
+            f"peak {r['peak_mb']:8.0f} MB  activations {r['activations_mb']:8.0f} MB"
+        )
+    lib, fast = results["library"], results["fast"]
+    print(
+        f"fast / library: {fast['tokens_per_s'] / lib['tokens_per_s']:.2f}x tokens/s, "
+        f"peak {fast['peak_mb'] / lib['peak_mb']:.2f}x, "
+        f"activations {fast['activations_mb'] / lib['activations_mb']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

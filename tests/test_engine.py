@@ -1,0 +1,496 @@
+"""Generation engine: exactness against the library at every step, sampling, stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from midi_processor.vocab import END, PAD, TIME_SHIFT, VOCAB_SIZE
+from perceiver_music.config import preset
+from perceiver_music.engine import (
+    STOP_END,
+    STOP_MAX_TOKENS,
+    STOP_SECONDS,
+    SamplingConfig,
+    StepInfo,
+    filter_logits,
+    generate,
+)
+from perceiver_music.model import build_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on the 2-core CI VM waking a second
+    OpenMP thread for each small matrix product costs up to ~15 ms (10x slower tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, **overrides: object) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(preset("tiny", **overrides)).eval()
+
+
+def primer_of(length: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, PAD, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def without_pad(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the engine samples from them: PAD is never drawn."""
+    return logits.index_fill(-1, torch.tensor([PAD]), -math.inf)
+
+
+def biased(model: torch.nn.Module, bias: torch.Tensor) -> torch.nn.Module:
+    """The model with a bias on its output layer, to make chosen tokens likely."""
+    layer = torch.nn.Linear(model.to_logits.in_features, VOCAB_SIZE, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(model.to_logits.weight)
+        layer.bias.copy_(bias)
+    model.to_logits = layer
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# exactness
+
+
+@pytest.mark.parametrize(
+    "overrides, primer_len, stride",
+    [
+        ({}, 10, None),  # primer shorter than the latents: PAD prefix
+        ({}, 100, None),  # primer longer than the context: its last tokens
+        ({"cross_attn_seq_len": 40}, 30, 7),  # n <= primer <= m: full window, partial PAD
+        ({"cross_attn_seq_len": 40}, 50, 24),  # stride = n: windows of m + 1 tokens
+    ],
+)
+def test_every_step_matches_library_on_reported_window(overrides, primer_len, stride):
+    model = tiny_model(1, **overrides)
+    m, max_seq_len = model.cross_attn_seq_len, model.max_seq_len
+    n = max_seq_len - m
+    step_stride = stride or n // 2
+    primer = primer_of(primer_len)
+    new_tokens = 3 * max_seq_len + 20
+    samples = 3
+    history = [list(primer) for _ in range(samples)]
+    steps: list[StepInfo] = []
+    worst = [0.0]
+
+    def check(info: StepInfo) -> None:
+        window, mask = info.window, info.prefix_mask
+        with torch.no_grad():
+            expected = model(window, prefix_mask=mask)[:, -1]
+        worst[0] = max(worst[0], (expected - info.logits).abs().max().item())
+        real = (
+            window != PAD
+            if mask is None
+            else torch.cat((mask, torch.ones_like(window[:, m:], dtype=torch.bool)), dim=1)
+        )
+        for row in range(samples):
+            tokens_so_far = history[row]
+            count = int(real[row].sum())
+            # the window's real tokens are the last ones of the sequence so far
+            assert window[row][real[row]].tolist() == tokens_so_far[-count:]
+            assert count >= min(len(tokens_so_far), max_seq_len - step_stride)
+            assert not (window[row, m:] == PAD).any()  # latents hold real tokens only
+            history[row].append(int(info.tokens[row]))
+        steps.append(info)
+
+    result = generate(
+        model,
+        primer,
+        max_new_tokens=new_tokens,
+        num_samples=samples,
+        stride=stride,
+        seed=5,
+        stop_on_end=False,
+        on_step=check,
+    )
+    assert worst[0] <= TOL
+    assert len(steps) == new_tokens
+    assert result.tokens == [h[primer_len:] for h in history]
+    assert result.stop_reasons == [STOP_MAX_TOKENS] * samples
+    # windows: first one placed by the primer rule, then grow by one, then re-encode
+    first = steps[0].window.shape[1]
+    assert first == (min(primer_len, max_seq_len) if primer_len > m else m + min(primer_len, n))
+    lengths = [s.window.shape[1] for s in steps]
+    for before, after, info in zip(lengths, lengths[1:], steps[1:], strict=False):
+        if info.reencoded:
+            assert before == max_seq_len and after == max_seq_len + 1 - step_stride
+        else:
+            assert after == before + 1
+    assert result.full_forwards == sum(s.reencoded for s in steps) > 3
+
+
+def test_first_window_placement():
+    model = tiny_model(cross_attn_seq_len=40)  # m = 40, n = 24
+    seen = []
+
+    def record(info: StepInfo) -> None:
+        seen.append((info.window[0].tolist(), info.prefix_mask))
+
+    for primer_len in (5, 30, 41, 64, 90):
+        seen.clear()
+        primer = primer_of(primer_len)
+        generate(model, primer, max_new_tokens=1, on_step=record)
+        window, mask = seen[0]
+        real = [t for t in window if t != PAD]
+        assert real == primer[-len(real) :]
+        if primer_len <= 40:
+            assert len(window) == 40 + min(primer_len, 24)
+            assert window[-min(primer_len, 24) :] == primer[-min(primer_len, 24) :]
+            assert mask is not None and mask[0].tolist() == [t != PAD for t in window[:40]]
+        else:
+            assert window == primer[-64:] and mask is None
+
+
+# ---------------------------------------------------------------------------------------
+# sampling
+
+
+def run_steps(model, sampling, steps=40, **kwargs) -> list[StepInfo]:
+    infos: list[StepInfo] = []
+
+    def keep(info: StepInfo) -> None:
+        infos.append(
+            StepInfo(
+                info.step,
+                info.window.clone(),
+                info.prefix_mask,
+                info.logits.clone(),
+                info.tokens.clone(),
+                None,
+                info.reencoded,
+            )
+        )
+
+    generate(
+        model,
+        primer_of(20),
+        max_new_tokens=steps,
+        sampling=sampling,
+        stop_on_end=False,
+        on_step=keep,
+        **kwargs,
+    )
+    return infos
+
+
+def test_greedy_is_argmax_without_pad():
+    model = biased(tiny_model(), torch.zeros(VOCAB_SIZE).index_fill(0, torch.tensor([PAD]), 20.0))
+    for info in run_steps(model, SamplingConfig(greedy=True), num_samples=2):
+        assert (info.logits.argmax(-1) == PAD).all()  # the model prefers PAD,
+        assert torch.equal(info.tokens, without_pad(info.logits).argmax(-1))  # never emitted
+
+
+def test_top_k_stays_within_the_k_best():
+    k = 3
+    for info in run_steps(
+        tiny_model(), SamplingConfig(top_k=k, temperature=2.0), num_samples=3, seed=1
+    ):
+        best = without_pad(info.logits).topk(k, dim=-1).indices
+        assert (best == info.tokens[:, None]).any(dim=-1).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: torch.isfinite(filter_logits(logits, SamplingConfig(top_p=p)))[0].tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.79) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True] * 4
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, VOCAB_SIZE, generator=gen) * 3
+    for p in (0.1, 0.5, 0.9):
+        filtered = filter_logits(logits, SamplingConfig(top_p=p))
+        probs = logits.softmax(-1)
+        for row in range(50):
+            keep = torch.isfinite(filtered[row])
+            assert probs[row][keep].sum() >= p - 1e-6
+            smallest = probs[row][keep].min()
+            assert probs[row][keep].sum() - smallest < p  # no smaller set reaches p
+            assert probs[row][~keep].max() <= smallest  # it is the most likely tokens
+
+    for info in run_steps(tiny_model(), SamplingConfig(top_p=0.2), seed=2):
+        keep = torch.isfinite(filter_logits(without_pad(info.logits), SamplingConfig(top_p=0.2)))
+        assert keep.gather(1, info.tokens[:, None]).all()
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(20, VOCAB_SIZE, generator=gen) * 3
+    filtered = filter_logits(logits, SamplingConfig(min_p=0.2))
+    probs = logits.softmax(-1)
+    expected = probs >= 0.2 * probs.max(-1, keepdim=True).values
+    assert torch.equal(torch.isfinite(filtered), expected)
+    for info in run_steps(tiny_model(), SamplingConfig(min_p=0.5, temperature=3.0), seed=3):
+        p = (without_pad(info.logits) / 3.0).softmax(-1)
+        chosen = p.gather(1, info.tokens[:, None])[:, 0]
+        assert (chosen >= 0.5 * p.max(-1).values).all()
+
+
+def test_temperature_and_composition():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, VOCAB_SIZE, generator=gen)
+    hot = filter_logits(logits, SamplingConfig(temperature=2.0))
+    assert torch.allclose(hot.softmax(-1), (logits / 2.0).softmax(-1))
+    both = filter_logits(logits, SamplingConfig(top_k=50, top_p=0.5, min_p=0.1))
+    alone = [
+        filter_logits(logits, SamplingConfig(top_k=50)),
+        filter_logits(logits, SamplingConfig(min_p=0.1)),
+    ]
+    for other in alone:
+        assert not (torch.isfinite(both) & ~torch.isfinite(other)).any()
+    # a very low temperature samples the most likely token
+    model = tiny_model()
+    cold = run_steps(model, SamplingConfig(temperature=1e-4), seed=4)
+    greedy = run_steps(model, SamplingConfig(greedy=True))
+    assert [i.tokens.tolist() for i in cold] == [i.tokens.tolist() for i in greedy]
+
+
+def test_sampling_config_validation():
+    for bad in (
+        {"temperature": 0.0},
+        {"top_k": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"min_p": -0.1},
+    ):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------
+# seeds and batches
+
+
+def test_seed_repeats_and_differs():
+    model = tiny_model()
+    def run(seed):
+        return generate(
+            model,
+            primer_of(20),
+            max_new_tokens=30,
+            num_samples=2,
+            seed=seed,
+            stop_on_end=False,
+        )
+    first, again, other = run(11), run(11), run(12)
+    assert first.tokens == again.tokens and first.seed == 11
+    assert first.tokens != other.tokens
+    assert first.tokens[0] != first.tokens[1]  # samples of a batch differ
+    unseeded = run(None)
+    assert isinstance(unseeded.seed, int) and run(unseeded.seed).tokens == unseeded.tokens
+
+
+def test_batch_rows_equal_the_same_run_alone():
+    model = tiny_model()
+    primer = primer_of(25)
+    batch = generate(model, primer, max_new_tokens=80, num_samples=3, seed=9, stop_on_end=False)
+    alone = generate(model, primer, max_new_tokens=80, num_samples=1, seed=9, stop_on_end=False)
+    assert batch.tokens[0] == alone.tokens[0]  # row 0's generator is the same alone
+    greedy = SamplingConfig(greedy=True)
+    rows = generate(
+        model, primer, max_new_tokens=80, num_samples=3, sampling=greedy, stop_on_end=False
+    )
+    single = generate(model, primer, max_new_tokens=80, sampling=greedy, stop_on_end=False)
+    assert rows.tokens == single.tokens * 3
+
+
+# ---------------------------------------------------------------------------------------
+# stopping
+
+
+def test_stop_on_end_per_sample():
+    bias = torch.zeros(VOCAB_SIZE)
+    bias[END] = 5.5  # END is likely but not certain: samples end at different steps
+    model = biased(tiny_model(), bias)
+    tokens_seen = []
+    result = generate(
+        model,
+        primer_of(10),
+        max_new_tokens=60,
+        num_samples=6,
+        seed=3,
+        on_step=lambda info: tokens_seen.append(info.tokens.tolist()),
+    )
+    lengths = [len(t) for t in result.tokens]
+    assert len(set(lengths)) > 1
+    for row, tokens in enumerate(result.tokens):
+        if result.stop_reasons[row] == STOP_END:
+            assert tokens[-1] == END and END not in tokens[:-1]
+            # a finished sample is padded while the others go on
+            assert all(step[row] == PAD for step in tokens_seen[len(tokens) :])
+        else:
+            assert END not in tokens and len(tokens) == 60
+    assert STOP_END in result.stop_reasons
+    assert len(tokens_seen) == max(lengths)
+
+
+def test_end_is_an_ordinary_token_without_stop_on_end():
+    bias = torch.zeros(VOCAB_SIZE)
+    bias[END] = 8.0
+    model = biased(tiny_model(), bias)
+    result = generate(model, primer_of(10), max_new_tokens=12, stop_on_end=False, seed=0)
+    assert len(result.tokens[0]) == 12 and result.tokens[0].count(END) > 1
+    assert result.stop_reasons == [STOP_MAX_TOKENS]
+
+
+def test_stop_on_seconds_counts_time_shifts():
+    bias = torch.zeros(VOCAB_SIZE)
+    bias[TIME_SHIFT + 99] = 4.0  # 1 s shifts likely
+    bias[TIME_SHIFT + 49] = 4.0  # 0.5 s shifts likely
+    model = biased(tiny_model(), bias)
+    result = generate(
+        model,
+        primer_of(10),
+        max_new_tokens=200,
+        num_samples=4,
+        max_seconds=3.2,
+        seed=1,
+        stop_on_end=False,
+    )
+    for tokens, seconds, reason in zip(
+        result.tokens, result.seconds, result.stop_reasons, strict=True
+    ):
+        steps = [t - TIME_SHIFT + 1 for t in tokens if TIME_SHIFT <= t < TIME_SHIFT + 100]
+        assert seconds == pytest.approx(sum(steps) / 100)
+        assert reason == STOP_SECONDS
+        assert seconds >= 3.2 and seconds - steps[-1] / 100 < 3.2  # stopped at the crossing
+        assert TIME_SHIFT <= tokens[-1] < TIME_SHIFT + 100
+
+
+def test_stop_on_token_count_and_progress():
+    calls = []
+    result = generate(
+        tiny_model(),
+        primer_of(10),
+        max_new_tokens=7,
+        num_samples=2,
+        stop_on_end=False,
+        progress=calls.append,
+    )
+    assert [len(t) for t in result.tokens] == [7, 7] and calls == [1] * 7
+
+
+def test_argument_errors_and_state_restored():
+    model = tiny_model().train()
+    threads = torch.get_num_threads()
+    for kwargs, message in [
+        ({"primer": []}, "empty"),
+        ({"primer": [1, PAD, 2]}, "PAD"),
+        ({"primer": [VOCAB_SIZE]}, "not events"),
+        ({"stride": 0}, "stride"),
+        ({"stride": 33}, "stride"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"num_beams": 2, "sampling": SamplingConfig()}, "beam search"),
+        ({"num_beams": 2, "num_samples": 2}, "beam search"),
+    ]:
+        args = {"primer": [1, 2, 3], "max_new_tokens": 3, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            generate(model, **args)
+    generate(model, [1, 2, 3], max_new_tokens=3, num_samples=2, decode_threads=1)
+    assert model.training and torch.get_num_threads() == threads
+
+
+# ---------------------------------------------------------------------------------------
+# beam search
+
+
+def sequence_log_prob(model, primer: list[int], tokens: list[int]) -> float:
+    """Sum of log-probabilities of ``tokens`` after a primer shorter than the latents (PAD
+    excluded), by the library's forward on the growing window PAD * m + primer + tokens."""
+    m = model.cross_attn_seq_len
+    total = 0.0
+    for i, token in enumerate(tokens):
+        window = torch.tensor([[PAD] * m + primer + tokens[:i]])
+        with torch.no_grad():
+            logits = model(window, prefix_mask=window[:, :m] != PAD)[0, -1]
+        logits[PAD] = -math.inf
+        total += logits.log_softmax(-1)[token].item()
+    return total
+
+
+@pytest.mark.parametrize("end_bias", [-20.0, 3.0])
+def test_beam_search_finds_the_best_sequence_by_brute_force(end_bias):
+    bias = torch.zeros(VOCAB_SIZE)
+    bias[END] = end_bias  # -20: the best is two tokens; 3: [END] alone competes
+    model = biased(tiny_model(2), bias)
+    primer = primer_of(10)
+    m = model.cross_attn_seq_len
+    window = torch.tensor([[PAD] * m + primer])
+    with torch.no_grad():
+        first = model(window, prefix_mask=window[:, :m] != PAD)[0, -1]
+        first[PAD] = -math.inf
+        first = first.log_softmax(-1)
+        firsts = torch.tensor([t for t in range(VOCAB_SIZE) if t not in (PAD, END)])
+        windows = torch.cat((window.expand(len(firsts), -1), firsts[:, None]), dim=1)
+        second = model(windows, prefix_mask=windows[:, :m] != PAD)[:, -1]
+        second[:, PAD] = -math.inf
+        second = first[firsts][:, None] + second.log_softmax(-1)
+    best_pair = second.argmax().item()
+    candidates = {
+        (END,): first[END].item(),
+        (firsts[best_pair // VOCAB_SIZE].item(), best_pair % VOCAB_SIZE): second.max().item(),
+    }
+    best = max(candidates, key=candidates.get)
+    assert len(best) == (2 if end_bias < 0 else len(best))
+
+    result = generate(model, primer, max_new_tokens=2, num_beams=VOCAB_SIZE)
+    assert tuple(result.tokens[0]) == best
+    assert result.scores[0] == pytest.approx(candidates[best], abs=1e-4)
+    assert result.stop_reasons == [STOP_END if best == (END,) else STOP_MAX_TOKENS]
+
+
+def test_beam_search_score_is_the_sequence_log_prob():
+    model = tiny_model(3)
+    primer = primer_of(12)
+    result = generate(model, primer, max_new_tokens=20, num_beams=4, stop_on_end=False)
+    tokens = result.tokens[0]
+    assert len(tokens) == 20 and result.stop_reasons == [STOP_MAX_TOKENS]
+    assert result.scores[0] == pytest.approx(sequence_log_prob(model, primer, tokens), abs=1e-3)
+
+
+def test_beam_search_steps_match_library_across_reorders_and_reencodes():
+    model = tiny_model(4)
+    previous: list[StepInfo] = []
+    worst = [0.0]
+
+    def check(info: StepInfo) -> None:
+        with torch.no_grad():
+            expected = model(info.window, prefix_mask=info.prefix_mask)[:, -1]
+        worst[0] = max(worst[0], (expected - info.logits).abs().max().item())
+        if previous and not info.reencoded:
+            before = previous[-1]
+            assert torch.equal(info.window[:, :-1], before.window[before.parents])
+            assert torch.equal(info.window[:, -1], before.tokens)
+        previous.append(
+            StepInfo(
+                info.step,
+                info.window.clone(),
+                info.prefix_mask,
+                info.logits,
+                info.tokens.clone(),
+                info.parents.clone(),
+                info.reencoded,
+            )
+        )
+
+    result = generate(
+        model,
+        primer_of(12),
+        max_new_tokens=60,
+        num_beams=3,
+        stop_on_end=False,
+        stride=8,
+        on_step=check,
+    )
+    assert worst[0] <= TOL
+    assert len(result.tokens[0]) == 60 and result.full_forwards > 3
