@@ -137,7 +137,7 @@ def _assemble(name: str, tpq: int, tempos: tuple, notes: list, pedals: list) -> 
         pedal_value=cat(pedals, 2, np.int64),
     )
     if len(data) == 0 or not (data.velocity > 0).any():
-        raise MidiError(f"{name}: no notes (drum tracks are ignored)")
+        raise MidiError(f"{name}: no notes (drum tracks and zero-length notes are ignored)")
     return data
 
 

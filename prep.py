@@ -1,0 +1,318 @@
+"""MIDI files -> token data for train.py: OUTPUT/{train,val,test}/*.pickle + manifest.jsonl.
+
+    python prep.py --input maestro-v3.0.0 --output data   # MAESTRO v3: splits from its CSV/JSON
+    python prep.py --input my_midi --val_share 0.1        # any folder: split by a path hash
+
+Each piece becomes one pickled list of token ids ending with END (the original scripts'
+format). OUTPUT/manifest.jsonl records every source file: split, status, error, notes,
+tokens, seconds, the sha256 of its bytes and its output file. Bad files are recorded as
+failed and never stop the run. Results are appended to the manifest as they arrive, so a
+rerun skips every file whose bytes are unchanged and resumes an interrupted run; the end of
+a run rewrites the manifest in path order and removes leftovers, so the output does not
+depend on how often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from midi_processor import NOTE_OFF, MidiError, piece_seconds, read_midi
+from midi_processor.core import encode_notes
+from perceiver_music.cli import fail, parse_constants
+
+INPUT = "maestro-v3.0.0"  # input folder: MAESTRO v3 (with its CSV or JSON) or any MIDI folder
+OUTPUT = "data"  # output folder: train/, val/, test/ pickles and manifest.jsonl
+WORKERS = os.cpu_count() or 1  # worker processes (1: encode in this process)
+VAL_SHARE = 0.05  # share of files for val/ (not MAESTRO: split by a hash of the path)
+TEST_SHARE = 0.05  # share of files for test/ (not MAESTRO: split by a hash of the path)
+MAX_SECONDS = 4 * 3600.0  # a piece longer than this is recorded as failed (absurd tempo/ticks)
+FORCE = False  # re-encode every file, also those unchanged since the last run
+
+_SPLITS = ("train", "val", "test")
+_MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+_LISTINGS = ("maestro-v3.0.0.csv", "maestro-v3.0.0.json")
+_MANIFEST = "manifest.jsonl"
+_FAILURES_SHOWN = 10
+
+
+class Job(NamedTuple):
+    """One source file to encode: its path relative to the input folder, its split, its
+    output file relative to the output folder, and its manifest entry from an earlier run."""
+
+    path: str
+    split: str
+    output: str
+    previous: dict | None
+
+
+def maestro_splits(root: Path) -> dict[str, str] | None:
+    """MAESTRO's relative MIDI path -> split (train/val/test) from the listing in ``root``,
+    or None when ``root`` holds no listing. The JSON form maps column -> {row -> value}."""
+    listing = next((root / name for name in _LISTINGS if (root / name).is_file()), None)
+    if listing is None:
+        return None
+    try:
+        if listing.suffix == ".csv":
+            with open(listing, newline="", encoding="utf-8") as f:
+                rows = [(r["midi_filename"], r["split"]) for r in csv.DictReader(f)]
+        else:
+            table = json.loads(listing.read_text(encoding="utf-8"))
+            files, splits = table["midi_filename"], table["split"]
+            rows = [(files[i], splits[i]) for i in files]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        fail(f"{listing}: not a readable MAESTRO listing ({type(exc).__name__}: {exc})")
+    unknown = {s for _, s in rows} - set(_MAESTRO_SPLITS)
+    if unknown:
+        fail(f"{listing}: unknown split {sorted(map(str, unknown))[0]!r}")
+    return {path: _MAESTRO_SPLITS[split] for path, split in rows}
+
+
+def hash_split(path: str, val_share: float, test_share: float) -> str:
+    """Split of a file outside MAESTRO, from a hash of its relative path: stable across runs
+    and machines, and raising a share only moves files out of train."""
+    u = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_share else "val" if u < test_share + val_share else "train"
+
+
+def find_sources(root: Path, val_share: float, test_share: float) -> dict[str, str]:
+    """Relative path -> split of every source file: MAESTRO's listing if ``root`` has one,
+    else every .mid/.midi file (any case) below ``root``."""
+    listed = maestro_splits(root)
+    if listed is not None:
+        return listed
+    paths = (
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in (".mid", ".midi") and p.is_file()
+    )
+    return {p: hash_split(p, val_share, test_share) for p in paths}
+
+
+def output_names(paths: Iterable[str]) -> dict[str, str]:
+    """A unique pickle name per relative path: "a/b.mid" -> "a__b.mid.pickle". Paths whose
+    names would clash (say "a__b.mid" beside "a/b.mid", or case only) get a hash added."""
+    names = {p: p.replace("/", "__") + ".pickle" for p in paths}
+    count = Counter(n.lower() for n in names.values())
+    for p, n in names.items():
+        if count[n.lower()] > 1:
+            names[p] = f"{n[:-7]}.{hashlib.sha256(p.encode()).hexdigest()[:8]}.pickle"
+    return names
+
+
+def load_manifest(path: Path) -> dict[str, dict]:
+    """Entries of an earlier run by source path; the last line for a path wins. A line cut
+    short by a killed run is ignored."""
+    entries = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                entries[entry["path"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+    return entries
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``, so
+    ``path`` is never half-written (leftover temporaries end in .tmp and are removed later)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters: the form of every error."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple[dict, str]:
+    """Encode one source file into its pickle. Returns its manifest entry and the outcome:
+    "encoded", "unchanged" (same bytes and output as the earlier entry: nothing written) or
+    "failed" (the entry's error says why). Never raises for bad input."""
+    entry = {
+        "path": job.path,
+        "split": job.split,
+        "status": "failed",
+        "error": None,
+        "notes": None,
+        "tokens": None,
+        "seconds": None,
+        "sha256": None,
+        "output": None,
+    }
+    try:
+        data = (root / job.path).read_bytes()
+    except OSError as exc:
+        entry["error"] = one_line(f"cannot read file ({exc.strerror or exc})")
+        return entry, "failed"
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    old = job.previous
+    if (
+        old is not None
+        and old.get("status") == "ok"
+        and old.get("sha256") == entry["sha256"]
+        and old.get("output") == job.output
+        and (output / job.output).is_file()
+    ):
+        return old, "unchanged"
+    try:
+        notes = read_midi(data, job.path)
+        # Bound the length before encoding: absurd tempos or ticks would give millions of
+        # TIME_SHIFTs. No event of the piece (pedal included) ends later than this.
+        last = max(notes.offset.max(), notes.pedal_time.max(initial=0.0))
+        if not last <= max_seconds:
+            raise MidiError(
+                f"{job.path}: implausibly long ({last / 3600:,.1f} h of events, "
+                f"more than --max_seconds {max_seconds:g})"
+            )
+        ids = encode_notes(notes)
+        tokens = ids.tolist()
+        write_atomic(output / job.output, pickle.dumps(tokens, protocol=4))
+    except MidiError as exc:
+        entry["error"] = one_line(str(exc).removeprefix(f"{job.path}: "))
+        return entry, "failed"
+    except Exception as exc:  # a bug or a file no one foresaw: record it, go on
+        entry["error"] = one_line(f"{type(exc).__name__}: {exc}")
+        return entry, "failed"
+    entry.update(
+        status="ok",
+        notes=int((ids < NOTE_OFF).sum()),
+        tokens=len(tokens),
+        seconds=piece_seconds(tokens),
+        output=job.output,
+    )
+    return entry, "encoded"
+
+
+def run_jobs(fn: Callable, jobs: list[Job], workers: int) -> Iterator:
+    """``fn`` over ``jobs``, results in the order they finish: in this process for one
+    worker, else in forked workers that ignore Ctrl-C (the main process handles it)."""
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    ctx = multiprocessing.get_context("fork")
+    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+    with ctx.Pool(workers, initializer=signal.signal, initargs=ignore_sigint) as pool:
+        yield from pool.imap_unordered(fn, jobs)
+
+
+def finish(output: Path, entries: list[dict], recorded: set[str]) -> None:
+    """Rewrite the manifest in path order (only if it changed) and remove temporaries and
+    the pickles an earlier run recorded (``recorded``) that no ok entry names now (a
+    source removed, or moved to another split). Pickles prep never wrote are left alone."""
+    manifest = output / _MANIFEST
+    text = "".join(json.dumps(e) + "\n" for e in entries)
+    if not manifest.is_file() or manifest.read_text(encoding="utf-8") != text:
+        write_atomic(manifest, text.encode("utf-8"))
+    keep = {e["output"] for e in entries if e["status"] == "ok"}
+    for split in _SPLITS:
+        for f in (output / split).iterdir():
+            name = f"{split}/{f.name}"
+            stale = f.suffix == ".pickle" and name in recorded and name not in keep
+            if stale or (f.name.startswith(".") and f.suffix == ".tmp"):
+                f.unlink()
+    for f in output.glob(f".{_MANIFEST}.*.tmp"):
+        f.unlink()
+
+
+def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: Path) -> str:
+    """The report printed at the end: what happened, totals per split, first failures."""
+    n = len(entries)
+    lines = [
+        f"{n} files in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} files/s): "
+        f"{outcomes['encoded']} encoded, {outcomes['unchanged']} unchanged (skipped), "
+        f"{outcomes['failed']} failed",
+        f"{'split':6}{'ok':>8}{'failed':>8}{'notes':>13}{'tokens':>14}{'hours':>9}",
+    ]
+    for split in (*_SPLITS, "total"):
+        part = [e for e in entries if split in (e["split"], "total")]
+        ok = [e for e in part if e["status"] == "ok"]
+        lines.append(
+            f"{split:6}{len(ok):8}{len(part) - len(ok):8}"
+            f"{sum(e['notes'] for e in ok):13,}{sum(e['tokens'] for e in ok):14,}"
+            f"{sum(e['seconds'] for e in ok) / 3600:9.2f}"
+        )
+    failed = [e for e in entries if e["status"] == "failed"]
+    if failed:
+        shown = min(len(failed), _FAILURES_SHOWN)
+        lines.append(f"first {shown} of {len(failed)} failures (all in {manifest}):")
+        lines += [f"  {e['path']}: {e['error']}" for e in failed[:_FAILURES_SHOWN]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Encode the input folder into the output folder (see the module docstring)."""
+    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0], argv)
+    root, output = Path(args.input), Path(args.output)
+    if not root.is_dir():
+        fail(f"input folder not found: {root}")
+    if args.workers < 1:
+        fail(f"--workers must be at least 1, not {args.workers}")
+    if min(args.val_share, args.test_share) < 0 or args.val_share + args.test_share > 1:
+        fail("--val_share and --test_share must be >= 0 and add up to at most 1")
+    if not args.max_seconds > 0:
+        fail(f"--max_seconds must be positive, not {args.max_seconds}")
+    sources = find_sources(root, args.val_share, args.test_share)
+    if not sources:
+        fail(f"no MIDI files (.mid, .midi) found in {root}")
+
+    for split in _SPLITS:
+        (output / split).mkdir(parents=True, exist_ok=True)
+    manifest = output / _MANIFEST
+    recorded = load_manifest(manifest)
+    previous = {} if args.force else recorded
+    names = output_names(sources)
+    jobs = [Job(p, s, f"{s}/{names[p]}", previous.get(p)) for p, s in sorted(sources.items())]
+    work = partial(encode_file, root=root, output=output, max_seconds=args.max_seconds)
+
+    start, done, outcomes = time.perf_counter(), {}, Counter()
+    with (
+        closing(run_jobs(work, jobs, args.workers)) as results,
+        open(manifest, "a", encoding="utf-8") as log,
+        tqdm(total=len(jobs), unit=" files", desc="prep", dynamic_ncols=True) as bar,
+    ):
+        for entry, outcome in results:
+            done[entry["path"]] = entry
+            outcomes[outcome] += 1
+            if outcome != "unchanged":  # progress record: a resumed run skips this file
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            bar.set_postfix_str(f"failed {outcomes['failed']}", refresh=False)
+            bar.update()
+    entries = [done[job.path] for job in jobs]
+    finish(output, entries, {e["output"] for e in recorded.values() if e.get("output")})
+    print(summarize(entries, outcomes, time.perf_counter() - start, manifest))
+    if not any(e["status"] == "ok" for e in entries):
+        fail(f"no file could be encoded ({len(entries)} failed; reasons in {manifest})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\nprep.py: interrupted; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None

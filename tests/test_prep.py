@@ -1,0 +1,308 @@
+"""prep.py through its command line, on corpora built in each test: MAESTRO listings (CSV and
+JSON), a plain nested folder, bad files, interrupted runs, reruns, --force, exit status."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mido
+import pytest
+from conftest import REAL_FILES
+
+from midi_processor import END, encode_midi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_prep(*args: str | Path, workers: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "prep.py", "--workers", str(workers), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def ok_run(*args: str | Path, workers: int = 2) -> str:
+    """Run prep, insist on exit status 0, return its stdout (the summary)."""
+    proc = run_prep(*args, workers=workers)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    return {e["path"]: e for e in map(json.loads, lines)}
+
+
+def tokens_of(path: Path) -> list:
+    with open(path, "rb") as f:
+        tokens = pickle.load(f)
+    assert type(tokens) is list and all(type(t) is int for t in tokens) and tokens[-1] == END
+    return tokens
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every file below ``out`` by relative path: what two runs must agree on."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def midi_bytes(notes: list[tuple[int, int, int]], tpq=480, tempo=500000, channel=0) -> bytes:
+    """A one-track MIDI file of notes (start tick, end tick, pitch). On one tick, note-offs
+    come first, then note-ons, then the note-offs of zero-length notes."""
+    events = [(s, 1, "note_on", p) for s, _, p in notes]
+    events += [(e, 0 if e > s else 2, "note_off", p) for s, e, p in notes]
+    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=tempo, time=0)])
+    now = 0
+    for tick, _, kind, pitch in sorted(events):
+        track.append(mido.Message(kind, note=pitch, velocity=80, channel=channel, time=tick - now))
+        now = tick
+    mf = mido.MidiFile(ticks_per_beat=tpq)
+    mf.tracks.append(track)
+    buf = io.BytesIO()
+    mf.save(file=buf)
+    return buf.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+MAESTRO_ROWS = [  # (midi_filename, split): the five real pieces and one missing file
+    ("2017/a.midi", "train"),
+    ("2017/b.midi", "train"),
+    ("2018/c.midi", "validation"),
+    ("2018/d.midi", "test"),
+    ("2018/e.midi", "train"),
+    ("2018/missing.midi", "test"),
+]
+
+
+@pytest.mark.parametrize("listing", ["csv", "json"])
+def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
+    src, out = tmp_path / "maestro-v3.0.0", tmp_path / "data"
+    for (name, _), real in zip(MAESTRO_ROWS, REAL_FILES, strict=False):
+        write(src / name, real.read_bytes())
+    write(src / "2018/not_listed.midi", REAL_FILES[0].read_bytes())  # MAESTRO lists its files
+    rows = [
+        {
+            "canonical_composer": "X",
+            "canonical_title": f"Piece {i}",
+            "split": split,
+            "year": 2018,
+            "midi_filename": name,
+            "audio_filename": name.replace(".midi", ".wav"),
+            "duration": 60.0,
+        }
+        for i, (name, split) in enumerate(MAESTRO_ROWS)
+    ]
+    columns = list(rows[0])
+    if listing == "csv":
+        with open(src / "maestro-v3.0.0.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        table = {c: {str(i): row[c] for i, row in enumerate(rows)} for c in columns}
+        (src / "maestro-v3.0.0.json").write_text(json.dumps(table))
+
+    summary = ok_run("--input", src, "--output", out)
+    entries = manifest(out)
+    assert list(entries) == sorted(name for name, _ in MAESTRO_ROWS)
+    splits = {"train": "train", "validation": "val", "test": "test"}
+    for (name, split), real in zip(MAESTRO_ROWS, REAL_FILES, strict=False):
+        e = entries[name]
+        assert (e["split"], e["status"], e["error"]) == (splits[split], "ok", None)
+        assert e["output"] == f"{splits[split]}/{name.replace('/', '__')}.pickle"
+        tokens = tokens_of(out / e["output"])
+        assert tokens == encode_midi(real)
+        assert e["tokens"] == len(tokens) and e["notes"] > 0 and e["seconds"] > 0
+    missing = entries["2018/missing.midi"]
+    assert missing["status"] == "failed" and "No such file" in missing["error"]
+    assert missing["output"] is None and missing["split"] == "test"
+    assert sorted(p.name for p in out.rglob("*.pickle")) == sorted(
+        name.replace("/", "__") + ".pickle" for name, _ in MAESTRO_ROWS[:5]
+    )
+    assert "5 encoded" in summary and "1 failed" in summary
+    assert "2018/missing.midi: cannot read file" in summary
+
+
+def test_any_folder_rerun_and_force(tmp_path: Path) -> None:
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    names = [f"set{i % 3}/deep/piece{i}.{'MID' if i % 4 else 'midi'}" for i in range(20)]
+    for i, name in enumerate(names):
+        write(src / name, REAL_FILES[i % 5].read_bytes())
+    (src / "readme.txt").write_text("not music")
+    (src / "folder.mid").mkdir()  # a folder named like a MIDI file is no MIDI file
+
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    entries = manifest(out)
+    assert sorted(entries) == sorted(names)
+    assert {e["split"] for e in entries.values()} == {"train", "val", "test"}
+    for name, e in entries.items():
+        assert e["status"] == "ok" and e["output"].startswith(e["split"] + "/")
+        assert tokens_of(out / e["output"]) == encode_midi(src / name)
+    assert "20 encoded" in summary
+
+    # The same command again: nothing is encoded, no file is rewritten.
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    assert "0 encoded, 20 unchanged" in summary
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
+
+    # A changed file is encoded again; --force redoes every file, with the same result.
+    write(src / names[0], REAL_FILES[4].read_bytes())
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    assert "1 encoded, 19 unchanged" in summary
+    assert tokens_of(out / manifest(out)[names[0]]["output"]) == encode_midi(REAL_FILES[4])
+    old = snapshot(out)
+    inodes = {p: p.stat().st_ino for p in out.rglob("*.pickle")}
+    summary = ok_run(
+        "--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3", "--force"
+    )
+    assert "20 encoded, 0 unchanged" in summary
+    assert all(p.stat().st_ino != ino for p, ino in inodes.items())  # rewritten...
+    assert snapshot(out) == old  # ...to the same bytes
+
+
+def test_bad_files_are_recorded_and_skipped(tmp_path: Path) -> None:
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    real = REAL_FILES[0].read_bytes()
+    write(src / "good.mid", real)
+    write(src / "also_good.mid", REAL_FILES[1].read_bytes())
+    bad = {  # file -> (bytes, expected reason)
+        "empty.mid": (b"", "empty file"),
+        "truncated.mid": (real[: len(real) // 2], "truncated"),
+        "text.mid": (b"just some text, not MIDI\n", "not a MIDI file"),
+        "garbage.midi": (real[:14] + bytes(range(256)) * 3, "truncated"),
+        "drums.mid": (midi_bytes([(0, 240, 36), (240, 480, 38)], channel=9), "no notes"),
+        "zero_length.mid": (midi_bytes([(0, 0, 60), (10, 10, 62)]), "no notes"),
+        "slow_tempo.mid": (midi_bytes([(0, 2000, 60)], tpq=1, tempo=0xFFFFFF), "implausibly long"),
+        "huge_ticks.mid": (midi_bytes([(0x0FFFFFFF, 0x0FFFFFFF + 5, 60)], tpq=1), "implausibly"),
+    }
+    for name, (data, _) in bad.items():
+        write(src / name, data)
+    write(src / "some_zero_length.mid", midi_bytes([(0, 0, 60), (0, 480, 62)]))
+
+    summary = ok_run("--input", src, "--output", out)
+    entries = manifest(out)
+    for name, (_, reason) in bad.items():
+        e = entries[name]
+        assert e["status"] == "failed" and reason in e["error"] and "\n" not in e["error"], e
+        assert f"{name}: {e['error']}" in summary
+    for name in ("good.mid", "also_good.mid", "some_zero_length.mid"):
+        assert entries[name]["status"] == "ok"
+        tokens_of(out / entries[name]["output"])
+    assert tokens_of(out / entries["good.mid"]["output"]) == encode_midi(REAL_FILES[0])
+    assert f"3 encoded, 0 unchanged (skipped), {len(bad)} failed" in summary
+    assert len(list(out.rglob("*.pickle"))) == 3
+
+
+def test_unexpected_worker_error_is_recorded(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A bug inside a worker fails that file only, with the exception's type and message."""
+    import prep
+
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    for real in REAL_FILES[:3]:
+        write(src / real.name, real.read_bytes())
+    read_midi = prep.read_midi
+
+    def buggy(data, name):
+        if name == REAL_FILES[1].name:
+            raise RuntimeError("boom\nsecond line")
+        return read_midi(data, name)
+
+    monkeypatch.setattr(prep, "read_midi", buggy)
+    prep.main(["--input", str(src), "--output", str(out), "--workers", "2"])  # forked workers
+    entries = manifest(out)
+    assert entries[REAL_FILES[1].name]["error"] == "RuntimeError: boom second line"
+    assert [e["status"] for e in entries.values()].count("ok") == 2
+    assert "2 encoded, 0 unchanged (skipped), 1 failed" in capsys.readouterr().out
+
+
+def start_and_stop(args: list, sig: int, after_lines: int, workers: int) -> subprocess.Popen:
+    """Start prep and send ``sig`` to its process group once the manifest has some lines."""
+    log = Path(args[args.index("--output") + 1]) / "manifest.jsonl"
+    cmd = [sys.executable, "prep.py", "--workers", str(workers), *map(str, args)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_bytes().count(b"\n") >= after_lines):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.001)
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+    return proc
+
+
+def test_interrupted_runs_resume_to_the_same_output(tmp_path: Path) -> None:
+    src, out, ref = tmp_path / "corpus", tmp_path / "data", tmp_path / "reference"
+    n = 300
+    for i in range(n):
+        write(src / f"dir{i % 7}" / f"p{i:03}.mid", REAL_FILES[i % 5].read_bytes())
+    args = ["--input", src, "--output", out]
+
+    # Ctrl-C (to the whole process group, as a terminal sends it): one line, resumable.
+    proc = start_and_stop(args, signal.SIGINT, after_lines=5, workers=2)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "run the same command again to resume" in err.strip().splitlines()[-1]
+
+    # kill -9 of a single-process run, then a leftover temporary and a stale pickle.
+    proc = start_and_stop(args, signal.SIGKILL, after_lines=20, workers=1)
+    assert proc.returncode == -signal.SIGKILL
+    done = (out / "manifest.jsonl").read_bytes().count(b"\n")
+    assert done < n, "the run finished before it was killed"
+    write(out / "train" / ".p.mid.pickle.abc.tmp", b"half")
+    write(out / "val" / "gone.mid.pickle", pickle.dumps([1, END]))  # from a removed source
+    with open(out / "manifest.jsonl", "a") as log:
+        log.write(json.dumps({"path": "gone.mid", "split": "val", "status": "ok",
+                              "output": "val/gone.mid.pickle"}) + "\n")
+    write(out / "val" / "mine.pickle", pickle.dumps([2, END]))  # not prep's: kept
+
+    summary = ok_run(*args, workers=2)
+    skipped = int(summary.split(" unchanged")[0].rsplit(" ", 1)[1])
+    assert skipped >= 10 and f"{n - skipped} encoded" in summary
+    ok_run("--input", src, "--output", ref, workers=2)
+    assert not (out / "val" / "gone.mid.pickle").exists()
+    (out / "val" / "mine.pickle").unlink()
+    assert snapshot(out) == snapshot(ref)
+    assert len(manifest(out)) == n and len(list(out.rglob("*.pickle"))) == n
+
+
+def one_error_line(proc: subprocess.CompletedProcess, text: str) -> None:
+    """Non-zero exit with one clear line at the end of stderr (after the progress bar)."""
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and text in last, proc.stderr
+
+
+def test_exit_status(tmp_path: Path) -> None:
+    one_error_line(run_prep("--input", tmp_path / "nowhere"), "input folder not found")
+    empty = tmp_path / "empty"
+    write(empty / "notes.txt", b"no MIDI here")
+    proc = run_prep("--input", empty, "--output", tmp_path / "out1")
+    one_error_line(proc, "no MIDI files")
+    assert proc.stderr.count("\n") == 1
+    bad = tmp_path / "bad"
+    write(bad / "a.mid", b"")
+    write(bad / "b.mid", b"MThd nonsense")
+    proc = run_prep("--input", bad, "--output", tmp_path / "out2")
+    one_error_line(proc, "no file could be encoded")
+    assert len(manifest(tmp_path / "out2")) == 2
+
+
+def test_help_lists_every_constant() -> None:
+    proc = run_prep("--help")
+    assert proc.returncode == 0
+    for option in ("--input", "--output", "--workers", "--val_share", "--test_share"):
+        assert option in proc.stdout
+    assert "--max_seconds" in proc.stdout and "--force" in proc.stdout
