@@ -25,7 +25,7 @@ from pathlib import Path
 from perceiver_music.cli import fail, parse_constants
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
-PRIMER = "samples/primers/mz_545_2_opening.mid"  # primer MIDI file ('' = from scratch)
+PRIMER = "samples/primers/mz_570_3_opening.mid"  # primer MIDI file ('' = from scratch)
 NUM_PRIME = 0  # use this many primer tokens (0: all, or as --prime_seconds says)
 PRIME_SECONDS = 0.0  # use this many seconds of the primer (0: all)
 PRIME_FROM_END = False  # take the primer's end instead of its start
