@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,35 +185,20 @@ def test_sigterm_saves_last_and_says_how_to_resume(data_dir, tmp_path):
     assert "--resume" in text and (out / "last" / "state").is_dir()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "train.py",
-        "--data_dir",
-        str(data_dir),
-        "--out_dir",
-        str(out),
-        *TINY,
-        "--max_steps",
-        "10",
-        "--eval_interval",
-        "10",
-        "--save_interval",
-        "10",
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+    launch += f"--dynamo_backend no --main_process_port {free_port()}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "train.py",
+           "--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "10",
+           "--eval_interval", "10", "--save_interval", "10"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
     assert "weights identical across 2 processes: True" in r.stdout
