@@ -1,8 +1,8 @@
 """Training data: prep.py's token pickles -> packed splits -> model windows.
 
 A split folder (``data/train`` ...) holds one pickled list of ints per piece. Each split is
-loaded once through an unpickler that refuses every global (a list of ints needs none),
-checked, and packed into one contiguous uint16 array with piece offsets.
+loaded once through the project's restricted unpickler, allowing no global at all (a list
+of ints needs none), checked, and packed into one contiguous uint16 array with offsets.
 
 A window is ``context + 1`` tokens: the model reads the first ``context`` and predicts the
 next token at each of the last ``latents`` positions. Latents are always real tokens;
@@ -14,7 +14,6 @@ before its piece (PAD prefix), so piece openings are learned too.
 from __future__ import annotations
 
 import io
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +23,17 @@ import torch
 from midi_processor.augment import stretch_time, transpose
 from midi_processor.vocab import END, PAD, VOCAB_SIZE
 
+from .checkpoint import RestrictedUnpickler
+
 
 class DataError(Exception):
     """A token folder or file is missing or malformed; the message names it."""
 
 
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refuses global {module}.{name}")
-
-
 def load_token_file(path: Path) -> np.ndarray:
     """One piece's tokens from a pickle that may hold nothing but a list of ints."""
     try:
-        obj = _NoGlobals(io.BytesIO(path.read_bytes())).load()
+        obj = RestrictedUnpickler(io.BytesIO(path.read_bytes()), allow={}).load()
     except Exception as exc:
         raise DataError(f"{path}: not a token pickle ({exc})") from None
     if not isinstance(obj, list | tuple) or not all(type(t) is int for t in obj):
