@@ -48,6 +48,7 @@ PREFIX_FILL = 0.5  # share of windows whose prefix is cut to a random length
 TRANSPOSE = 3  # augment: transpose by up to +-N semitones (0: off)
 STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
 SEED = 1337  # seed of weights, data order and dropout
+MAX_MINUTES = 0.0  # stop like Ctrl-C (saving last/) after this many minutes (0: no limit)
 RESUME = False  # continue the run in OUT_DIR from last/
 CPU = False  # run on the CPU even if an accelerator is present
 TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
@@ -346,6 +347,8 @@ def main() -> None:
                     )
             accelerator.wait_for_everyone()
 
+        if args.max_minutes and time.time() - started > args.max_minutes * 60:
+            stop["flag"] = True
         stop_now = (
             accelerator.reduce(
                 torch.tensor(float(stop["flag"]), device=accelerator.device), reduction="sum"

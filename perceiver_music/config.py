@@ -123,6 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     cross_attn_dropout=0.5),
     "ctx16384": dict(dim=512, depth=8, heads=4, max_seq_len=16384, cross_attn_seq_len=15360,
                      cross_attn_dropout=0.5),
+    # The bundled demo model: small enough to train on a CPU and ship (~4.5M parameters).
+    "demo": dict(dim=256, depth=4, heads=4, max_seq_len=1024, cross_attn_seq_len=768,
+                 cross_attn_dropout=0.5),
     "tiny": dict(dim=64, depth=2, heads=2, dim_head=32, max_seq_len=64, cross_attn_seq_len=32),
 }
 

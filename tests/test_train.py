@@ -185,6 +185,15 @@ def test_sigterm_saves_last_and_says_how_to_resume(data_dir, tmp_path):
     assert "--resume" in text and (out / "last" / "state").is_dir()
 
 
+def test_max_minutes_stops_and_saves_last(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run(["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "100000",
+             "--max_minutes", "0.0001"])
+    assert r.returncode == 0, r.stderr
+    assert '"step": 1' in (out / "last" / "config.json").read_text()
+    assert "--resume" in r.stdout + r.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
