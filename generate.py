@@ -50,6 +50,13 @@ CPU = False  # run on the CPU even if an accelerator is present
 START_TOKEN_BIN = 16  # an empty primer starts from VELOCITY(16), as many pieces open
 
 
+def bundled(path: str) -> str:
+    """``path`` as given, or inside the toolkit's folder when it is a relative path that
+    exists only there (so the defaults work from any working directory)."""
+    here = Path(__file__).resolve().parent / path
+    return str(here) if path and not Path(path).exists() and here.exists() else path
+
+
 def check_settings(args) -> None:
     """Refuse impossible settings before any work, with one line each."""
     if args.new_tokens < 1:
@@ -162,6 +169,7 @@ def render_audio(midi: Path, wav: Path, soundfont: str) -> str | None:
 
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
     check_settings(args)
     primer = primer_tokens(args)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pretty_midi
 import pytest
+import torch
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -28,3 +29,13 @@ def make_pm(notes, pedal=(), instruments=1, resolution=480) -> pretty_midi.Prett
 def real_files() -> list[Path]:
     assert len(REAL_FILES) == 5, "tests/data should hold the five bundled MIDI files"
     return REAL_FILES
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on the 2-core CI VM waking a second
+    OpenMP thread for each small matrix product costs up to ~15 ms (10x slower tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

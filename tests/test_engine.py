@@ -23,16 +23,6 @@ from perceiver_music.model import build_model
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on the 2-core CI VM waking a second
-    OpenMP thread for each small matrix product costs up to ~15 ms (10x slower tests)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0, **overrides: object) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(preset("tiny", **overrides)).eval()
