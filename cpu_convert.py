@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="replace an existing DEST")
     args = ap.parse_args(argv)
 
-    from perceiver_music.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from perceiver_music.checkpoint import (
+        CheckpointError,
+        default_permissions,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from perceiver_music.cli import fail
 
     if args.dest.exists() and not args.force:
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         if not diff <= TOLERANCE:
             fail(f"{args.source}: converted logits differ by {diff:.3g} (> {TOLERANCE}); "
                  "nothing written")
+        default_permissions(tmp)
         if args.dest.exists():
             shutil.rmtree(args.dest)
         tmp.rename(args.dest)

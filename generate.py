@@ -177,7 +177,11 @@ def main() -> None:
     from tqdm import tqdm
 
     from midi_processor import TIME_SHIFT, VELOCITY, decode_midi, piece_seconds
-    from perceiver_music.checkpoint import CheckpointError, load_checkpoint
+    from perceiver_music.checkpoint import (
+        CheckpointError,
+        default_permissions,
+        load_checkpoint,
+    )
     from perceiver_music.engine import SamplingConfig, generate
 
     state = PartialState(cpu=args.cpu)
@@ -285,6 +289,7 @@ def main() -> None:
             "samples": samples,
         }
         (tmp / "generation.json").write_text(json.dumps(report, indent=2) + "\n")
+        default_permissions(tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

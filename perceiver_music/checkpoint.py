@@ -46,6 +46,14 @@ ORIGINAL_HEADS = 8  # the original scripts' defaults for what tensor shapes cann
 ORIGINAL_PREFIX = 1024
 
 
+def default_permissions(path: Path) -> None:
+    """Give a file or folder made through a private temporary name the permissions a plain
+    ``open``/``mkdir`` would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be read: the message names the path and the problem."""
 
@@ -157,6 +165,8 @@ def save_checkpoint(
     try:
         save_file(state, str(tmp_weights), metadata={"vocab_version": cfg.vocab_version})
         tmp_config.write_text(config_text, encoding="utf-8")
+        for tmp in (tmp_weights, tmp_config, directory):
+            default_permissions(tmp)
         os.replace(tmp_weights, directory / WEIGHTS_NAME)
         os.replace(tmp_config, directory / CONFIG_NAME)
     finally:
