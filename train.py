@@ -16,8 +16,10 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -385,6 +387,13 @@ def main() -> None:
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Freeing the DDP reducer destroys torch's gloo process group, which joins a worker
+        # thread that may be waiting for the GIL to free a finished collective: a deadlock
+        # seen here at exit. Everything is saved and flushed, so skip that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
