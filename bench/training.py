@@ -155,7 +155,9 @@ def run_train_py(args: argparse.Namespace) -> dict[str, float]:
                "--out_dir", str(Path(tmp) / "run"), "--batch_size", str(args.batch),
                "--max_steps", str(steps), "--log_interval", str(args.warmup or 1),
                "--eval_interval", str(10**9), "--save_interval", str(10**9),
-               "--eval_windows", "1", "--no-tensorboard", "--seed", str(args.seed)]
+               "--eval_windows", "1", "--no-tensorboard", "--seed", str(args.seed),
+               # the library side runs the preset as is: same dropout settings here
+               "--dropout", str(cfg.dropout), "--prefix_dropout", str(cfg.cross_attn_dropout)]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         text = (Path(tmp) / "run" / "metrics.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
