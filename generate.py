@@ -176,7 +176,7 @@ def main() -> None:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from midi_processor import TIME_SHIFT, VELOCITY, decode_midi, piece_seconds
+    from midi_processor import decode_midi, piece_seconds
     from perceiver_music.checkpoint import (
         CheckpointError,
         default_permissions,
@@ -207,14 +207,10 @@ def main() -> None:
             greedy=args.greedy,
         )
     bar = tqdm(total=args.new_tokens, unit="tok", dynamic_ncols=True)
-    music = [0.0] * args.num_samples
 
     def on_step(info) -> None:
-        for i, t in enumerate(info.tokens.tolist()[: len(music)]):
-            if TIME_SHIFT <= t < VELOCITY:
-                music[i] += (t - TIME_SHIFT + 1) / 100
         bar.update(1)
-        bar.set_postfix(music_s=f"{max(music):.1f}", refresh=False)
+        bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
     t1 = time.perf_counter()
     result = generate(
@@ -240,14 +236,13 @@ def main() -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
-        primer_pm = decode_midi(primer, tmp / "primer.mid")
+        primer_notes = len(decode_midi(primer, tmp / "primer.mid").instruments[0].notes)
         boundary = piece_seconds(primer)
         samples = []
         for i, new in enumerate(result.tokens):
             sfx = f"_{i + 1}" if len(result.tokens) > 1 else ""
             cont = decode_midi(new, tmp / f"continuation{sfx}.mid")
             full = decode_midi(primer + new, tmp / f"full{sfx}.mid")
-            cut = len(primer_pm.instruments[0].notes)
             notes = sorted(full.instruments[0].notes, key=lambda n: (n.start, n.pitch))
             pianoroll(
                 [n for n in notes if n.start < boundary],
@@ -261,7 +256,7 @@ def main() -> None:
                     "seconds": result.seconds[i],
                     "stop_reason": result.stop_reasons[i],
                     "notes": len(cont.instruments[0].notes),
-                    "primer_notes": cut,
+                    "primer_notes": primer_notes,
                     "token_ids": new,
                 }
             )

@@ -90,6 +90,7 @@ class StepInfo:
     tokens: Tensor
     parents: Tensor | None
     reencoded: bool
+    seconds: float  # music generated so far by the longest sample (or beam), in seconds
 
 
 @dataclass
@@ -382,14 +383,14 @@ def _sample(
     logits = window.encode()
     for step in range(limits.max_new_tokens):
         tokens = sample_next(logits, sampling, generators).masked_fill(finished, PAD)
-        if on_step is not None:
-            on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits, tokens, None,
-                             window.reencoded))
         for row, token in enumerate(tokens.tolist()):
             if reasons[row] is None:
                 outputs[row].append(token)
                 steps[row] += shift[token]
                 reasons[row] = limits.reason(token, steps[row], len(outputs[row]))
+        if on_step is not None:
+            on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits, tokens, None,
+                             window.reencoded, max(steps) / STEPS_PER_SECOND))
         if progress is not None:
             progress(1)
         if all(r is not None for r in reasons):
@@ -452,9 +453,10 @@ def _beam_search(
 
         index = torch.tensor(parents, dtype=torch.long, device=device)
         if on_step is not None:
+            music = max(live_steps + [f[3] for f in finished] + [0]) / STEPS_PER_SECOND
             on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits,
                              torch.tensor(tokens, dtype=torch.long, device=device), index,
-                             window.reencoded))
+                             window.reencoded, music))
         if progress is not None:
             progress(1)
         if not parents:

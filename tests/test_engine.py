@@ -157,6 +157,7 @@ def run_steps(model, sampling, steps=40, **kwargs) -> list[StepInfo]:
                 info.tokens.clone(),
                 None,
                 info.reencoded,
+                info.seconds,
             )
         )
 
@@ -370,6 +371,14 @@ def test_stop_on_token_count_and_progress():
     assert [len(t) for t in result.tokens] == [7, 7] and calls == [1] * 7
 
 
+def test_step_info_reports_the_music_generated_so_far():
+    for kwargs in ({"num_samples": 3, "seed": 5}, {"num_beams": 3}):
+        infos: list[StepInfo] = []
+        result = generate(tiny_model(), primer_of(10), max_new_tokens=30, stop_on_end=False,
+                          on_step=infos.append, **kwargs)
+        assert infos[-1].seconds >= max(result.seconds) > 0
+
+
 def test_argument_errors_and_state_restored():
     model = tiny_model().train()
     threads = torch.get_num_threads()
@@ -470,6 +479,7 @@ def test_beam_search_steps_match_library_across_reorders_and_reencodes():
                 info.tokens.clone(),
                 info.parents.clone(),
                 info.reencoded,
+                info.seconds,
             )
         )
 
