@@ -15,26 +15,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perceiver_music.checkpoint import load_checkpoint  # noqa: E402
 from perceiver_music.data import load_split, validation_windows  # noqa: E402
-from perceiver_music.model import forward, loss_fn  # noqa: E402
+from perceiver_music.model import window_losses  # noqa: E402
 
 
-def split_loss(model, cfg, split, batch_size: int = 16) -> float:
+def split_loss(model, cfg, split) -> float:
     """Mean nats per token over all fixed windows of ``split``."""
-    tokens, mask = validation_windows(split, cfg.max_seq_len, cfg.cross_attn_seq_len)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(tokens), batch_size):
-            x, m = tokens[i : i + batch_size], mask[i : i + batch_size]
-            logits = forward(model, x[:, :-1], m)
-            n = logits.shape[0] * logits.shape[1]
-            total += float(loss_fn(logits, x[:, 1:])) * n
-            count += n
+    total, count = window_losses(
+        model, *validation_windows(split, cfg.max_seq_len, cfg.cross_attn_seq_len)
+    )
     return total / count
 
 

@@ -202,6 +202,27 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     return total / (targets != PAD).sum().clamp(min=1)
 
 
+
+def window_losses(
+    model: PerceiverAR, tokens: Tensor, prefix_mask: Tensor, batch_size: int = 16
+) -> tuple[float, int]:
+    """Summed cross entropy (nats) and the number of targets over whole windows.
+
+    ``tokens`` is (windows, t + 1) as `perceiver_music.data.validation_windows` makes them,
+    ``prefix_mask`` (windows, m). Runs without gradients on the model's device, in
+    whatever mode the model is in; divide the two for nats per token.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            x = tokens[i : i + batch_size].to(device)
+            logits = forward(model, x[:, :-1], prefix_mask[i : i + batch_size].to(device))
+            n = int((x[:, -logits.shape[1] :] != PAD).sum())
+            total += float(loss_fn(logits, x[:, 1:])) * n
+            count += n
+    return total, count
+
 # ---------------------------------------------------------------------------------------
 # attention layers
 
