@@ -15,9 +15,7 @@ the conversion fails, leaving nothing behind, if they differ by more than 1e-5.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 TOLERANCE = 1e-5
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from perceiver_music.checkpoint import (
         CheckpointError,
-        default_permissions,
+        atomic_folder,
         load_checkpoint,
         save_checkpoint,
     )
@@ -66,9 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg, meta = load_checkpoint(args.source, heads=args.heads, prefix=args.prefix)
     except CheckpointError as err:
         fail(str(err))
-    args.dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.dest.name}.", dir=args.dest.parent))
-    try:
+    with atomic_folder(args.dest, replace=True) as tmp:
         extra = {k: v for k, v in meta.items() if k not in ("model", "vocab_version")}
         extra["converted_from"] = str(args.source)
         save_checkpoint(tmp, model, cfg, extra)
@@ -77,12 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         if not diff <= TOLERANCE:
             fail(f"{args.source}: converted logits differ by {diff:.3g} (> {TOLERANCE}); "
                  "nothing written")
-        default_permissions(tmp)
-        if args.dest.exists():
-            shutil.rmtree(args.dest)
-        tmp.rename(args.dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     how = "inferred from shapes" if meta.get("inferred") else "from its config"
     print(f"converted {args.source} -> {args.dest}: context {cfg.max_seq_len}, prefix "
           f"{cfg.cross_attn_seq_len}, dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads} "

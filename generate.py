@@ -14,11 +14,9 @@ boundary marked), generation.json (settings, checkpoint, seed, timings) and, wit
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -177,11 +175,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from midi_processor import decode_midi, piece_seconds
-    from perceiver_music.checkpoint import (
-        CheckpointError,
-        default_permissions,
-        load_checkpoint,
-    )
+    from perceiver_music.checkpoint import CheckpointError, atomic_folder, load_checkpoint
     from perceiver_music.engine import SamplingConfig, generate
 
     state = PartialState(cpu=args.cpu)
@@ -233,9 +227,7 @@ def main() -> None:
     final = Path(args.out_dir) / name
     if final.exists():
         fail(f"{final} already exists: choose another --name")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
+    with atomic_folder(final) as tmp:
         primer_notes = len(decode_midi(primer, tmp / "primer.mid").instruments[0].notes)
         boundary = piece_seconds(primer)
         samples = []
@@ -284,11 +276,6 @@ def main() -> None:
             "samples": samples,
         }
         (tmp / "generation.json").write_text(json.dumps(report, indent=2) + "\n")
-        default_permissions(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"wrote {final}: {total_new} tokens, "
         f"{', '.join(f'{s:.1f}' for s in result.seconds)} s of music in {gen_s:.1f} s "

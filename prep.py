@@ -22,7 +22,6 @@ import os
 import pickle
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +32,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from midi_processor import NOTE_OFF, MidiError, piece_seconds, read_midi
+from midi_processor import NOTE_OFF, MidiError, piece_seconds, read_midi, write_atomic
 from midi_processor.core import encode_notes
 from perceiver_music.cli import fail, parse_constants
 
@@ -128,19 +127,6 @@ def load_manifest(path: Path) -> dict[str, dict]:
             except (ValueError, KeyError, TypeError):
                 continue
     return entries
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``, so
-    ``path`` is never half-written (leftover temporaries end in .tmp and are removed later)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def one_line(text: str, limit: int = 300) -> str:

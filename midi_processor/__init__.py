@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "read_midi_mido",
     "token_to_text",
     "tokens_to_text",
+    "write_atomic",
 ]
 
 
@@ -79,19 +81,26 @@ def decode_midi(tokens, path: str | os.PathLike | None = None) -> pretty_midi.Pr
     return pm
 
 
-def write_midi_atomic(pm: pretty_midi.PrettyMIDI, path: str | os.PathLike) -> None:
-    """Write ``pm`` to ``path`` via a temporary file in the same folder, then rename, so a
-    crash never leaves a half-written MIDI file."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (``.NAME.*.tmp``), then rename it
+    over ``path``, so a crash never leaves ``path`` half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        pm.write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_midi_atomic(pm: pretty_midi.PrettyMIDI, path: str | os.PathLike) -> None:
+    """Write ``pm`` as a MIDI file at ``path`` with `write_atomic`."""
+    buf = io.BytesIO()
+    pm.write(buf)
+    write_atomic(path, buf.getvalue())
 
 
 def piece_seconds(tokens) -> float:

@@ -23,8 +23,11 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,24 @@ def default_permissions(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """A private temporary folder beside ``dest`` to fill; when the block ends normally
+    it gets the usual permissions and becomes ``dest`` (replacing an existing one only if
+    ``replace``), and on any error or exit it is removed, so ``dest`` is never partial."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        default_permissions(tmp)
+        if replace and dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CheckpointError(Exception):
