@@ -86,7 +86,7 @@ def primer_tokens(args) -> list[int]:
     """
     import numpy as np
 
-    from midi_processor import END, NOTE_OFF, TIME_SHIFT, VELOCITY, MidiError, encode_midi
+    from midi_processor import END, NOTE_OFF, VELOCITY, MidiError, encode_midi, shift_steps
 
     if not args.primer:
         return [VELOCITY + START_TOKEN_BIN]
@@ -98,8 +98,7 @@ def primer_tokens(args) -> list[int]:
         fail(str(exc))
     start, stop = 0, len(tokens)
     if args.prime_seconds:
-        ids = np.array(tokens)
-        steps = np.where((ids >= TIME_SHIFT) & (ids < VELOCITY), ids - TIME_SHIFT + 1, 0)
+        steps = shift_steps(tokens)
         clock = np.cumsum(steps) - steps  # when each token happens, in 10 ms steps
         limit = round(args.prime_seconds * 100)
         if args.prime_from_end:

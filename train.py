@@ -157,7 +157,7 @@ def main() -> None:
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from perceiver_music.checkpoint import CheckpointError, load_checkpoint
+    from perceiver_music.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from perceiver_music.data import (
         DataError,
         WindowSampler,
@@ -333,8 +333,6 @@ def main() -> None:
                 if writer:
                     writer.add_scalar("loss/val", val_loss, step)
                 if improved:
-                    from perceiver_music.checkpoint import save_checkpoint
-
                     save_checkpoint(
                         out_dir / "best",
                         accelerator.unwrap_model(model),

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 
-from .core import NoteData, decode_tokens, encode_notes, token_to_text, tokens_to_text
+from .core import (
+    NoteData,
+    decode_tokens,
+    encode_notes,
+    shift_steps,
+    token_to_text,
+    tokens_to_text,
+)
 from .reader import MidiError, MidiSource, read_midi, read_midi_mido
 from .vocab import (
     END,
@@ -44,6 +51,7 @@ __all__ = [
     "encode_midi",
     "read_midi",
     "read_midi_mido",
+    "shift_steps",
     "token_to_text",
     "tokens_to_text",
     "write_atomic",
@@ -108,5 +116,4 @@ def piece_seconds(tokens) -> float:
     ids = np.asarray(list(tokens), dtype=np.int64)
     stop = np.flatnonzero(ids == END)
     ids = ids[: stop[0]] if len(stop) else ids
-    shifts = ids[(ids >= TIME_SHIFT) & (ids < VELOCITY)] - TIME_SHIFT + 1
-    return float(shifts.sum()) / STEPS_PER_SECOND
+    return float(shift_steps(ids).sum()) / STEPS_PER_SECOND

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import layout_time_shifts
+from .core import layout_time_shifts, shift_steps
 from .vocab import NOTE_OFF, TIME_SHIFT, VELOCITY
 
 
@@ -39,10 +39,9 @@ def stretch_time(tokens: np.ndarray, factor: float) -> np.ndarray:
     if factor <= 0:
         raise ValueError(f"time-stretch factor must be positive, got {factor}")
     tokens = np.asarray(tokens, dtype=np.int64)
-    is_shift = (tokens >= TIME_SHIFT) & (tokens < VELOCITY)
-    steps = np.where(is_shift, tokens - TIME_SHIFT + 1, 0)
+    steps = shift_steps(tokens)
     clock = np.cumsum(steps)
-    events = np.flatnonzero(~is_shift)
+    events = np.flatnonzero((tokens < TIME_SHIFT) | (tokens >= VELOCITY))
     # Times at each event, plus the slice's end so trailing silence is kept.
     times = np.append(clock[events], clock[-1] if len(tokens) else 0)
     new_times = np.floor(times * factor + 0.5).astype(np.int64)

@@ -138,6 +138,15 @@ def notes_to_tokens(
     return out
 
 
+def shift_steps(tokens) -> np.ndarray:
+    """The 10 ms steps each token moves time on: k for a TIME_SHIFT of k steps, else 0.
+
+    Its cumulative sum is the clock of a token stream.
+    """
+    ids = np.asarray(tokens, dtype=np.int64)
+    return np.where((ids >= TIME_SHIFT) & (ids < VELOCITY), ids - TIME_SHIFT + 1, 0)
+
+
 def layout_time_shifts(
     gaps: np.ndarray, n_payload: np.ndarray, extra: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
