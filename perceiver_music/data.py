@@ -150,8 +150,8 @@ class WindowSampler:
         rows, masks = [], []
         for _ in range(batch_size):
             i, start = self.draw()
-            piece = self.split.piece(i).astype(np.int64)
-            real = self._augment(piece[max(0, start) : start + n])[-n:]
+            piece = self.split.piece(i)
+            real = self._augment(piece[max(0, start) : start + n].astype(np.int64))[-n:]
             keep = len(real) - (spec.latents + 1)  # real prefix tokens
             if rng.random() < spec.prefix_fill_share:
                 keep = min(keep, int(rng.integers(0, spec.prefix + 1)))
