@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from perceiver_music.cli import fail, parse_constants
+from perceiver_music.cli import cpu_only, fail, parse_constants
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
 PRIMER = "samples/primers/mz_570_3_opening.mid"  # primer MIDI file ('' = from scratch)
@@ -177,7 +177,7 @@ def main() -> None:
     from perceiver_music.checkpoint import CheckpointError, atomic_folder, load_checkpoint
     from perceiver_music.engine import SamplingConfig, generate
 
-    state = PartialState(cpu=args.cpu)
+    state = PartialState(cpu=cpu_only(args.cpu))
     if not state.is_main_process:  # one generation per run, on the main process
         state.wait_for_everyone()
         return

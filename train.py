@@ -13,7 +13,6 @@ TensorBoard logs in ``tb/``.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from perceiver_music.cli import fail, parse_constants
+from perceiver_music.cli import cpu_only, fail, parse_constants
 
 DATA_DIR = "data"  # prep.py output: holds train/ and val/
 OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
@@ -193,13 +192,8 @@ def main() -> None:
     except DataError as exc:
         fail(str(exc))
 
-    no_accelerator = not (
-        torch.cuda.is_available()
-        or importlib.util.find_spec("torch_xla")
-        or torch.backends.mps.is_available()
-    )
     precision = {} if args.mixed_precision == "no" else {"mixed_precision": args.mixed_precision}
-    accelerator = Accelerator(cpu=args.cpu or no_accelerator, **precision)
+    accelerator = Accelerator(cpu=cpu_only(args.cpu), **precision)
     set_seed(args.seed)
     if not args.resume:
         model = build_model(cfg)

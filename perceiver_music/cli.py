@@ -58,6 +58,21 @@ def parse_constants(
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
+def cpu_only(requested: bool) -> bool:
+    """Whether accelerate must be told ``cpu=True``: when asked, or when the machine has no
+    accelerator (CUDA, MPS, or an installed torch_xla), so that ``accelerate launch`` of
+    several processes also runs on a CPU-only machine. Imports torch when called."""
+    import importlib.util
+
+    import torch
+
+    return requested or not (
+        torch.cuda.is_available()
+        or importlib.util.find_spec("torch_xla") is not None
+        or torch.backends.mps.is_available()
+    )
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one clear line to stderr and exit: the scripts' way to refuse bad input."""
     print(f"error: {message}", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pretty_midi
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 from perceiver_music.checkpoint import save_checkpoint
@@ -119,6 +120,18 @@ def test_stop_on_seconds_and_greedy_and_beams(ckpt, tmp_path):
     assert s["seconds"] <= 3.0
     r = gen(ckpt, tmp_path, "--name", "beam", "--beams", "3", "--new_tokens", "10")
     assert r.returncode == 0, r.stderr
+
+
+def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+    launch += f"--dynamo_backend no --main_process_port {free_port()}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "generate.py",
+           "--ckpt", str(ckpt), "--primer", str(PRIMER), "--out_dir", str(tmp_path),
+           "--name", "acc", "--new_tokens", "20", "--seed", "7"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["acc"]  # one run, by the main process
+    assert report(tmp_path / "acc")["samples"][0]["tokens"] == 20
 
 
 def test_render_without_fluidsynth_says_so_and_keeps_the_midi(ckpt, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from safetensors.numpy import load_file
 
 from midi_processor import encode_midi
@@ -192,12 +192,6 @@ def test_max_minutes_stops_and_saves_last(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert '"step": 1' in (out / "last" / "config.json").read_text()
     assert "--resume" in r.stdout + r.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
