@@ -32,7 +32,14 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from midi_processor import NOTE_OFF, MidiError, piece_seconds, read_midi, write_atomic
+from midi_processor import (
+    NOTE_OFF,
+    MidiError,
+    midi_files,
+    piece_seconds,
+    read_midi,
+    write_atomic,
+)
 from midi_processor.core import encode_notes
 from perceiver_music.cli import fail, parse_constants
 
@@ -96,11 +103,7 @@ def find_sources(root: Path, val_share: float, test_share: float) -> dict[str, s
     listed = maestro_splits(root)
     if listed is not None:
         return listed
-    paths = (
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.suffix.lower() in (".mid", ".midi") and p.is_file()
-    )
+    paths = (p.relative_to(root).as_posix() for p in midi_files(root))
     return {p: hash_split(p, val_share, test_share) for p in paths}
 
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import prep  # noqa: E402
-from midi_processor import NOTE_OFF  # noqa: E402
+from midi_processor import NOTE_OFF, midi_files  # noqa: E402
 from midi_processor.reference import reference_encode  # noqa: E402
 
 DEFAULT_FOLDER = REPO.parent / "shared/data/piano-midi-de"
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER)
     ap.add_argument("--repeat", type=int, default=3, help="prep.main runs per setting (best)")
     args = ap.parse_args()
-    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
+    files = midi_files(args.folder)
     if not files:
         sys.exit(f"{args.folder}: no MIDI files found")
 

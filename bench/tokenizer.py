@@ -21,7 +21,7 @@ import pretty_midi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from midi_processor import MidiError, read_midi  # noqa: E402
+from midi_processor import MidiError, midi_files, read_midi  # noqa: E402
 from midi_processor.core import encode_notes  # noqa: E402
 from midi_processor.reference import reference_encode  # noqa: E402
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER)
     ap.add_argument("--limit", type=int, default=0, help="only the first N files (0: all)")
     args = ap.parse_args()
-    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
+    files = midi_files(args.folder)
     if args.limit:
         files = files[: args.limit]
     if not files:

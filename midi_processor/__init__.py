@@ -49,6 +49,7 @@ __all__ = [
     "NoteData",
     "decode_midi",
     "encode_midi",
+    "midi_files",
     "read_midi",
     "read_midi_mido",
     "shift_steps",
@@ -87,6 +88,13 @@ def decode_midi(tokens, path: str | os.PathLike | None = None) -> pretty_midi.Pr
     if path is not None:
         write_midi_atomic(pm, path)
     return pm
+
+
+def midi_files(root: str | os.PathLike) -> list[Path]:
+    """Every .mid / .midi file (any case, any depth) below ``root``, sorted."""
+    return sorted(
+        p for p in Path(root).rglob("*") if p.suffix.lower() in (".mid", ".midi") and p.is_file()
+    )
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
