@@ -23,7 +23,7 @@ from .core import (
     token_to_text,
     tokens_to_text,
 )
-from .reader import MidiError, MidiSource, read_midi, read_midi_mido
+from .reader import MAX_SECONDS, MidiError, MidiSource, read_midi, read_midi_mido
 from .vocab import (
     END,
     NOTE_OFF,
@@ -38,6 +38,7 @@ from .vocab import (
 
 __all__ = [
     "END",
+    "MAX_SECONDS",
     "NOTE_OFF",
     "NOTE_ON",
     "PAD",
@@ -48,6 +49,7 @@ __all__ = [
     "MidiError",
     "NoteData",
     "decode_midi",
+    "default_permissions",
     "encode_midi",
     "midi_files",
     "read_midi",
@@ -59,14 +61,17 @@ __all__ = [
 ]
 
 
-def encode_midi(source: MidiSource, name: str | None = None) -> list[int]:
+def encode_midi(source: MidiSource, name: str | None = None,
+                max_seconds: float = MAX_SECONDS) -> list[int]:
     """Tokens of a MIDI file path, raw MIDI bytes or a ``pretty_midi.PrettyMIDI``.
 
     All non-drum instruments merge into one piano stream, the sustain pedal is applied,
     times are quantised to 10 ms, and the list ends with END. ``name`` labels errors for
-    bytes input. Raises MidiError (message: file and reason) for unreadable or empty input.
+    bytes input. Raises MidiError (message: file and reason) for unreadable or empty input
+    and for pieces whose events reach past ``max_seconds`` (4 h by default: longer ones
+    come from absurd tempos or ticks), checked before any token is allocated.
     """
-    return encode_notes(read_midi(source, name)).tolist()
+    return encode_notes(read_midi(source, name, max_seconds)).tolist()
 
 
 def decode_midi(tokens, path: str | os.PathLike | None = None) -> pretty_midi.PrettyMIDI:
@@ -97,15 +102,25 @@ def midi_files(root: str | os.PathLike) -> list[Path]:
     )
 
 
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give a file or folder made through a private temporary name (mode 0600 / 0700) the
+    permissions a plain ``open``/``mkdir`` would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` (``.NAME.*.tmp``), then rename it
-    over ``path``, so a crash never leaves ``path`` half-written."""
+    over ``path`` with the permissions the umask gives, so a crash never leaves ``path``
+    half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,18 +9,29 @@ about both symusic and pretty_midi shape this module:
 
 So before parsing, ``_tag_tracks`` appends to every track one tiny marker note per channel
 (pitch = channel, velocity 1, zero length, at the track's end). Every (track, channel) part
-then survives with its controls, and its marker names its channel. Files where the markers
-cannot be placed or found (a malformed track end, a program change splitting a channel
-within a track) fall back to an exact pure-Python reader built on mido.
+then survives with its controls, and its marker names its channel. One tick later it adds
+a note-off for every key of those channels: symusic silently drops a note-on that no
+note-off matches, where pretty_midi may keep it (one note-off closes all open notes of its
+key); a note that ends on that extra tick reveals such a file. Such files, and those where
+the markers cannot be placed or found (a malformed track end, a program change splitting
+a channel within a track), fall back to an exact pure-Python reader built on mido.
+
+symusic keeps ticks in 32-bit integers, so a track whose delta times add up to 2**31 or
+more (a hostile or broken file: four-byte deltas of up to 2**28 - 1 each) would silently
+wrap. ``_fits_int32`` proves for every track that it cannot, from a bound computed at C
+speed or else by adding up its deltas exactly; files it cannot clear go to mido.
 
 Ticks become seconds with pretty_midi's own arithmetic, so times match pretty_midi's to
-the bit. Tempo events count from every track, as a synthesiser plays them.
+the bit. Tempo events count from every track, as a synthesiser plays them. A piece whose
+events reach past ``max_seconds`` (default `MAX_SECONDS`) is refused before anything is
+built from it, so no file can make the encoder allocate without bound.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +44,13 @@ from .core import NoteData
 
 SUSTAIN_CC = 64
 DRUM_CHANNEL = 9
+MAX_SECONDS = 4 * 3600.0  # longer "pieces" come from absurd tempos or ticks: refused
+_TICK_LIMIT = 2**31  # symusic's ticks are int32
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+_HIGH_PAIR = re.compile(rb"[\x80-\xff]{2}")
+# Data bytes after each channel status (high nibble 0x8..0xE); the rest are 0.
+_DATA_BYTES = [0] * 128 + [2 if (s >> 4) not in (0xC, 0xD) else 1 for s in range(0x80, 0xF0)] + [
+    0] * 16
 
 
 class MidiError(Exception):
@@ -42,20 +60,94 @@ class MidiError(Exception):
 MidiSource = str | os.PathLike | bytes | pretty_midi.PrettyMIDI
 
 
+_MARKER = [bytes([0x90 | c, c, 1, 0, 0x80 | c, c, 0]) for c in range(16)]
+_CLOSING = [b"\x00".join(bytes([0x80 | c, k, 0]) for k in range(128)) for c in range(16)]
+
+
 def _markers(channels: np.ndarray) -> bytes:
     """Zero-length notes (channel c, pitch c, velocity 1), one per channel, the first
-    taking the delta of the End-of-Track event they are inserted before."""
-    return b"\x00".join(bytes([0x90 | c, c, 1, 0, 0x80 | c, c, 0]) for c in channels.tolist())
+    taking the delta of the End-of-Track event they are inserted before; then, one tick
+    later, a note-off for every key of those channels."""
+    chans = channels.tolist()
+    return (b"\x00".join(_MARKER[c] for c in chans) + b"\x01"
+            + b"\x00".join(_CLOSING[c] for c in chans))
 
 
 _END_OF_TRACK = b"\xff\x2f\x00"
+_TEMPO = b"\xff\x51"
 
 
-def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool]:
+def _varint(body: bytes, pos: int) -> tuple[int, int]:
+    """The variable-length number at ``pos`` and the position after it (IndexError if it
+    runs past the end)."""
+    byte = body[pos]
+    value = byte & 0x7F
+    while byte & 0x80:
+        pos += 1
+        byte = body[pos]
+        value = (value << 7) | (byte & 0x7F)
+    return value, pos + 1
+
+
+def _track_ticks(body: bytes, tempos: list[tuple[int, int]] | None = None) -> int | None:
+    """Sum of the delta times of a track chunk's events, exactly (Python integers), or
+    None when the bytes do not parse as a sequence of events. With ``tempos``, appends
+    (tick, microseconds per quarter) of each tempo event to it, in file order."""
+    pos, end, total, running = 0, len(body), 0, 0
+    try:
+        while pos < end:
+            delta, pos = _varint(body, pos)
+            total += delta
+            status = body[pos]
+            if status < 0x80:  # running status: data bytes of the last channel status
+                if not running:
+                    return None
+                pos += _DATA_BYTES[running]
+            elif status < 0xF0:
+                running = status
+                pos += 1 + _DATA_BYTES[status]
+            elif status == 0xFF:  # meta: FF type length data
+                length, after = _varint(body, pos + 2)
+                if body[pos + 1] == 0x51 and tempos is not None:
+                    if length != 3:
+                        return None
+                    tempos.append((total, int.from_bytes(body[after : after + 3], "big")))
+                pos = after + length
+            elif status in (0xF0, 0xF7):  # sysex: F0/F7 length data
+                length, pos = _varint(body, pos + 1)
+                pos += length
+                running = 0  # data after a sysex is no running status (mido: an error)
+            else:  # system common and real-time messages do not belong in files
+                return None
+    except IndexError:
+        return None
+    return total if pos == end else None
+
+
+def _fits_int32(body: bytes) -> bool:
+    """Whether a track chunk's delta times add up to less than 2**31 ticks.
+
+    Without two high bytes in a row, every delta has at most two bytes: below 2**14 when
+    its low byte follows a high byte (one per high byte at most), below 2**7 otherwise.
+    That bound clears almost every track at C speed; the rest are added up exactly.
+    """
+    if not _HIGH_PAIR.search(body):
+        lows = len(body.translate(None, _HIGH_BYTES))
+        if 16383 * (len(body) - lows) + 127 * lows < _TICK_LIMIT:
+            return True
+    total = _track_ticks(body)
+    return total is not None and total < _TICK_LIMIT
+
+
+def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool, np.ndarray]:
     """Insert channel markers before each track's End-of-Track.
 
-    Returns the new bytes, the ticks per quarter and whether every track took markers.
-    Raises MidiError for a missing header, SMPTE timing, or a truncated chunk.
+    Returns the new bytes, the ticks per quarter, whether symusic can read them exactly
+    (every track took markers and its ticks stay below 2**31), and the tempo events as
+    (tick, microseconds per quarter) rows in the reference order: by tick, then track,
+    then file order (symusic sorts its own list of them without keeping the order of
+    events on one tick). Raises MidiError for a missing header, SMPTE timing, or a
+    truncated chunk.
     """
     if len(data) < 14 or data[:4] != b"MThd":
         raise MidiError(f"{name}: not a MIDI file (no MThd header)")
@@ -68,7 +160,7 @@ def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool]:
     if division == 0:
         raise MidiError(f"{name}: invalid time division 0")
     parts = [data[: 8 + hlen]]
-    pos, all_tagged, n_tracks = 8 + hlen, True, 0
+    pos, exact, n_tracks, tempos = 8 + hlen, True, 0, []
     while pos + 8 <= len(data):
         cid, clen = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "big")
         body = data[pos + 8 : pos + 8 + clen]
@@ -82,15 +174,21 @@ def _tag_tracks(data: bytes, name: str) -> tuple[bytes, int, bool]:
             raw = np.frombuffer(body, dtype=np.uint8)
             channels = np.unique(raw[(raw >= 0x80) & (raw < 0xF0)] & 0x0F)
             if len(body) >= 4 and body.endswith(_END_OF_TRACK) and body[-4] < 0x80:
+                if _TEMPO in body:  # read tempo events exactly, adding up the ticks too
+                    ticks = _track_ticks(body, tempos)
+                    exact = exact and ticks is not None and ticks < _TICK_LIMIT
+                else:
+                    exact = exact and _fits_int32(body)
                 if len(channels):
                     body = body[:-3] + _markers(channels) + b"\x00" + _END_OF_TRACK
             else:
-                all_tagged = False
+                exact = False
         parts.append(cid + len(body).to_bytes(4, "big") + body)
         pos += 8 + clen
     if n_tracks == 0:
         raise MidiError(f"{name}: no tracks")
-    return b"".join(parts), division, all_tagged
+    table = np.array(tempos, dtype=np.int64).reshape(-1, 2)
+    return b"".join(parts), division, exact, table[np.argsort(table[:, 0], kind="stable")]
 
 
 def _tick_scales(tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int) -> tuple:
@@ -119,8 +217,10 @@ def _to_seconds(ticks: np.ndarray, scales: tuple) -> np.ndarray:
     return start[idx] + per_tick[idx] * (ticks - seg_ticks[idx]).astype(np.float64)
 
 
-def _assemble(name: str, tpq: int, tempos: tuple, notes: list, pedals: list) -> NoteData:
-    """Build NoteData from per-part tick arrays: notes are (start, end, pitch, vel, chan)."""
+def _assemble(name: str, tpq: int, tempos: tuple, notes: list, pedals: list,
+              max_seconds: float) -> NoteData:
+    """Build NoteData from per-part tick arrays: notes are (start, end, pitch, vel, chan).
+    Refuses a piece whose notes or pedal events reach past ``max_seconds``."""
     scales = _tick_scales(*tempos, tpq)
 
     def cat(parts: list, i: int, dtype) -> np.ndarray:
@@ -138,25 +238,42 @@ def _assemble(name: str, tpq: int, tempos: tuple, notes: list, pedals: list) -> 
     )
     if len(data) == 0 or not (data.velocity > 0).any():
         raise MidiError(f"{name}: no notes (drum tracks and zero-length notes are ignored)")
+    check_duration(data, name, max_seconds)
     return data
+
+
+def check_duration(notes: NoteData, name: str, max_seconds: float = MAX_SECONDS) -> None:
+    """Raise MidiError when the last note or pedal event is later than ``max_seconds``:
+    such times come from absurd tempos or ticks, and would give millions of TIME_SHIFTs."""
+    last = max(float(notes.offset.max(initial=0.0)), float(notes.pedal_time.max(initial=0.0)))
+    if not last <= max_seconds:
+        raise MidiError(f"{name}: implausibly long ({last / 3600:,.1f} h of events, more than "
+                        f"the limit of {max_seconds:g} s)")
 
 
 def _repair_pairing(start, end, pitch, vel, part):
     """Re-pair notes the way pretty_midi (and so note-seq) does, within each part (one
-    track's notes on one channel). Arrays in, arrays out (reordered).
+    track's notes on one channel). Arrays in, arrays out (reordered); None when symusic's
+    output cannot tell (use mido).
 
     symusic pairs note-offs with note-ons first-in first-out. pretty_midi lets a note-off
     close every open note of its key that started on an earlier tick, and a note-off that
-    finds only notes started on its own tick deletes them. The two differ only where notes
-    of one pitch overlap or last zero ticks, so only those pitches are replayed: a
-    zero-tick pair from symusic is exactly pretty_midi's deleting note-off, and otherwise a
-    note-off closes every open note (replaying note-offs before note-ons on one tick gives
-    pretty_midi's result whatever their order in the file).
+    finds only notes started on its own tick deletes them. With every note-on matched (see
+    the closing note-offs), the two differ only where notes of one pitch overlap or last
+    zero ticks, so only those pitches are replayed: a zero-tick pair from symusic is
+    exactly pretty_midi's deleting note-off, and otherwise a note-off closes every open
+    note (replaying note-offs before note-ons on one tick gives pretty_midi's result
+    whatever their order in the file). A deleting note-off on a tick where its key starts
+    other notes deletes those before it in the file and not those after, an order symusic's
+    output does not keep.
     """
     key = part * 128 + pitch
     order = np.lexsort((start, key))
     start, end, pitch, vel, part, key = (a[order] for a in (start, end, pitch, vel, part, key))
     clash = end == start
+    same_onset = (key[1:] == key[:-1]) & (start[1:] == start[:-1])
+    if (same_onset & (clash[1:] | clash[:-1])).any():
+        return None  # a deleting note-off among note-ons of its tick: order unknown here
     overlap = (key[1:] == key[:-1]) & (start[1:] < end[:-1])
     clash[1:] |= overlap
     clash[:-1] |= overlap
@@ -185,28 +302,36 @@ def _repair_pairing(start, end, pitch, vel, part):
     return tuple(np.concatenate([o[i] for o in out]) for i in range(5))
 
 
-def _read_symusic(data: bytes, name: str) -> NoteData | None:
-    """Fast path. Returns None when the channel markers do not resolve (use mido)."""
-    tagged, tpq, all_tagged = _tag_tracks(data, name)
-    if not all_tagged:
+def _read_symusic(data: bytes, name: str, max_seconds: float) -> NoteData | None:
+    """Fast path. Returns None (use mido) when symusic cannot parse the file, the channel
+    markers do not resolve, a track's ticks reach symusic's 32-bit limit, or symusic's
+    pairing of note-offs cannot be turned into pretty_midi's."""
+    tagged, tpq, exact, tempos = _tag_tracks(data, name)
+    if not exact:
         return None
     try:
         score = symusic.Score.from_midi(tagged)
-    except Exception as exc:  # the parser's own message, on one line
-        msg = str(exc).strip() or type(exc).__name__
-        raise MidiError(f"{name}: unreadable MIDI ({msg})") from None
+    except Exception:  # mido is more lenient (it clips data bytes > 127): it decides
+        return None
     parts, channels, pedals = [], [], []
     for track in score.tracks:
         if track.note_num() == 1 and not track.controls:
-            continue  # only a marker: the channel is unused in this track
+            note = track.notes[0]  # a marker alone: the channel is unused in this track;
+            if note.velocity == 1 and note.duration == 0 and note.pitch < 16:
+                continue
+            return None  # one real note in a part without its marker (a program change)
         arr = track.notes.numpy()
         time, dur, pitch, vel = arr["time"], arr["duration"], arr["pitch"], arr["velocity"]
-        marker = (vel == 1) & (dur == 0) & (pitch < 16) & (time == time.max())
+        candidate = (vel == 1) & (dur == 0) & (pitch < 16)
+        end_tick = time[candidate].max(initial=-1)
+        marker = candidate & (time == end_tick)
         if marker.sum() != 1:
             return None
         channel = int(pitch[marker][0])
         if channel == DRUM_CHANNEL:
             continue
+        if (time + dur == end_tick + 1).any():
+            return None  # a note-on no note-off of the file matched
         real = ~marker
         t = time[real].astype(np.int64)
         part = np.full(real.sum(), len(channels))
@@ -218,14 +343,16 @@ def _read_symusic(data: bytes, name: str) -> NoteData | None:
             pedals.append((cc["time"][sus], np.full(sus.sum(), channel), cc["value"][sus]))
     notes = []
     if parts:
-        *note, part = _repair_pairing(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+        paired = _repair_pairing(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+        if paired is None:
+            return None
+        *note, part = paired
         notes.append((*note, np.array(channels)[part]))
-    tempo = score.tempos.numpy()
-    order = np.argsort(tempo["time"], kind="stable")
-    return _assemble(name, tpq, (tempo["time"][order], tempo["mspq"][order]), notes, pedals)
+    return _assemble(name, tpq, (tempos[:, 0], tempos[:, 1]), notes, pedals, max_seconds)
 
 
-def read_midi_mido(data: bytes, name: str = "<bytes>") -> NoteData:
+def read_midi_mido(data: bytes, name: str = "<bytes>",
+                   max_seconds: float = MAX_SECONDS) -> NoteData:
     """Exact, slow reader on mido; the fallback for files symusic cannot tag, and the
     reference the fast path is tested against.
 
@@ -269,12 +396,11 @@ def read_midi_mido(data: bytes, name: str = "<bytes>") -> NoteData:
     tempo_arr = np.array(tempos, dtype=np.int64).reshape(-1, 2)
     note_arr = np.array(notes, dtype=np.int64).reshape(-1, 5)
     pedal_arr = np.array(pedals, dtype=np.int64).reshape(-1, 3)
-    return _assemble(
-        name, mf.ticks_per_beat, (tempo_arr[:, 0], tempo_arr[:, 1]), [note_arr.T], [pedal_arr.T]
-    )
+    return _assemble(name, mf.ticks_per_beat, (tempo_arr[:, 0], tempo_arr[:, 1]), [note_arr.T],
+                     [pedal_arr.T], max_seconds)
 
 
-def from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> NoteData:
+def from_pretty_midi(pm: pretty_midi.PrettyMIDI, max_seconds: float = MAX_SECONDS) -> NoteData:
     """NoteData of a PrettyMIDI object.
 
     pretty_midi keeps no channels, so every non-drum instrument counts as one channel: all
@@ -297,16 +423,19 @@ def from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> NoteData:
     )
     if len(data) == 0 or not (data.velocity > 0).any():
         raise MidiError("<PrettyMIDI>: no notes (drum instruments are ignored)")
+    check_duration(data, "<PrettyMIDI>", max_seconds)
     return data
 
 
-def read_midi(source: MidiSource, name: str | None = None) -> NoteData:
+def read_midi(source: MidiSource, name: str | None = None,
+              max_seconds: float = MAX_SECONDS) -> NoteData:
     """Read a path, raw bytes or a PrettyMIDI object into NoteData.
 
-    Raises MidiError naming the file and the reason for anything unreadable or empty.
+    Raises MidiError naming the file and the reason for anything unreadable, empty, or
+    with events later than ``max_seconds``.
     """
     if isinstance(source, pretty_midi.PrettyMIDI):
-        return from_pretty_midi(source)
+        return from_pretty_midi(source, max_seconds)
     if isinstance(source, bytes | bytearray):
         data, name = bytes(source), name or "<bytes>"
     else:
@@ -317,5 +446,5 @@ def read_midi(source: MidiSource, name: str | None = None) -> NoteData:
             raise MidiError(f"{name}: cannot read file ({exc.strerror or exc})") from None
     if not data:
         raise MidiError(f"{name}: empty file")
-    fast = _read_symusic(data, name)
-    return fast if fast is not None else read_midi_mido(data, name)
+    fast = _read_symusic(data, name, max_seconds)
+    return fast if fast is not None else read_midi_mido(data, name, max_seconds)

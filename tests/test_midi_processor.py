@@ -4,9 +4,11 @@ real files read by both parsers, and bad input."""
 from __future__ import annotations
 
 import io
+import random
 import subprocess
 import sys
 import warnings
+from collections import Counter
 
 import mido
 import numpy as np
@@ -30,6 +32,7 @@ from midi_processor import (
     tokens_to_text,
 )
 from midi_processor.core import encode_notes
+from midi_processor.reader import read_midi
 from midi_processor.reference import reference_encode, reference_notes
 
 
@@ -252,9 +255,11 @@ def test_very_large_tick_values_are_read():
     data = midi_bytes([[on(20_000_000, 60), off(480, 60)]], tpq=480)
     with pytest.raises(ValueError):
         pretty_midi.PrettyMIDI(io.BytesIO(data))  # pretty_midi refuses ticks > 1e7
-    got = notes_of(decode_midi(encode_midi(data)))
-    start = round(20_000_000 / 960 * 100)  # 120 bpm, 480 ticks per quarter
+    got = notes_of(decode_midi(encode_midi(data, max_seconds=6 * 3600)))
+    start = round(20_000_000 / 960 * 100)  # 120 bpm, 480 ticks per quarter: 5.8 h
     assert got == [(start, start + 50, 60, 82)]
+    with pytest.raises(MidiError, match="implausibly long"):  # the default limit is 4 h
+        encode_midi(data)
 
 
 @pytest.mark.parametrize(
@@ -297,3 +302,101 @@ def test_public_import_in_a_fresh_interpreter():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --- limits: what symusic's 32-bit ticks and FIFO pairing would get wrong ------------------
+
+HUGE = 0x0FFFFFFF  # the largest delta time a MIDI file can hold (four bytes)
+
+
+def cc(delta, control=7, value=100, ch=0):
+    return (delta, "control_change", {"control": control, "value": value, "channel": ch})
+
+
+def same_as_mido(data: bytes, max_seconds: float = 4 * 3600) -> list[int] | str:
+    """encode_midi's tokens (or its MidiError) after checking they equal the exact mido
+    reader's."""
+    try:
+        fast = encode_midi(data, max_seconds=max_seconds)
+    except MidiError as err:
+        with pytest.raises(MidiError):
+            read_midi_mido(data, max_seconds=max_seconds)
+        return str(err)
+    assert fast == encode_notes(read_midi_mido(data, max_seconds=max_seconds)).tolist()
+    return fast
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 16, 17, 40])
+def test_huge_delta_times_never_wrap(count):
+    """count x 0x0FFFFFFF ticks before a note: 8 pass 2**31 (where symusic's int32 ticks
+    went negative: "negative dimensions"), 16 pass 2**32 (wrapped to a plausible onset)."""
+    track = [on(0, 60), off(100, 60), *[cc(HUGE) for _ in range(count)], on(0, 62), off(100, 62)]
+    data = midi_bytes([track])
+    assert "implausibly long" in same_as_mido(data)
+    late = read_midi(data, max_seconds=float("inf"))
+    assert late.onset.max() == pytest.approx((count * HUGE + 100) / 960)  # 120 bpm, 480 tpq
+
+
+def test_huge_delta_times_after_the_music_keep_the_music():
+    data = midi_bytes([[on(0, 60), off(480, 60), *[cc(HUGE) for _ in range(17)]]])
+    assert notes_of(decode_midi(same_as_mido(data))) == [(0, 50, 60, 82)]
+
+
+def test_a_part_with_one_note_keeps_it():
+    """A program change splits a track into two parts for symusic; the one with a single
+    note and no controls was taken for a marker and lost (2 notes instead of 3)."""
+    data = midi_bytes([[on(0, 60), off(100, 60),
+                        (0, "program_change", {"program": 5, "channel": 0}),
+                        on(0, 62), off(100, 62), on(0, 64), off(100, 64)]])
+    assert len(decode_midi(same_as_mido(data)).instruments[0].notes) == 3
+
+
+def test_one_note_off_closes_every_open_note_of_its_key():
+    """Three note-ons, one note-off: pretty_midi (and so the reference) ends all three;
+    symusic pairs one and silently drops the other two."""
+    data = midi_bytes([[on(0, 60), on(100, 60), on(100, 60), off(100, 60), on(0, 64),
+                        off(100, 64)]])
+    got = notes_of(decode_midi(same_as_mido(data)))
+    # all three end at the note-off, each cut where the next starts; then the 64
+    assert [n[:3] for n in got] == [(0, 10, 60), (10, 21, 60), (21, 31, 60), (31, 42, 64)]
+
+
+def test_note_off_deleting_notes_of_its_own_tick_keeps_later_ones():
+    """On, off, on on one tick: the note-off deletes only the note-on before it."""
+    data = midi_bytes([[on(0, 60, vel=40), off(0, 60), on(0, 60, vel=90), off(240, 60)]])
+    assert notes_of(decode_midi(same_as_mido(data))) == [(0, 25, 60, 90)]
+
+
+def test_tempo_events_on_one_tick_apply_in_track_order():
+    """A tempo event on the tick of another track's: the later track's wins, as a
+    sequencer merging the tracks plays it. symusic sorts its list of tempo events without
+    keeping that order on one tick once it holds more than a few (here 41)."""
+    changes = [(10, "set_tempo", {"tempo": 500_000 + i}) for i in range(40)]  # to tick 400
+    data = midi_bytes([[*changes[:20], on(0, 60), *changes[20:21], (0, "note_off",
+                        {"note": 60, "velocity": 0, "channel": 0}), *changes[21:]],
+                       [(200, "set_tempo", {"tempo": 2_000_000})]])
+    (start, end, _, _), = notes_of(decode_midi(same_as_mido(data)))
+    assert end - start == 4  # ticks 200-210 at 2 s per quarter: 41.7 ms, not 10.4
+
+
+def test_mutated_valid_files_read_exactly_as_the_reference(real_files):
+    """Valid files with odd contents (huge or zero deltas, unreleased, doubled and
+    re-channelled notes, pedal storms, extreme tempos, program changes): the fast reader
+    equals the exact mido reader on every one."""
+    from bench.fuzz_midi import _structured
+
+    rng = random.Random(7)
+    seeds = [f.read_bytes() for f in real_files]
+    for _ in range(60):
+        same_as_mido(_structured(rng.choice(seeds), rng))
+
+
+def test_fuzzed_files_raise_midi_error_and_nothing_else(real_files):
+    """A short run of bench/fuzz_midi.py's mutations (that script runs 3,000 with memory
+    and time limits): encode_midi returns tokens or raises MidiError, nothing else."""
+    from bench.fuzz_midi import mutations, outcome
+
+    seeds = [f.read_bytes() for f in real_files]
+    results = Counter(outcome(data) for _, data in mutations(seeds, 400, seed=11))
+    assert set(results) <= {"tokens", "MidiError"}, results
+    assert results["tokens"] > 40 and results["MidiError"] > 40  # both paths exercised
