@@ -13,7 +13,6 @@ TensorBoard logs in ``tb/``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from perceiver_music.cli import cpu_only, fail, parse_constants
+from perceiver_music.cli import (
+    cpu_only,
+    fail,
+    os_error_message,
+    parse_constants,
+    printable,
+    run_script,
+)
 
 DATA_DIR = "data"  # prep.py output: holds train/ and val/
 OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
@@ -115,25 +121,81 @@ def model_config(args):
         fail(str(exc))
 
 
-def save_last(accelerator, model, cfg, samplers_state, meta: dict, out_dir: Path) -> None:
-    """Write last/ atomically: build last.tmp/ on every process, then swap it in."""
-    from perceiver_music.checkpoint import save_checkpoint
+def exit_all(accelerator, code: int) -> None:
+    """Leave with ``code`` from every process. Several processes skip torch's gloo teardown,
+    which can deadlock at exit (see the end of main)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if accelerator.num_processes > 1:
+        os._exit(code)
+    raise SystemExit(code)
 
-    tmp, last, old = out_dir / "last.tmp", out_dir / "last", out_dir / "last.old"
-    if accelerator.is_main_process and tmp.exists():
+
+def fail_together(accelerator, problem: str | None) -> None:
+    """A collective check: when any process met a problem, the first such process prints
+    it as one ``error:`` line and every process exits, so that no process waits forever
+    for one that left."""
+    import torch
+
+    flags = accelerator.gather(torch.tensor([problem is not None], device=accelerator.device))
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        if accelerator.process_index == failed[0]:
+            print(f"error: {printable(problem)}", file=sys.stderr)
+        exit_all(accelerator, 1)
+
+
+def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_dir: Path) -> None:
+    """Write last/ atomically: every process writes its part of last.tmp/, then the main
+    process swaps it in. A ``last`` that is a symbolic link keeps pointing where it did.
+    Any process's failure (disk full...) removes last.tmp/ and stops every process."""
+    from perceiver_music.checkpoint import save_checkpoint, save_train_state
+
+    last = out_dir / "last"
+    last = last.resolve() if last.is_symlink() else last
+    tmp, old = last.with_name(last.name + ".tmp"), last.with_name(last.name + ".old")
+    main_proc, problem = accelerator.is_main_process, None
+    if main_proc and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    rank = accelerator.process_index
-    (tmp / "state" / f"data_{rank}.json").write_text(json.dumps(samplers_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(tmp, accelerator.unwrap_model(model), cfg, meta)
-        if last.exists():
-            last.rename(old)
-        tmp.rename(last)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    try:
+        save_train_state(tmp / "state", optimizer, accelerator.process_index, data_state,
+                         scaler=accelerator.scaler, shared=main_proc)
+        if main_proc:
+            save_checkpoint(tmp, accelerator.unwrap_model(model), cfg, meta)
+    except OSError as exc:
+        problem = os_error_message(exc, tmp)
+    try:
+        fail_together(accelerator, problem)
+        if main_proc:
+            if last.exists():
+                last.rename(old)
+            tmp.rename(last)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if main_proc:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of metrics.csv after ``step``: a run resumed from there logs them
+    again."""
+    from midi_processor import write_atomic
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [row for row in lines[1:] if int(row.split(",", 1)[0]) <= step]
+    if kept != lines:
+        write_atomic(path, "".join(kept).encode())
+
+
+def resume_meta(meta: dict, where: Path) -> tuple[int, float]:
+    """The step and best validation loss of the run being resumed, checked."""
+    step, best = meta.get("step"), meta.get("best_val_loss")
+    if type(step) is not int or step < 0:
+        fail(f"cannot resume: {where}: step {step!r} is not a step count")
+    if best is not None and (not isinstance(best, int | float) or not math.isfinite(best)):
+        fail(f"cannot resume: {where}: best_val_loss {best!r} is not a number")
+    return step, math.inf if best is None else float(best)
 
 
 def main() -> None:
@@ -156,7 +218,12 @@ def main() -> None:
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from perceiver_music.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from perceiver_music.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        load_train_state,
+        save_checkpoint,
+    )
     from perceiver_music.data import (
         DataError,
         WindowSampler,
@@ -175,6 +242,9 @@ def main() -> None:
             fail(f"cannot resume: {exc}")
         if not (out_dir / "last" / "state").is_dir():
             fail(f"cannot resume: {out_dir / 'last' / 'state'} is missing")
+        step, best = resume_meta(meta, out_dir / "last" / "config.json")
+        if step >= args.max_steps:
+            fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
     else:
         cfg = model_config(args)
     window = args.window or cfg.max_seq_len
@@ -206,19 +276,18 @@ def main() -> None:
     optimizer = make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    step, best = 0, math.inf
     if args.resume:
-        accelerator.load_state(str(out_dir / "last" / "state"))
-        data_state = out_dir / "last" / "state" / f"data_{accelerator.process_index}.json"
-        if not data_state.exists():
-            fail(
-                f"cannot resume: {data_state} is missing (was the run launched with a "
-                "different number of processes?)"
-            )
-        sampler.state = json.loads(data_state.read_text())
-        step, best = meta["step"], meta.get("best_val_loss") or math.inf
-        if step >= args.max_steps:
-            fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
+        problem = None
+        try:
+            sampler.state = load_train_state(out_dir / "last" / "state", optimizer,
+                                             accelerator.process_index, scaler=accelerator.scaler)
+        except CheckpointError as exc:
+            problem = f"cannot resume: {exc}"
+        except (TypeError, ValueError, KeyError) as exc:
+            problem = f"cannot resume: {out_dir / 'last' / 'state'}: bad data position ({exc})"
+        fail_together(accelerator, problem)
+    else:
+        step, best = 0, math.inf
 
     main_proc = accelerator.is_main_process
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
@@ -231,6 +300,8 @@ def main() -> None:
             writer = SummaryWriter(str(out_dir / "tb"))
         metrics_path = out_dir / "metrics.csv"
         new_csv = not (args.resume and metrics_path.exists())
+        if not new_csv:
+            trim_metrics(metrics_path, step)
         metrics = open(metrics_path, "w" if new_csv else "a", newline="")  # noqa: SIM115
         log = csv.writer(metrics)
         if new_csv:
@@ -243,12 +314,12 @@ def main() -> None:
             f"process(es) on {accelerator.device}"
         )
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signal": 0}
 
     def request_stop(signum, frame):  # finish the step, save last/, exit
         if stop["flag"]:
             raise KeyboardInterrupt
-        stop["flag"] = True
+        stop["flag"], stop["signal"] = True, signum
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -267,92 +338,91 @@ def main() -> None:
         * accelerator.num_processes
         * (window - cfg.cross_attn_seq_len)
     )
-    bar = tqdm(total=args.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True)
-    t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
-    while step < args.max_steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(args.grad_accum):
-            x, mask = sampler.sample(args.batch_size)
-            x, mask = x.to(accelerator.device), mask.to(accelerator.device)
-            last_micro = micro == args.grad_accum - 1
-            with nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
-                accelerator.backward(loss / args.grad_accum)
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        if args.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    with tqdm(total=args.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True) as bar:
+        t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
+        while step < args.max_steps:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                x, mask = sampler.sample(args.batch_size)
+                x, mask = x.to(accelerator.device), mask.to(accelerator.device)
+                last_micro = micro == args.grad_accum - 1
+                with nullcontext() if last_micro else accelerator.no_sync(model):
+                    loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
+                    accelerator.backward(loss / args.grad_accum)
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            if args.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % args.log_interval == 0 or step == args.max_steps:
-            elapsed = time.perf_counter() - t_log
-            tps = tokens_per_step * (loss_n / args.grad_accum) / elapsed
-            train_loss = loss_sum / loss_n
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-            if main_proc:
-                log.writerow(
-                    [
-                        step,
-                        f"{train_loss:.5f}",
-                        "",
-                        f"{lr:.3e}",
-                        f"{tps:.0f}",
-                        f"{time.time() - started:.1f}",
-                    ]
-                )
-                metrics.flush()
-                if writer:
-                    writer.add_scalar("loss/train", train_loss, step)
-                    writer.add_scalar("lr", lr, step)
-                    writer.add_scalar("tokens_per_s", tps, step)
-            t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-
-        if step % args.eval_interval == 0 or step == args.max_steps:
-            val_loss = evaluate(model, val, accelerator, args.batch_size)
-            improved = val_loss < best
-            best = min(best, val_loss)
-            if main_proc:
-                bar.write(
-                    f"step {step}: validation loss {val_loss:.4f} nats/token"
-                    + (" (best)" if improved else "")
-                )
-                log.writerow(
-                    [step, "", f"{val_loss:.5f}", f"{lr:.3e}", "", f"{time.time() - started:.1f}"]
-                )
-                metrics.flush()
-                if writer:
-                    writer.add_scalar("loss/val", val_loss, step)
-                if improved:
-                    save_checkpoint(
-                        out_dir / "best",
-                        accelerator.unwrap_model(model),
-                        cfg,
-                        checkpoint_meta(val_loss),
+            if step % args.log_interval == 0 or step == args.max_steps:
+                elapsed = time.perf_counter() - t_log
+                tps = tokens_per_step * (loss_n / args.grad_accum) / elapsed
+                train_loss = loss_sum / loss_n
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                if main_proc:
+                    log.writerow(
+                        [
+                            step,
+                            f"{train_loss:.5f}",
+                            "",
+                            f"{lr:.3e}",
+                            f"{tps:.0f}",
+                            f"{time.time() - started:.1f}",
+                        ]
                     )
-            accelerator.wait_for_everyone()
+                    metrics.flush()
+                    if writer:
+                        writer.add_scalar("loss/train", train_loss, step)
+                        writer.add_scalar("lr", lr, step)
+                        writer.add_scalar("tokens_per_s", tps, step)
+                t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
 
-        if args.max_minutes and time.time() - started > args.max_minutes * 60:
-            stop["flag"] = True
-        stop_now = (
-            accelerator.reduce(
-                torch.tensor(float(stop["flag"]), device=accelerator.device), reduction="sum"
-            ).item()
-            > 0
-        )
-        if step % args.save_interval == 0 or step == args.max_steps or stop_now:
-            save_last(accelerator, model, cfg, sampler.state, checkpoint_meta(val_loss), out_dir)
-        if stop_now:
-            if main_proc:
-                bar.write(
-                    f"stopped at step {step}; saved {out_dir / 'last'}. "
-                    f"Continue with: python train.py --out_dir {out_dir} --resume"
-                )
-            break
-    bar.close()
+            if step % args.eval_interval == 0 or step == args.max_steps:
+                val_loss = evaluate(model, val, accelerator, args.batch_size)
+                improved = val_loss < best
+                best = min(best, val_loss)
+                if main_proc:
+                    bar.write(
+                        f"step {step}: validation loss {val_loss:.4f} nats/token"
+                        + (" (best)" if improved else "")
+                    )
+                    elapsed_s = f"{time.time() - started:.1f}"
+                    log.writerow([step, "", f"{val_loss:.5f}", f"{lr:.3e}", "", elapsed_s])
+                    metrics.flush()
+                    if writer:
+                        writer.add_scalar("loss/val", val_loss, step)
+                    if improved:
+                        save_checkpoint(
+                            out_dir / "best",
+                            accelerator.unwrap_model(model),
+                            cfg,
+                            checkpoint_meta(val_loss),
+                        )
+                accelerator.wait_for_everyone()
+
+            if args.max_minutes and time.time() - started > args.max_minutes * 60:
+                stop["flag"] = True
+            stop_now = (
+                accelerator.reduce(
+                    torch.tensor(float(stop["flag"]), device=accelerator.device), reduction="sum"
+                ).item()
+                > 0
+            )
+            if step % args.save_interval == 0 or step == args.max_steps or stop_now:
+                save_last(accelerator, model, optimizer, cfg, sampler.state,
+                          checkpoint_meta(val_loss), out_dir)
+            if stop_now:
+                if main_proc:
+                    bar.write(
+                        f"stopped at step {step}; saved {out_dir / 'last'}. "
+                        f"Continue with: python train.py --out_dir {out_dir} --resume"
+                    )
+                break
 
     if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it cheaply
         flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
@@ -373,14 +443,16 @@ def main() -> None:
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.num_processes > 1:
-        # Freeing the DDP reducer destroys torch's gloo process group, which joins a worker
-        # thread that may be waiting for the GIL to free a finished collective: a deadlock
-        # seen here at exit. Everything is saved and flushed, so skip that teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    # Stopped by Ctrl-C or SIGTERM: the shell's status for that signal (130, 143), after
+    # saving. Several processes: freeing the DDP reducer destroys torch's gloo process
+    # group, which joins a worker thread that may be waiting for the GIL to free a finished
+    # collective (a deadlock seen here at exit); everything is saved and flushed, so
+    # exit_all skips that teardown.
+    code = 128 + stop["signal"] if stop["signal"] else 0
+    if code or accelerator.num_processes > 1:
+        exit_all(accelerator, code)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "interrupted before the run could save (last/, if any, holds the latest "
+                     "save; continue with --resume)")

@@ -10,22 +10,20 @@ loads into a bare model; safetensors stores only tensors, so loading runs no cod
 ``load_checkpoint`` also reads accelerate ``save_state`` folders and the original scripts'
 ``.pth`` files (``{'state_dict': ...}``, with or without optimizer state). Their hyper-
 parameters are inferred from the tensor shapes; what shapes cannot tell (heads, prefix
-length) comes from the caller. Pickles are read only through ``RestrictedUnpickler``:
-tensors, storages, dtypes and ordered dicts load, any other global is refused by name.
-Tensors saved on an XLA device (TPU) are rebuilt on the CPU, without torch_xla.
+length) comes from the caller. Their pickles are read only through
+`perceiver_music.safe_pickle` (no code from a file ever runs; TorchScript and tar archives
+are refused). Tensors saved on an XLA device (TPU) are rebuilt on the CPU, without
+torch_xla. Every loader checks the config's bounds and the tensors' shapes, dtypes and
+values before it allocates the model.
 """
 
 from __future__ import annotations
 
-import codecs
-import collections
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
-import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,125 +35,73 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from midi_processor import default_permissions
 from midi_processor.vocab import VOCAB_VERSION
 
-from .config import ModelConfig
+from .config import MAX_PARAMETERS, ModelConfig
 from .model import build_model
+from .safe_pickle import TorchFileError, UnsafePickleError, read_torch_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 ORIGINAL_HEADS = 8  # the original scripts' defaults for what tensor shapes cannot tell
 ORIGINAL_PREFIX = 1024
-
-
-def default_permissions(path: Path) -> None:
-    """Give a file or folder made through a private temporary name the permissions a plain
-    ``open``/``mkdir`` would have given it under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 @contextmanager
 def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     """A private temporary folder beside ``dest`` to fill; when the block ends normally
     it gets the usual permissions and becomes ``dest`` (replacing an existing one only if
-    ``replace``), and on any error or exit it is removed, so ``dest`` is never partial."""
+    ``replace``), and on any error or exit it is removed, so ``dest`` is never partial.
+    A ``dest`` that is a symbolic link keeps its link: the folder it points to is replaced.
+    """
     dest = Path(dest)
+    if dest.is_symlink():
+        dest = dest.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = dest.parent / f".{dest.name}.{os.getpid()}.old"
     try:
         yield tmp
         default_permissions(tmp)
         if replace and dest.exists():
-            shutil.rmtree(dest)
+            dest.rename(old)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class CheckpointError(Exception):
     """A checkpoint could not be read: the message names the path and the problem."""
 
 
-def _tensor_from_device_payload(data, dtype, device, requires_grad):
-    """Rebuild a tensor that was saved on another device (e.g. ``xla:0``) on the CPU."""
-    t = data if isinstance(data, Tensor) else torch.from_numpy(data.copy())
-    return t.to(dtype).requires_grad_(requires_grad)
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): collections.OrderedDict}
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                 "_rebuild_parameter", "_rebuild_parameter_with_state"):
-        allowed[("torch._utils", name)] = getattr(torch._utils, name)
-    for name in ("_rebuild_device_tensor_from_numpy", "_rebuild_xla_tensor",
-                 "_rebuild_device_tensor_from_cpu_tensor"):
-        allowed[("torch._utils", name)] = _tensor_from_device_payload
-    allowed[("torch", "Size")] = torch.Size
-    allowed[("torch", "device")] = torch.device
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
-    # numpy arrays appear only as the payload of device tensors (XLA saves).
-    import numpy
-
+def write_safetensors(tensors: Mapping[str, Tensor], path: Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk...) become the
+    OSError they are, so that every script reports them as it reports any other."""
     try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = _reconstruct
-    allowed[("numpy", "ndarray")] = numpy.ndarray
-    allowed[("numpy", "dtype")] = numpy.dtype
-    allowed[("_codecs", "encode")] = codecs.encode  # how protocol 2 pickles array bytes
-    return allowed
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allow-list."""
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """The project's only way to read a pickle: globals come from an allow-list.
-
-    ``allow`` maps (module, name) to the object to use; the default allows what a torch
-    checkpoint needs (storages are resolved by torch itself). Pass ``allow={}`` to refuse
-    every global, as token files need none. Anything else raises UnpicklingError naming it.
-    """
-
-    def __init__(self, file, *, allow: Mapping[tuple[str, str], Any] | None = None, **kwargs):
-        super().__init__(file, **kwargs)
-        self.allow = _allowed_globals() if allow is None else allow
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.allow:
-            return self.allow[(module, name)]
-        if module.startswith("numpy.dtypes") and name.endswith("DType"):
-            import numpy
-
-            return getattr(numpy.dtypes, name)
-        raise UnsafePickleError(f"refuses global {module}.{name} (not a tensor, storage, "
-                                "dtype or ordered dict)")
-
-
-# torch.load takes a pickle *module*; this one has the restricted Unpickler.
-_restricted_pickle = types.SimpleNamespace(
-    Unpickler=RestrictedUnpickler, load=pickle.load, loads=pickle.loads,
-    UnpicklingError=pickle.UnpicklingError, __name__="restricted_pickle")
-
-
-def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` of ``path`` through RestrictedUnpickler, everything on the CPU."""
+def read_torch_checkpoint(path: Path) -> Any:
+    """A ``torch.save`` file read with `read_torch_file` (no code from it runs), on the
+    CPU; CheckpointError naming ``path`` for anything refused or unreadable."""
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle,
-                          weights_only=False)
+        return read_torch_file(path)
     except UnsafePickleError as err:
         raise CheckpointError(f"{path}: unsafe pickle, {err}") from None
-    except Exception as err:  # truncated zip, not a torch file, ...
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
+    except TorchFileError as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def save_checkpoint(
@@ -166,9 +112,10 @@ def save_checkpoint(
 ) -> Path:
     """Write ``model`` (bare, DDP- or compile-wrapped) and ``cfg`` to ``directory``.
 
-    ``extra`` entries (JSON-serialisable) go to the top level of config.json. Each file is
-    written under a temporary name and renamed into place, so an interrupted save never
-    leaves a truncated file under the real name. Returns the directory.
+    ``extra`` entries (JSON-serialisable) go to the top level of config.json. Both files are
+    written under temporary names and renamed into place only once both are complete, so
+    an interrupted or failed save leaves the previous pair (or no folder) behind, never a
+    truncated file. Returns the directory.
     """
     directory = Path(directory)
     extra = dict(extra or {})
@@ -180,16 +127,21 @@ def save_checkpoint(
     state = {key: tensor.detach().to("cpu").contiguous()
              for key, tensor in strip_prefixes(model.state_dict()).items()}
 
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     tmp_weights = directory / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
     tmp_config = directory / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     try:
-        save_file(state, str(tmp_weights), metadata={"vocab_version": cfg.vocab_version})
+        write_safetensors(state, tmp_weights, metadata={"vocab_version": cfg.vocab_version})
         tmp_config.write_text(config_text, encoding="utf-8")
-        for tmp in (tmp_weights, tmp_config, directory):
+        for tmp in (tmp_weights, tmp_config):
             default_permissions(tmp)
         os.replace(tmp_weights, directory / WEIGHTS_NAME)
         os.replace(tmp_config, directory / CONFIG_NAME)
+    except BaseException:
+        if created:  # a failed first save leaves no empty folder behind
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
     finally:
         tmp_weights.unlink(missing_ok=True)
         tmp_config.unlink(missing_ok=True)
@@ -202,6 +154,7 @@ def load_checkpoint(
     *,
     heads: int | None = None,
     prefix: int | None = None,
+    max_parameters: int = MAX_PARAMETERS,
 ) -> tuple[PerceiverAR, ModelConfig, dict[str, Any]]:
     """Read any checkpoint: (model in eval mode on ``map_location``, config, meta).
 
@@ -210,7 +163,11 @@ def load_checkpoint(
     ``last/state``, or is inferred), or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``
     file of the original scripts (inferred). When inferring, ``heads`` and ``prefix``
     (default: the original scripts' 8 and 1024) supply what shapes cannot tell. ``meta``
-    holds config.json's other entries, or ``{"source": ..., "inferred": True}``. Raises
+    holds config.json's other entries, or ``{"source": ..., "inferred": True}``.
+
+    A checkpoint is untrusted input: no pickle is read but through the restricted
+    unpickler, and nothing is allocated before the config passed its bounds, the parameter
+    count ``max_parameters`` and every tensor its shape, dtype and finiteness checks. Raises
     CheckpointError naming the path and the problem for anything unreadable or unsafe.
     """
     path = Path(path)
@@ -232,14 +189,30 @@ def load_checkpoint(
         if path.suffix == ".safetensors":
             state = _read_weights(path)
         else:
-            state = _state_dict_of(safe_torch_load(path), path)
+            state = _state_dict_of(read_torch_checkpoint(path), path)
         cfg = infer_config(state, path, heads=heads, prefix=prefix)
         meta = {"source": f"{path.suffix} file", "inferred": True}
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory or file (it does not "
                               "exist)")
+    _check_weights(state, cfg, path, max_parameters)
     model = build_model(cfg)
-    expected = model.state_dict()
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(map_location).eval(), cfg, meta
+
+
+def _check_weights(state: Mapping[str, Tensor], cfg: ModelConfig, path: Path,
+                   max_parameters: int) -> None:
+    """Refuse weights that do not fit ``cfg``, before the model is allocated: the config's
+    shapes come from a model on the meta device (no memory), the parameter budget bounds
+    what a config.json can make us allocate, and every tensor must be floating point and
+    finite (an integer tensor would be silently cast, a NaN poisons every output)."""
+    with torch.device("meta"):
+        expected = build_model(cfg).state_dict()
+    count = sum(t.numel() for t in expected.values())
+    if count > max_parameters:
+        raise CheckpointError(f"{path}: the model config describes {count:,} parameters, over "
+                              f"the budget of {max_parameters:,}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -247,13 +220,16 @@ def load_checkpoint(
             f"{path}: weights do not match the model config: "
             f"missing {_some(missing)}; unexpected {_some(unexpected)}")
     for key, reference in expected.items():
-        if state[key].shape != reference.shape:
+        tensor = state[key]
+        if tensor.shape != reference.shape:
             raise CheckpointError(
-                f"{path}: tensor {key} has shape {tuple(state[key].shape)} but the model "
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the model "
                 f"config needs {tuple(reference.shape)}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state.items()})
-    return model.to(map_location).eval(), cfg, meta
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}; weights "
+                                  "must be floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
 
 
 def infer_config(
@@ -314,7 +290,7 @@ def _read_state_folder(path: Path) -> dict[str, Tensor]:
     if (path / WEIGHTS_NAME).is_file():
         return _read_weights(path / WEIGHTS_NAME)
     if (path / "pytorch_model.bin").is_file():
-        return _state_dict_of(safe_torch_load(path / "pytorch_model.bin"), path)
+        return _state_dict_of(read_torch_checkpoint(path / "pytorch_model.bin"), path)
     raise CheckpointError(f"{path}: accelerate state folder without model weights "
                           f"({WEIGHTS_NAME} or pytorch_model.bin)")
 
@@ -335,9 +311,14 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: missing (a checkpoint needs {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME})")
     try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes is too large for "
+                                  "a config")
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, absurd nesting
+        raise CheckpointError(f"{path}: not valid JSON: {_first_line(err)}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise CheckpointError(f"{path}: expected an object with a \"model\" object")
     meta = {key: value for key, value in data.items() if key != "model"}
@@ -348,18 +329,24 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     try:
         cfg = ModelConfig.from_dict({"vocab_version": version, **data["model"]})
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: invalid model config: {err}") from err
+        raise CheckpointError(f"{path}: invalid model config: {_first_line(err)}") from None
     return cfg, meta
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
+def _read_weights(path: Path, strip: bool = True) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a checkpoint needs {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME})")
     try:
-        return strip_prefixes(load_file(str(path), device="cpu"))
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read safetensors weights: {err}") from err
+        raise CheckpointError(f"{path}: cannot read safetensors: {_first_line(err)}") from None
+    return strip_prefixes(tensors) if strip else tensors
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def _some(keys: list[str], limit: int = 5) -> str:
@@ -367,3 +354,178 @@ def _some(keys: list[str], limit: int = 5) -> str:
         return "none"
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
+
+
+# ---------------------------------------------------------------------------------------
+# training state: what --resume needs besides the weights, in formats that hold no code
+
+
+OPTIMIZER_NAME = "optimizer"  # optimizer.safetensors + optimizer.json
+
+
+def save_train_state(folder: str | os.PathLike[str], optimizer: torch.optim.Optimizer,
+                     rank: int, data_state: Any, *, scaler: Any = None,
+                     shared: bool = True) -> None:
+    """Write what a resumed run needs besides the weights into ``folder``, without pickle.
+
+    ``shared`` (the main process): the optimizer state (tensors in
+    ``optimizer.safetensors``, the rest in ``optimizer.json``) and the fp16 grad scaler's
+    state (``scaler.json``). Every process: ``process_<rank>.safetensors`` (torch's CPU and
+    accelerator RNG states) and ``process_<rank>.json`` (Python's and numpy's RNG states and
+    ``data_state``, the JSON-serialisable data position).
+    """
+    import random
+
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if shared:
+        tensors, layout = {}, {"param_groups": None, "state": {}}
+        full = optimizer.state_dict()
+        layout["param_groups"] = full["param_groups"]
+        for index, entry in full["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, Tensor):
+                    tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+                else:
+                    layout["state"].setdefault(str(index), {})[key] = value
+        write_safetensors(tensors, folder / f"{OPTIMIZER_NAME}.safetensors")
+        (folder / f"{OPTIMIZER_NAME}.json").write_text(json.dumps(layout) + "\n")
+        if scaler is not None:
+            (folder / "scaler.json").write_text(json.dumps(scaler.state_dict()) + "\n")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    info = {"data": data_state, "python_random": random.getstate(),
+            "numpy_random": [name, keys.tolist(), pos, has_gauss, gauss]}
+    xm = _xla_model()
+    if xm is not None:
+        info["xla_rng"] = int(xm.get_rng_state())
+    write_safetensors(rng, folder / f"process_{rank}.safetensors")
+    (folder / f"process_{rank}.json").write_text(json.dumps(info) + "\n")
+
+
+def load_train_state(folder: str | os.PathLike[str], optimizer: torch.optim.Optimizer,
+                     rank: int, *, scaler: Any = None) -> Any:
+    """Restore what `save_train_state` wrote (or an accelerate ``save_state`` folder of an
+    earlier version, read through the restricted unpickler) into ``optimizer``,
+    ``scaler`` and the RNGs of this process; returns the data position. Raises
+    CheckpointError naming the file for anything missing, unreadable or inconsistent,
+    RNG states included: a resumed run that silently drew other random numbers would not
+    be the run it continues."""
+    folder = Path(folder)
+    if (folder / f"{OPTIMIZER_NAME}.safetensors").is_file():
+        return _load_own_state(folder, optimizer, rank, scaler)
+    if (folder / "optimizer.bin").is_file():
+        return _load_accelerate_state(folder, optimizer, rank, scaler)
+    raise CheckpointError(f"{folder}: no training state ({OPTIMIZER_NAME}.safetensors)")
+
+
+def _load_own_state(folder: Path, optimizer: torch.optim.Optimizer, rank: int,
+                    scaler: Any) -> Any:
+    layout = _read_json(folder / f"{OPTIMIZER_NAME}.json")
+    tensors = _read_weights(folder / f"{OPTIMIZER_NAME}.safetensors", strip=False)
+    state: dict[int, dict[str, Any]] = {}
+    try:
+        for name, tensor in tensors.items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = tensor
+        for index, entry in layout["state"].items():
+            state.setdefault(int(index), {}).update(entry)
+        _restore(folder / f"{OPTIMIZER_NAME}.json", optimizer.load_state_dict,
+                 {"state": state, "param_groups": layout["param_groups"]})
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{folder / OPTIMIZER_NAME}.*: not an optimizer state "
+                              f"({_first_line(err)})") from None
+    if scaler is not None:
+        _restore(folder / "scaler.json", scaler.load_state_dict,
+                 _read_json(folder / "scaler.json"))
+    info = _read_json(folder / f"process_{rank}.json")
+    rng = _read_weights(folder / f"process_{rank}.safetensors", strip=False)
+    try:
+        numpy_state = info["numpy_random"]
+        _set_rng(folder / f"process_{rank}.*", {
+            "python": (info["python_random"][0], tuple(info["python_random"][1]),
+                       info["python_random"][2]),
+            "numpy": (numpy_state[0], numpy_state[1], *numpy_state[2:]),
+            "torch": rng["torch_cpu"],
+            "cuda": [rng[k] for k in sorted(rng) if k.startswith("cuda_")],
+            "xla": info.get("xla_rng")})
+        return info["data"]
+    except (KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{folder / f'process_{rank}'}.*: incomplete process state "
+                              f"({_first_line(err)})") from None
+
+
+def _load_accelerate_state(folder: Path, optimizer: torch.optim.Optimizer, rank: int,
+                           scaler: Any) -> Any:
+    """An accelerate ``save_state`` folder (this toolkit before it wrote its own format)."""
+    _restore(folder / "optimizer.bin", optimizer.load_state_dict,
+             read_torch_checkpoint(folder / "optimizer.bin"))
+    if scaler is not None and (folder / "scaler.pt").is_file():
+        _restore(folder / "scaler.pt", scaler.load_state_dict,
+                 read_torch_checkpoint(folder / "scaler.pt"))
+    path = folder / f"random_states_{rank}.pkl"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (was the run launched with a different number "
+                              "of processes?)")
+    states = read_torch_checkpoint(path)
+    try:
+        _set_rng(path, {"python": states["random_state"], "numpy": states["numpy_random_seed"],
+                        "torch": states["torch_manual_seed"],
+                        "cuda": states.get("torch_cuda_manual_seed", []),
+                        "xla": states.get("xm_seed")})
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: incomplete RNG state ({_first_line(err)})") from None
+    return _read_json(folder / f"data_{rank}.json")
+
+
+def _set_rng(path: Path, states: dict[str, Any]) -> None:
+    """Set Python's, numpy's, torch's (and the accelerator's) RNGs; CheckpointError if any
+    state is malformed."""
+    import random
+
+    import numpy as np
+
+    try:
+        random.setstate(states["python"])
+        name, keys, *rest = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+        xm = _xla_model()
+        if xm is not None and states["xla"] is not None:
+            xm.set_rng_state(int(states["xla"]))
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as err:
+        raise CheckpointError(f"{path}: corrupt RNG state ({_first_line(err)})") from None
+
+
+def _restore(path: Path, load: Any, state: Any) -> None:
+    try:
+        load(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"{path}: does not fit this run ({_first_line(err)})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > 64 * _MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: implausibly large")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (was the run launched with a different "
+                              "number of processes?)") from None
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(err)})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _xla_model() -> Any:
+    """torch_xla's xla_model module when torch_xla is in use (never imported here)."""
+    import sys
+
+    return sys.modules.get("torch_xla.core.xla_model")

@@ -9,8 +9,11 @@ This module imports no torch, so scripts that need none start fast.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 _CONSTANT = re.compile(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=\s*(.+?)\s*(?:#\s*(.*))?$")
@@ -73,7 +76,58 @@ def cpu_only(requested: bool) -> bool:
     )
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print one clear line to stderr and exit: the scripts' way to refuse bad input."""
-    print(f"error: {message}", file=sys.stderr)
+def launched_rank() -> int:
+    """This process's rank under ``accelerate launch`` / torchrun (0 when run directly)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def fail(message: str, code: int = 1, every_rank: bool = False) -> None:
+    """Print one clear line to stderr and exit: the scripts' way to refuse bad input.
+
+    Under a launcher only rank 0 prints, so that a problem every process meets (a bad
+    setting, a missing file) is reported once, not once per process; ``every_rank`` is for
+    problems one process may meet alone.
+    """
+    if every_rank or launched_rank() == 0:
+        print(f"error: {printable(message)}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as U+FFFD, so
+    that printing a name from any file system never fails."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str:
+    """One line for a failed file operation: the file (the error's own, else ``path``),
+    the system's reason, and what to do for a full disk or a read-only place."""
+    name = err.filename if err.filename is not None else path
+    where = f"{name}: " if name is not None else ""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space, or write elsewhere)"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += " (choose a folder you can write to)"
+    return f"{where}{reason}"
+
+
+def run_script(main: Callable[[], object], interrupted: str = "interrupted (Ctrl-C)") -> None:
+    """Run a script's ``main`` so that whatever happens ends in one ``error:`` line, never
+    a traceback: Ctrl-C exits with status 130 and the ``interrupted`` line, a failed file
+    operation (disk full, read-only folder...) and running out of memory with status 1.
+    ``main`` removes its own temporary files on the way out (its ``finally`` blocks run
+    before this reports)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the progress bar's line
+        fail(interrupted, 130)
+    except OSError as err:
+        fail(os_error_message(err), every_rank=True)
+    except MemoryError:
+        fail("out of memory: try smaller settings (batch size, samples, lengths)",
+             every_rank=True)

@@ -13,6 +13,15 @@ from typing import Any
 
 from midi_processor.vocab import VOCAB_SIZE, VOCAB_VERSION
 
+# Upper bounds of every size, far above any model this toolkit trains (the largest preset
+# has dim 1024 and a 16,384-token context), so that a config.json from anywhere is refused
+# before it can allocate gigabytes. The parameter budget is checked where models are built
+# from files (`perceiver_music.checkpoint.load_checkpoint`).
+MAX_SIZES = {"dim": 16384, "depth": 256, "max_seq_len": 1 << 20, "heads": 256,
+             "dim_head": 1024, "perceive_depth": 64, "perceive_max_heads_process": 256}
+MAX_FF_MULT = 64.0
+MAX_PARAMETERS = 2_000_000_000
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -44,6 +53,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, limit in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > limit:
+                raise ValueError(f"{name} {value} exceeds the limit {limit}")
         if isinstance(self.cross_attn_seq_len, bool) or not isinstance(
             self.cross_attn_seq_len, int
         ):
@@ -68,10 +81,13 @@ class ModelConfig:
                              f"dimensions of each head), got {self.dim_head!r}")
         for name in ("dropout", "cross_attn_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0.0 <= value < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.ff_mult, (int, float)) or int(self.dim * self.ff_mult) < 1:
-            raise ValueError(f"ff_mult must be a positive number, got {self.ff_mult!r}")
+        if isinstance(self.ff_mult, bool) or not isinstance(self.ff_mult, (int, float)) or not (
+                0 < self.ff_mult <= MAX_FF_MULT) or int(self.dim * self.ff_mult) < 1:
+            raise ValueError(f"ff_mult must be a number in (0, {MAX_FF_MULT:g}] giving at "
+                             f"least one hidden unit, got {self.ff_mult!r}")
         if self.vocab_version != VOCAB_VERSION:
             raise ValueError(
                 f"vocab_version {self.vocab_version!r} does not match this toolkit's "

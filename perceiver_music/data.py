@@ -23,7 +23,7 @@ import torch
 from midi_processor.augment import stretch_time, transpose
 from midi_processor.vocab import END, PAD, VOCAB_SIZE
 
-from .checkpoint import RestrictedUnpickler
+from .safe_pickle import RestrictedUnpickler
 
 
 class DataError(Exception):
@@ -38,10 +38,10 @@ def load_token_file(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a token pickle ({exc})") from None
     if not isinstance(obj, list | tuple) or not all(type(t) is int for t in obj):
         raise DataError(f"{path}: expected a list of ints, got {type(obj).__name__}")
-    tokens = np.asarray(obj, dtype=np.int64)
-    if len(tokens) and (tokens.min() < 0 or tokens.max() >= VOCAB_SIZE):
-        raise DataError(f"{path}: token ids outside 0..{VOCAB_SIZE - 1}")
-    return tokens
+    bad = next((t for t in obj if not 0 <= t < VOCAB_SIZE), None)
+    if bad is not None:
+        raise DataError(f"{path}: token id {str(bad)[:30]} is outside 0..{VOCAB_SIZE - 1}")
+    return np.asarray(obj, dtype=np.int64)
 
 
 @dataclass

@@ -47,3 +47,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def without_root_privileges() -> None:
+    """``preexec_fn`` that makes a child process obey file permissions even as root (CI
+    runs as root): drop the capabilities that bypass them from its bounding set, which
+    becomes its permitted set at exec."""
+    import ctypes
+    import os
+
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def file_size_limit(limit: int):
+    """``preexec_fn`` that lets the child write no file beyond ``limit`` bytes: writes then
+    fail with EFBIG, as on a full disk (Python ignores the SIGXFSZ that comes with it)."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply

@@ -121,9 +121,10 @@ def test_malicious_or_malformed_pickles_are_refused(tmp_path):
     with pytest.raises(DataError, match="list of ints"):
         load_token_file(arr)
     ids = tmp_path / "ids.pickle"
-    ids.write_bytes(pickle.dumps([1, 2, 999]))
-    with pytest.raises(DataError, match="outside"):
-        load_token_file(ids)
+    for huge in (999, -1, 2**70):  # 2**70 overflowed numpy's int64 with a traceback
+        ids.write_bytes(pickle.dumps([1, 2, huge]))
+        with pytest.raises(DataError, match="outside"):
+            load_token_file(ids)
     with pytest.raises(DataError, match="no such data folder"):
         load_split(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import file_size_limit, free_port, without_root_privileges
 from safetensors.numpy import load_file
 
 from midi_processor import encode_midi
@@ -65,6 +65,12 @@ def unigram_entropy(folder: Path) -> float:
     p = np.bincount(tokens) / len(tokens)
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
+
+
+def metric_rows(run_dir: Path) -> list[tuple[str, bool]]:
+    """(step, is a validation row) of every row of a run's metrics.csv."""
+    rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+    return [(row.split(",")[0], bool(row.split(",")[2])) for row in rows]
 
 
 def weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -150,9 +156,12 @@ def test_resume_after_kill_is_bitwise_equal_to_an_uninterrupted_run(data_dir, tm
     a, b = weights(full), weights(cut)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # metrics.csv holds each step's rows once, as the uninterrupted run's does
+    assert metric_rows(cut) == metric_rows(full)
 
 
-def test_sigterm_saves_last_and_says_how_to_resume(data_dir, tmp_path):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_last_and_says_how_to_resume(data_dir, tmp_path, sig, code):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -179,10 +188,11 @@ def test_sigterm_saves_last_and_says_how_to_resume(data_dir, tmp_path):
     while time.time() < deadline and not (out / "metrics.csv").exists():
         time.sleep(0.05)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, text
+    assert proc.returncode == code, text  # the shell's status for the signal, after saving
     assert "--resume" in text and (out / "last" / "state").is_dir()
+    assert "Traceback" not in text and not list(out.glob("last.*"))
 
 
 def test_max_minutes_stops_and_saves_last(data_dir, tmp_path):
@@ -205,7 +215,7 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
     assert "weights identical across 2 processes: True" in r.stdout
-    assert (out / "last" / "state" / "data_1.json").exists()
+    assert (out / "last" / "state" / "process_1.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -233,3 +243,65 @@ def test_empty_split_is_refused(tmp_path):
     r = run(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "x"), *TINY])
     assert r.returncode != 0 and "no .pickle token files" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_symlinked_last_is_resumed_and_stays_a_link(data_dir, tmp_path):
+    common = ["--data_dir", str(data_dir), *TINY, "--max_steps", "8", "--save_interval", "4",
+              "--eval_interval", "4"]
+    out, elsewhere = tmp_path / "run", tmp_path / "big_disk"
+    assert run([*common, "--out_dir", str(out), "--max_steps", "4"]).returncode == 0
+    (out / "last").rename(elsewhere)
+    (out / "last").symlink_to(elsewhere, target_is_directory=True)
+    r = run([*common, "--out_dir", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "last").is_symlink() and '"step": 8' in (elsewhere / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big_disk", "run"]
+
+
+@pytest.mark.parametrize("problem", ["read-only", "disk full"])
+def test_output_problems_are_one_line_and_leave_no_temporaries(data_dir, tmp_path, problem):
+    out = tmp_path / "run"
+    out.mkdir()
+    if problem == "read-only":
+        out.chmod(0o555)
+        preexec, message = without_root_privileges, "Permission denied"
+    else:
+        preexec, message = file_size_limit(200_000), "File too large"
+    args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
+            "--save_interval", "2", "--eval_interval", "2"]
+    r = run(args, preexec_fn=preexec)
+    out.chmod(0o755)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, r.stderr
+    assert not list(out.glob("last*")) and not list(out.glob(".*"))
+
+
+def launch_two(*args: str) -> subprocess.CompletedProcess:
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+    launch += f"--dynamo_backend no --main_process_port {free_port()}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "train.py",
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_report_a_problem_once_and_never_hang(data_dir, tmp_path):
+    """A bad setting both processes meet is one line, not two; a problem one process
+    meets alone (its resume state is missing) stops both instead of leaving one waiting.
+    (accelerate's launcher then adds its own report of the failed command.)"""
+    r = launch_two("--data_dir", str(data_dir), "--out_dir", str(tmp_path / "x"), *TINY,
+                   "--batch_size", "0")
+    assert r.returncode != 0
+    assert r.stderr.count("error: --batch_size must be at least 1") == 1, r.stderr
+
+    out = tmp_path / "run"
+    common = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
+              "--save_interval", "2", "--eval_interval", "2"]
+    assert launch_two(*common).returncode == 0
+    for f in (out / "last" / "state").glob("process_1.*"):
+        f.unlink()
+    r = launch_two(*common, "--max_steps", "6", "--resume")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "process_1.json: missing" in lines[0], r.stderr
