@@ -15,7 +15,6 @@ the conversion fails, leaving nothing behind, if they differ by more than 1e-5.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 TOLERANCE = 1e-5
@@ -80,4 +79,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perceiver_music.cli import run_script
+
+    run_script(main, "interrupted: nothing was written")

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from perceiver_music.cli import cpu_only, fail, parse_constants
+from perceiver_music.cli import cpu_only, fail, os_error_message, parse_constants, run_script
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
 PRIMER = "samples/primers/mz_570_3_opening.mid"  # primer MIDI file ('' = from scratch)
@@ -164,11 +164,30 @@ def render_audio(midi: Path, wav: Path, soundfont: str) -> str | None:
     return None
 
 
+def output_folder(args) -> Path:
+    """The run folder to write, checked before any work: it must not exist yet, and its
+    parent must be a folder this user can write to (so that no generation is lost)."""
+    import tempfile
+
+    name = args.name or f"{Path(args.primer).stem or 'scratch'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    final = Path(args.out_dir) / name
+    if final.exists():
+        fail(f"{final} already exists: choose another --name")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=final.parent):
+            pass
+    except OSError as exc:
+        fail(f"cannot write the output: {os_error_message(exc)}")
+    return final
+
+
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
     check_settings(args)
     primer = primer_tokens(args)
+    final = output_folder(args)
 
     from accelerate import PartialState
     from tqdm import tqdm
@@ -199,33 +218,28 @@ def main() -> None:
             min_p=args.min_p or None,
             greedy=args.greedy,
         )
-    bar = tqdm(total=args.new_tokens, unit="tok", dynamic_ncols=True)
+    with tqdm(total=args.new_tokens, unit="tok", dynamic_ncols=True) as bar:
 
-    def on_step(info) -> None:
-        bar.update(1)
-        bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
+        def on_step(info) -> None:
+            bar.update(1)
+            bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
-    t1 = time.perf_counter()
-    result = generate(
-        model,
-        primer,
-        max_new_tokens=args.new_tokens,
-        num_samples=args.num_samples,
-        sampling=sampling,
-        num_beams=args.beams,
-        max_seconds=args.seconds or None,
-        stop_on_end=args.stop_at_end,
-        stride=args.stride or None,
-        seed=None if args.seed < 0 else args.seed,
-        on_step=on_step,
-    )
-    gen_s = time.perf_counter() - t1
-    bar.close()
+        t1 = time.perf_counter()
+        result = generate(
+            model,
+            primer,
+            max_new_tokens=args.new_tokens,
+            num_samples=args.num_samples,
+            sampling=sampling,
+            num_beams=args.beams,
+            max_seconds=args.seconds or None,
+            stop_on_end=args.stop_at_end,
+            stride=args.stride or None,
+            seed=None if args.seed < 0 else args.seed,
+            on_step=on_step,
+        )
+        gen_s = time.perf_counter() - t1
 
-    name = args.name or f"{Path(args.primer).stem or 'scratch'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    final = Path(args.out_dir) / name
-    if final.exists():
-        fail(f"{final} already exists: choose another --name")
     with atomic_folder(final) as tmp:
         primer_notes = len(decode_midi(primer, tmp / "primer.mid").instruments[0].notes)
         boundary = piece_seconds(primer)
@@ -284,4 +298,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "interrupted: nothing was written")

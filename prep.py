@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +40,7 @@ from midi_processor import (
     write_atomic,
 )
 from midi_processor.core import encode_notes
-from perceiver_music.cli import fail, parse_constants
+from perceiver_music.cli import fail, os_error_message, parse_constants, printable, run_script
 
 INPUT = "maestro-v3.0.0"  # input folder: MAESTRO v3 (with its CSV or JSON) or any MIDI folder
 OUTPUT = "data"  # output folder: train/, val/, test/ pickles and manifest.jsonl
@@ -56,6 +55,11 @@ _MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
 _LISTINGS = ("maestro-v3.0.0.csv", "maestro-v3.0.0.json")
 _MANIFEST = "manifest.jsonl"
 _FAILURES_SHOWN = 10
+_MAX_NAME_BYTES = 200  # + ".NAME.xxxxxxxx.tmp" while writing stays under 255
+
+
+class OutputError(Exception):
+    """Writing to the output folder failed (disk full, read-only...): stops the run."""
 
 
 class Job(NamedTuple):
@@ -93,7 +97,7 @@ def maestro_splits(root: Path) -> dict[str, str] | None:
 def hash_split(path: str, val_share: float, test_share: float) -> str:
     """Split of a file outside MAESTRO, from a hash of its relative path: stable across runs
     and machines, and raising a share only moves files out of train."""
-    u = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") / 2**64
+    u = int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") / 2**64
     return "test" if u < test_share else "val" if u < test_share + val_share else "train"
 
 
@@ -109,12 +113,17 @@ def find_sources(root: Path, val_share: float, test_share: float) -> dict[str, s
 
 def output_names(paths: Iterable[str]) -> dict[str, str]:
     """A unique pickle name per relative path: "a/b.mid" -> "a__b.mid.pickle". Paths whose
-    names would clash (say "a__b.mid" beside "a/b.mid", or case only) get a hash added."""
+    names would clash (say "a__b.mid" beside "a/b.mid", or case only) get a hash added, and
+    so do names longer than file systems allow (255 bytes, with room for the temporary
+    name), which are shortened."""
     names = {p: p.replace("/", "__") + ".pickle" for p in paths}
     count = Counter(n.lower() for n in names.values())
     for p, n in names.items():
-        if count[n.lower()] > 1:
-            names[p] = f"{n[:-7]}.{hashlib.sha256(p.encode()).hexdigest()[:8]}.pickle"
+        if count[n.lower()] > 1 or len(os.fsencode(n)) > _MAX_NAME_BYTES:
+            stem, tag = n[:-7], hashlib.sha256(os.fsencode(p)).hexdigest()[:8]
+            while len(os.fsencode(f"{stem}.{tag}.pickle")) > _MAX_NAME_BYTES:
+                stem = stem[:-1]
+            names[p] = f"{stem}.{tag}.pickle"
     return names
 
 
@@ -169,24 +178,19 @@ def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple
     ):
         return old, "unchanged"
     try:
-        notes = read_midi(data, job.path)
-        # Bound the length before encoding: absurd tempos or ticks would give millions of
-        # TIME_SHIFTs. No event of the piece (pedal included) ends later than this.
-        last = max(notes.offset.max(), notes.pedal_time.max(initial=0.0))
-        if not last <= max_seconds:
-            raise MidiError(
-                f"{job.path}: implausibly long ({last / 3600:,.1f} h of events, "
-                f"more than --max_seconds {max_seconds:g})"
-            )
-        ids = encode_notes(notes)
+        # read_midi refuses pieces longer than max_seconds before anything is encoded.
+        ids = encode_notes(read_midi(data, job.path, max_seconds))
         tokens = ids.tolist()
-        write_atomic(output / job.output, pickle.dumps(tokens, protocol=4))
     except MidiError as exc:
         entry["error"] = one_line(str(exc).removeprefix(f"{job.path}: "))
         return entry, "failed"
     except Exception as exc:  # a bug or a file no one foresaw: record it, go on
         entry["error"] = one_line(f"{type(exc).__name__}: {exc}")
         return entry, "failed"
+    try:
+        write_atomic(output / job.output, pickle.dumps(tokens, protocol=4))
+    except OSError as exc:  # the output's problem, not the file's: every file would fail
+        raise OutputError(os_error_message(exc, output / job.output)) from None
     entry.update(
         status="ok",
         notes=int((ids < NOTE_OFF).sum()),
@@ -221,11 +225,16 @@ def finish(output: Path, entries: list[dict], recorded: set[str]) -> None:
     for split in _SPLITS:
         for f in (output / split).iterdir():
             name = f"{split}/{f.name}"
-            stale = f.suffix == ".pickle" and name in recorded and name not in keep
-            if stale or (f.name.startswith(".") and f.suffix == ".tmp"):
+            if f.suffix == ".pickle" and name in recorded and name not in keep:
                 f.unlink()
-    for f in output.glob(f".{_MANIFEST}.*.tmp"):
-        f.unlink()
+    remove_temporaries(output)
+
+
+def remove_temporaries(output: Path) -> None:
+    """Delete the temporary files of interrupted writes (``.NAME.*.tmp``) in ``output``."""
+    for folder in (output, *(output / split for split in _SPLITS)):
+        for f in folder.glob(".*.tmp") if folder.is_dir() else ():
+            f.unlink(missing_ok=True)
 
 
 def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: Path) -> str:
@@ -250,7 +259,7 @@ def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: 
         shown = min(len(failed), _FAILURES_SHOWN)
         lines.append(f"first {shown} of {len(failed)} failures (all in {manifest}):")
         lines += [f"  {e['path']}: {e['error']}" for e in failed[:_FAILURES_SHOWN]]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,19 +288,24 @@ def main(argv: list[str] | None = None) -> None:
     work = partial(encode_file, root=root, output=output, max_seconds=args.max_seconds)
 
     start, done, outcomes = time.perf_counter(), {}, Counter()
-    with (
-        closing(run_jobs(work, jobs, args.workers)) as results,
-        open(manifest, "a", encoding="utf-8") as log,
-        tqdm(total=len(jobs), unit=" files", desc="prep", dynamic_ncols=True) as bar,
-    ):
-        for entry, outcome in results:
-            done[entry["path"]] = entry
-            outcomes[outcome] += 1
-            if outcome != "unchanged":  # progress record: a resumed run skips this file
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-            bar.set_postfix_str(f"failed {outcomes['failed']}", refresh=False)
-            bar.update()
+    try:
+        with (
+            closing(run_jobs(work, jobs, args.workers)) as results,
+            open(manifest, "a", encoding="utf-8") as log,
+            tqdm(total=len(jobs), unit=" files", desc="prep", dynamic_ncols=True) as bar,
+        ):
+            for entry, outcome in results:
+                done[entry["path"]] = entry
+                outcomes[outcome] += 1
+                if outcome != "unchanged":  # progress record: a resumed run skips this file
+                    log.write(json.dumps(entry) + "\n")
+                    log.flush()
+                bar.set_postfix_str(f"failed {outcomes['failed']}", refresh=False)
+                bar.update()
+    except OutputError as exc:
+        fail(f"{exc}; the files encoded so far are kept, run again to go on")
+    finally:  # workers are stopped by now: nothing writes while this cleans up
+        remove_temporaries(output)
     entries = [done[job.path] for job in jobs]
     finish(output, entries, {e["output"] for e in recorded.values() if e.get("output")})
     print(summarize(entries, outcomes, time.perf_counter() - start, manifest))
@@ -300,8 +314,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\nprep.py: interrupted; run the same command again to resume", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script(main, "interrupted; run the same command again to resume")

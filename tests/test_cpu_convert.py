@@ -163,3 +163,15 @@ def test_generate_runs_on_a_converted_checkpoint_and_reads_pth_directly(model, t
     loaded, cfg, meta = load_checkpoint(tmp_path / "m.pth", heads=2, prefix=32)
     assert meta["inferred"] and same_logits(model, loaded)
     assert np.isclose(cfg.ff_mult, 4)
+
+
+def test_force_replaces_the_folder_a_symlinked_dest_points_to(model, tmp_path):
+    save_checkpoint(tmp_path / "src", model, preset("tiny"), {"step": 5})
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    link.symlink_to(real, target_is_directory=True)
+    r = convert(tmp_path / "src", link, "--force")
+    check_converted(r, link, model)
+    assert link.is_symlink() and not (real / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "src"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pretty_midi
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, without_root_privileges
 from PIL import Image
 
 from perceiver_music.checkpoint import save_checkpoint
@@ -169,3 +169,47 @@ def test_bad_input_gets_one_line_and_no_files(ckpt, tmp_path, args, message):
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
+           "--out_dir", str(out), "--new_tokens", "100000", "--seconds", "0"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=without_root_privileges)
+    out.chmod(0o755)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, no progress bar
+    assert "cannot write the output" in r.stderr and "Permission denied" in r.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
+           "--out_dir", str(tmp_path / "out"), "--new_tokens", "1000000", "--seconds", "0",
+           "--no-stop_at_end"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(6)  # imports, then generation
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: interrupted: nothing was written"
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_outputs_follow_the_umask(ckpt, tmp_path):
+    import os
+
+    cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
+           "--out_dir", str(tmp_path), "--name", "u", "--new_tokens", "10"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: os.umask(0o027))
+    assert r.returncode == 0, r.stderr
+    for f in (tmp_path / "u").rglob("*"):
+        assert f.stat().st_mode & 0o777 == (0o750 if f.is_dir() else 0o640), f
+    assert (tmp_path / "u").stat().st_mode & 0o777 == 0o750

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mido
 import pytest
-from conftest import REAL_FILES
+from conftest import REAL_FILES, file_size_limit, without_root_privileges
 
 from midi_processor import END, encode_midi
 
@@ -214,10 +214,10 @@ def test_unexpected_worker_error_is_recorded(tmp_path: Path, monkeypatch, capsys
         write(src / real.name, real.read_bytes())
     read_midi = prep.read_midi
 
-    def buggy(data, name):
+    def buggy(data, name, max_seconds):
         if name == REAL_FILES[1].name:
             raise RuntimeError("boom\nsecond line")
-        return read_midi(data, name)
+        return read_midi(data, name, max_seconds)
 
     monkeypatch.setattr(prep, "read_midi", buggy)
     prep.main(["--input", str(src), "--output", str(out), "--workers", "2"])  # forked workers
@@ -255,6 +255,7 @@ def test_interrupted_runs_resume_to_the_same_output(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.returncode == 130 and "Traceback" not in err
     assert "run the same command again to resume" in err.strip().splitlines()[-1]
+    assert not list(out.rglob("*.tmp"))  # workers stopped mid-write leave nothing behind
 
     # kill -9 of a single-process run, then a leftover temporary and a stale pickle.
     proc = start_and_stop(args, signal.SIGKILL, after_lines=20, workers=1)
@@ -306,3 +307,55 @@ def test_help_lists_every_constant() -> None:
     for option in ("--input", "--output", "--workers", "--val_share", "--test_share"):
         assert option in proc.stdout
     assert "--max_seconds" in proc.stdout and "--force" in proc.stdout
+
+
+def test_awkward_file_names_are_encoded(tmp_path: Path) -> None:
+    """A name that is not UTF-8, and one whose output name would pass the 255-byte limit."""
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    raw = os.fsencode(src) + b"/caf\xe9 (latin-1).mid"  # not decodable as UTF-8
+    write(Path(os.fsdecode(raw)), REAL_FILES[0].read_bytes())
+    deep = src / ("long folder name " * 6).strip() / ("very long piece name " * 8 + ".mid")
+    write(deep, REAL_FILES[1].read_bytes())
+    assert len(os.fsencode(deep.relative_to(src).as_posix().replace("/", "__"))) > 255
+    r = run_prep("--input", src, "--output", out, "--val_share", "0", "--test_share", "0")
+    assert r.returncode == 0, r.stderr
+    assert "2 encoded" in r.stdout
+    entries = manifest(out)
+    assert os.fsdecode(raw).rsplit("/", 1)[1] in entries  # the name as the file system has it
+    assert [e["status"] for e in entries.values()] == ["ok", "ok"]
+    assert all(len(os.fsencode(Path(e["output"]).name)) <= 200 for e in entries.values())
+    for e in entries.values():
+        assert tokens_of(out / e["output"])[-1] == END
+    again = run_prep("--input", src, "--output", out)  # the rerun finds both unchanged
+    assert "0 encoded, 2 unchanged" in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize("problem", ["read-only", "disk full"])
+def test_output_problems_stop_with_one_line_and_no_temporaries(tmp_path: Path, problem) -> None:
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    for i, real in enumerate(REAL_FILES * 4):
+        write(src / f"p{i}.mid", real.read_bytes())
+    if problem == "read-only":
+        out.mkdir()
+        out.chmod(0o555)
+        preexec = without_root_privileges
+    else:
+        preexec = file_size_limit(3000)  # the first pickles fit, then writes fail
+    cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       preexec_fn=preexec)
+    out.chmod(0o755)
+    one_error_line(r, "Permission denied" if problem == "read-only" else ".pickle: File too large")
+    assert "Traceback" not in r.stderr
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+def test_outputs_follow_the_umask(tmp_path: Path) -> None:
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    write(src / "a.mid", REAL_FILES[0].read_bytes())
+    cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.umask(0o022))
+    assert r.returncode == 0, r.stderr
+    for f in out.rglob("*"):
+        assert f.stat().st_mode & 0o777 == (0o755 if f.is_dir() else 0o644), f
