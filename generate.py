@@ -4,18 +4,18 @@
     python generate.py --primer my.mid --seconds 30 --num_samples 3 --top_p 0.95
     accelerate launch generate.py --ckpt ckpt/run/best --primer my.mid
 
-Every constant below is a command-line option (``--help`` lists them). Each run writes a
-folder OUT_DIR/NAME with primer.mid (the primer as the model saw it), continuation.mid,
-full.mid (both together), pianoroll.png (primer and continuation in two colours, the
-boundary marked), generation.json (settings, checkpoint, seed, timings) and, with
---render, audio.wav. With several samples, each file but the primer gets a suffix _1, _2...
+Every constant below is a command-line option (``--help`` lists them). By default the
+model continues the first 20 seconds of the primer. Each run writes a folder OUT_DIR/NAME
+with primer.mid (the primer as the model saw it), continuation.mid, full.mid (both
+together), audio.wav (full.mid rendered with a General MIDI SoundFont, loudness-normalised),
+pianoroll.png (a labelled piano roll: primer and continuation in two colours, velocity as
+shade, the boundary marked) and generation.json (settings, checkpoint, seed, timings).
+With several samples, each file but the primer gets a suffix _1, _2...
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +24,9 @@ from perceiver_music.cli import cpu_only, fail, os_error_message, parse_constant
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
 PRIMER = "samples/primers/mz_570_3_opening.mid"  # primer MIDI file ('' = from scratch)
-NUM_PRIME = 0  # use this many primer tokens (0: all, or as --prime_seconds says)
-PRIME_SECONDS = 0.0  # use this many seconds of the primer (0: all)
-PRIME_FROM_END = False  # take the primer's end instead of its start
+PRIME_SECONDS = 20.0  # continue the primer's first this many seconds (0: all of it)
+NUM_PRIME = 0  # or: its first this many tokens (0: as --prime_seconds says)
+PRIME_FROM_END = False  # take the primer's last seconds/tokens instead of its first
 NEW_TOKENS = 2000  # generate at most this many tokens per sample
 SECONDS = 20.0  # stop a sample after this many seconds of new music (0: no limit)
 STOP_AT_END = True  # stop a sample when the model ends the piece
@@ -41,8 +41,9 @@ STRIDE = 0  # tokens dropped when the window is full (0: half the latents)
 SEED = -1  # seed that makes a run repeatable (-1: random, reported in generation.json)
 OUT_DIR = "output"  # where run folders go
 NAME = ""  # run folder name ('' : primer name and time)
-RENDER = False  # also render audio.wav with FluidSynth
-SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"  # General MIDI soundfont for --render
+AUDIO = True  # write audio.wav (--no-audio: MIDI and piano roll only)
+RENDERER = "midirenderer"  # midirenderer (pip, default) or fluidsynth (the system program)
+SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
 
 START_TOKEN_BIN = 16  # an empty primer starts from VELOCITY(16), as many pieces open
@@ -64,6 +65,9 @@ def check_settings(args) -> None:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.num_samples < 1:
         fail(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.temperature == 0:
+        fail("--temperature must be positive; for the most likely token every time, use "
+             "--greedy")
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
     if args.top_p > 1:
@@ -74,94 +78,43 @@ def check_settings(args) -> None:
         fail(f"--beams must be at least 1, got {args.beams}")
     if args.beams > 1 and args.num_samples > 1:
         fail("beam search returns one continuation: use --num_samples 1 with --beams")
-    if args.num_prime and args.prime_seconds:
-        fail("give --num_prime or --prime_seconds, not both")
+    if args.renderer not in ("midirenderer", "fluidsynth"):
+        fail(f"--renderer must be midirenderer or fluidsynth, not {args.renderer!r}")
+    if args.soundfont and not Path(args.soundfont).is_file():
+        fail(f"{args.soundfont}: soundfont not found (give a .sf2 file, or '' for the default)")
 
 
-def primer_tokens(args) -> list[int]:
-    """The primer's tokens, cut as the settings say, without its END.
-
-    A cut that starts inside the piece gets the VELOCITY event in force there, so its
-    first notes keep their dynamics.
-    """
-    import numpy as np
-
-    from midi_processor import END, NOTE_OFF, VELOCITY, MidiError, encode_midi, shift_steps
+def primer_tokens(args) -> tuple[list[int], str]:
+    """The primer's tokens, cut as the settings say, without its END, and a line saying
+    what was taken. With --num_prime, --prime_seconds is not used."""
+    from midi_processor import VELOCITY, MidiError, cut_tokens, encode_midi, piece_seconds
 
     if not args.primer:
-        return [VELOCITY + START_TOKEN_BIN]
-    if not Path(args.primer).is_file():
-        fail(f"{args.primer}: primer file not found")
+        return [VELOCITY + START_TOKEN_BIN], "primer: none (from scratch)"
+    path = Path(args.primer)
+    if path.is_dir():
+        example = next(iter(sorted(path.glob("*.mid"))), path / "piece.mid")
+        fail(f"{path} is a folder: give one MIDI file as --primer (e.g. {example})")
+    if not path.is_file():
+        fail(f"{path}: primer file not found")
     try:
-        tokens = encode_midi(args.primer)[:-1]  # drop END: the model is to go on
+        tokens = encode_midi(path)
     except MidiError as exc:
         fail(str(exc))
-    start, stop = 0, len(tokens)
-    if args.prime_seconds:
-        steps = shift_steps(tokens)
-        clock = np.cumsum(steps) - steps  # when each token happens, in 10 ms steps
-        limit = round(args.prime_seconds * 100)
-        if args.prime_from_end:
-            start = int(np.searchsorted(clock, clock[-1] - limit, side="left"))
-        else:
-            stop = int(np.searchsorted(clock, limit, side="left"))
-    elif args.num_prime:
-        if args.prime_from_end:
-            start = max(0, len(tokens) - args.num_prime)
-        else:
-            stop = args.num_prime
-    cut = tokens[start:stop]
-    first_on = next((i for i, t in enumerate(cut) if t < NOTE_OFF), len(cut))
-    if start and not any(VELOCITY <= t < END for t in cut[:first_on]):
-        cut = [t for t in tokens[:start] if VELOCITY <= t < END][-1:] + cut
-    return cut or [VELOCITY + START_TOKEN_BIN]
-
-
-def pianoroll(primer_notes, continuation_notes, boundary_s: float, path: Path) -> None:
-    """PNG piano roll: primer notes blue, continuation orange, a red line at the boundary.
-
-    One pixel row per pitch over the notes' range (x3 tall), one column per 20 ms.
-    """
-    import numpy as np
-    from PIL import Image
-
-    notes = list(primer_notes) + list(continuation_notes)
-    end_s = max([n.end for n in notes] + [boundary_s, 1.0])
-    lo, hi = (
-        (min(n.pitch for n in notes) - 2, max(n.pitch for n in notes) + 2) if notes else (48, 72)
-    )
-    width, rows = int(end_s * 50) + 10, hi - lo + 1
-    img = np.full((rows, width, 3), 255, np.uint8)
-    img[[r for r in range(rows) if (lo + r) % 12 == 0]] = 235  # C lines
-    for group, colour in ((primer_notes, (40, 90, 200)), (continuation_notes, (235, 120, 20))):
-        for n in group:
-            a, b = int(n.start * 50), max(int(n.start * 50) + 1, int(n.end * 50))
-            img[hi - n.pitch, a:b] = colour
-    img[:, min(width - 1, int(boundary_s * 50))] = (220, 20, 20)
-    Image.fromarray(np.repeat(img, 3, axis=0)).save(path)
-
-
-def render_audio(midi: Path, wav: Path, soundfont: str) -> str | None:
-    """Render ``midi`` to ``wav`` with the FluidSynth program; a reason when it cannot."""
-    exe = shutil.which("fluidsynth")
-    if exe is None:
-        return (
-            "--render needs FluidSynth: install it (Debian/Ubuntu: apt-get install "
-            "fluidsynth fluid-soundfont-gm); the MIDI files are written"
-        )
-    if not Path(soundfont).is_file():
-        return (
-            f"--render: soundfont {soundfont} not found (apt-get install "
-            "fluid-soundfont-gm, or pass --soundfont); the MIDI files are written"
-        )
-    r = subprocess.run(
-        [exe, "-ni", "-g", "0.8", "-r", "44100", "-F", str(wav), soundfont, str(midi)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0 or not wav.exists():
-        return f"--render: fluidsynth failed ({r.stderr.strip()[:200]}); MIDI written"
-    return None
+    total = piece_seconds(tokens)
+    end = "last" if args.prime_from_end else "first"
+    if args.num_prime:
+        cut = cut_tokens(tokens, count=args.num_prime, from_end=args.prime_from_end)
+        what = f"{end} {args.num_prime} tokens"
+    else:
+        cut = cut_tokens(tokens, seconds=args.prime_seconds, from_end=args.prime_from_end)
+        what = (f"{end} {args.prime_seconds:g} s" if args.prime_seconds
+                and args.prime_seconds < total else "all")
+    note = f"primer: {what} of {path.name} ({piece_seconds(cut):.1f} of {total:.1f} s, " \
+           f"{len(cut)} tokens)"
+    if what != "all" and not args.num_prime:
+        note += "; --prime_seconds 0 takes all of it"
+    return cut or [VELOCITY + START_TOKEN_BIN], note
 
 
 def output_folder(args) -> Path:
@@ -186,7 +139,7 @@ def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
     check_settings(args)
-    primer = primer_tokens(args)
+    primer, primer_note = primer_tokens(args)
     final = output_folder(args)
 
     from accelerate import PartialState
@@ -195,6 +148,7 @@ def main() -> None:
     from midi_processor import decode_midi, piece_seconds
     from perceiver_music.checkpoint import CheckpointError, atomic_folder, load_checkpoint
     from perceiver_music.engine import SamplingConfig, generate
+    from perceiver_music.render import AudioError, render_audio, save_pianoroll
 
     state = PartialState(cpu=cpu_only(args.cpu))
     if not state.is_main_process:  # one generation per run, on the main process
@@ -208,6 +162,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     if args.stride > cfg.num_latents:
         fail(f"--stride {args.stride} exceeds the model's {cfg.num_latents} latents")
+    print(primer_note, file=sys.stderr)
 
     sampling = None
     if args.beams == 1:
@@ -240,6 +195,8 @@ def main() -> None:
         )
         gen_s = time.perf_counter() - t1
 
+    title = f"{Path(args.primer).name or 'from scratch'}, continued by {Path(args.ckpt).name}"
+    audio_problem = None
     with atomic_folder(final) as tmp:
         primer_notes = len(decode_midi(primer, tmp / "primer.mid").instruments[0].notes)
         boundary = piece_seconds(primer)
@@ -249,28 +206,28 @@ def main() -> None:
             cont = decode_midi(new, tmp / f"continuation{sfx}.mid")
             full = decode_midi(primer + new, tmp / f"full{sfx}.mid")
             notes = sorted(full.instruments[0].notes, key=lambda n: (n.start, n.pitch))
-            pianoroll(
-                [n for n in notes if n.start < boundary],
-                [n for n in notes if n.start >= boundary],
-                boundary,
-                tmp / f"pianoroll{sfx}.png",
-            )
-            samples.append(
-                {
-                    "tokens": len(new),
-                    "seconds": result.seconds[i],
-                    "stop_reason": result.stop_reasons[i],
-                    "notes": len(cont.instruments[0].notes),
-                    "primer_notes": primer_notes,
-                    "token_ids": new,
-                }
-            )
-            if args.render:
-                problem = render_audio(
-                    tmp / f"full{sfx}.mid", tmp / f"audio{sfx}.wav", args.soundfont
-                )
-                if problem:
-                    print(problem, file=sys.stderr)
+            save_pianoroll(tmp / f"pianoroll{sfx}.png",
+                           [n for n in notes if n.start < boundary],
+                           [n for n in notes if n.start >= boundary], boundary,
+                           f"{title}, seed {result.seed}" + (f", sample {i + 1}" if sfx else ""))
+            sample = {
+                "tokens": len(new),
+                "seconds": result.seconds[i],
+                "stop_reason": result.stop_reasons[i],
+                "notes": len(cont.instruments[0].notes),
+                "primer_notes": primer_notes,
+                "token_ids": new,
+            }
+            if args.audio and audio_problem is None:
+                try:
+                    info = render_audio(full, tmp / f"audio{sfx}.wav", args.soundfont or None,
+                                        args.renderer)
+                    sample["audio"] = {"seconds": round(info.seconds, 3),
+                                       "gain_db": round(info.gain_db, 2),
+                                       "renderer": info.renderer}
+                except AudioError as exc:
+                    audio_problem = str(exc)
+            samples.append(sample)
         total_new = sum(len(t) for t in result.tokens)
         report = {
             "settings": vars(args),
@@ -289,6 +246,9 @@ def main() -> None:
             "samples": samples,
         }
         (tmp / "generation.json").write_text(json.dumps(report, indent=2) + "\n")
+    if audio_problem:
+        print(f"warning: no audio.wav: {audio_problem}; MIDI and piano roll are written",
+              file=sys.stderr)
     print(
         f"wrote {final}: {total_new} tokens, "
         f"{', '.join(f'{s:.1f}' for s in result.seconds)} s of music in {gen_s:.1f} s "

@@ -17,6 +17,7 @@ import pretty_midi
 
 from .core import (
     NoteData,
+    cut_tokens,
     decode_tokens,
     encode_notes,
     shift_steps,
@@ -48,6 +49,7 @@ __all__ = [
     "VOCAB_VERSION",
     "MidiError",
     "NoteData",
+    "cut_tokens",
     "decode_midi",
     "default_permissions",
     "encode_midi",

@@ -147,6 +147,35 @@ def shift_steps(tokens) -> np.ndarray:
     return np.where((ids >= TIME_SHIFT) & (ids < VELOCITY), ids - TIME_SHIFT + 1, 0)
 
 
+def cut_tokens(tokens, *, seconds: float = 0.0, count: int = 0,
+               from_end: bool = False) -> list[int]:
+    """The first (or, ``from_end``, the last) ``seconds`` of music or ``count`` tokens of
+    a token sequence (0: all); END and what follows it are dropped.
+
+    A cut that starts inside the piece gets the VELOCITY event in force there, so its
+    first notes keep their dynamics. Notes cut at the end simply stay unfinished; note-offs
+    whose note-on was cut away are ignored when decoding.
+    """
+    ids = [int(t) for t in tokens]
+    ids = ids[: ids.index(END)] if END in ids else ids
+    start, stop = 0, len(ids)
+    if seconds:
+        steps = shift_steps(ids)
+        clock = np.cumsum(steps) - steps  # when each token happens, in 10 ms steps
+        limit = round(seconds * STEPS_PER_SECOND)
+        if from_end:
+            start = int(np.searchsorted(clock, clock[-1] - limit, side="left")) if ids else 0
+        else:
+            stop = int(np.searchsorted(clock, limit, side="left"))
+    elif count:
+        start, stop = (max(0, len(ids) - count), len(ids)) if from_end else (0, count)
+    cut = ids[start:stop]
+    first_on = next((i for i, t in enumerate(cut) if t < NOTE_OFF), len(cut))
+    if start and not any(VELOCITY <= t < END for t in cut[:first_on]):
+        cut = [t for t in ids[:start] if VELOCITY <= t < END][-1:] + cut
+    return cut
+
+
 def layout_time_shifts(
     gaps: np.ndarray, n_payload: np.ndarray, extra: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 ORIGINAL_HEADS = 8  # the original scripts' defaults for what tensor shapes cannot tell
 ORIGINAL_PREFIX = 1024
 _MAX_CONFIG_BYTES = 1 << 20
+_RUN_FOLDERS = {"best": "lowest validation loss", "last": "latest save"}
 
 
 @contextmanager
@@ -182,6 +183,10 @@ def load_checkpoint(
             cfg = infer_config(state, path, heads=heads, prefix=prefix)
             meta = {"source": "accelerate state folder", "inferred": True}
     elif path.is_dir():
+        runs = [path / name for name in ("best", "last") if (path / name / CONFIG_NAME).is_file()]
+        if runs and not (path / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{path} is a training run folder, not a checkpoint: use "
+                                  + " or ".join(f"{r} ({_RUN_FOLDERS[r.name]})" for r in runs))
         cfg, meta = _read_config(path / CONFIG_NAME)
         state = _read_weights(path / WEIGHTS_NAME)
         path = path / WEIGHTS_NAME

@@ -18,6 +18,7 @@ from perceiver_music.model import window_losses
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "ckpt" / "demo"
 PRIMER = ROOT / "samples" / "primers" / "mz_570_3_opening.mid"
+EXAMPLES = ROOT / "samples" / "examples"
 
 
 def test_shipped_checkpoint_describes_itself():
@@ -45,6 +46,8 @@ def test_loss_on_the_bundled_primer_is_below_its_unigram_entropy():
 
 
 def test_quickstart_generate_runs_end_to_end(tmp_path):
+    """The Quickstart's command, from another folder: MIDI, audio and a piano roll, and the
+    same continuation as the bundled example with the same seed."""
     r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--out_dir", str(tmp_path),
                         "--name", "quickstart", "--seed", "0"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -54,4 +57,8 @@ def test_quickstart_generate_runs_end_to_end(tmp_path):
     sample = report["samples"][0]
     assert sample["notes"] > 20
     assert sample["seconds"] >= 19.9 or sample["stop_reason"] == "end"
-    assert (run / "full.mid").exists() and (run / "pianoroll.png").exists()
+    assert {p.name for p in run.iterdir()} == {
+        "primer.mid", "continuation.mid", "full.mid", "audio.wav", "pianoroll.png",
+        "generation.json"}
+    example = json.loads((EXAMPLES / "mozart_k570_seed0" / "generation.json").read_text())
+    assert sample["token_ids"] == example["samples"][0]["token_ids"]

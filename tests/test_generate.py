@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pretty_midi
 import pytest
 import torch
@@ -46,6 +48,7 @@ def gen(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "0",
         "--seed",
         "7",
+        "--no-audio",  # test_audio_and_piano_roll_are_written_and_real renders audio
         *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -57,6 +60,7 @@ def report(folder: Path) -> dict:
 
 def test_outputs_exist_and_parse(ckpt, tmp_path):
     r = gen(ckpt, tmp_path, "--name", "run", "--prime_seconds", "4")
+    assert "primer: first 4 s of scn15_4.mid" in r.stderr
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     files = {p.name for p in run.iterdir()}
@@ -134,10 +138,57 @@ def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):
     assert report(tmp_path / "acc")["samples"][0]["tokens"] == 20
 
 
-def test_render_without_fluidsynth_says_so_and_keeps_the_midi(ckpt, tmp_path):
-    r = gen(ckpt, tmp_path, "--name", "w", "--render", "--soundfont", "/nonexistent.sf2")
+def test_audio_and_piano_roll_are_written_and_real(ckpt, tmp_path):
+    """The WAV plays the music (non-silent, as long as full.mid, normalised) and the
+    piano roll is a labelled figure of a fixed size, whatever the length."""
+    from perceiver_music.render import PEAK_CEILING_DB, read_wav
+
+    r = gen(ckpt, tmp_path, "--name", "a", "--audio", "--new_tokens", "300",
+            "--prime_seconds", "0")  # the whole primer: a 56 s piece
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "a"
+    samples, rate = read_wav((run / "audio.wav").read_bytes())
+    music = pretty_midi.PrettyMIDI(str(run / "full.mid")).get_end_time()
+    assert rate == 48000 and samples.shape[1] == 2
+    assert music > 50 and abs(len(samples) / rate - music) < 1.0
+    peak = np.abs(samples).max()
+    assert abs(20 * np.log10(peak) - PEAK_CEILING_DB) < 0.1  # normalised, not 0.19 of scale
+    seconds = np.sqrt(np.mean(samples.reshape(-1, rate, 2) ** 2, axis=(1, 2))
+                      if len(samples) % rate == 0 else
+                      np.mean(samples[: len(samples) // rate * rate].reshape(-1, rate, 2) ** 2,
+                              axis=(1, 2)))
+    assert (seconds > 1e-3).mean() > 0.8  # sound in most seconds of the piece
+    assert report(run)["samples"][0]["audio"]["renderer"] == "midirenderer"
+    assert Image.open(run / "pianoroll.png").size == (1440, 576)
+
+
+def test_piano_roll_figure_has_labelled_axes_and_a_legend():
+    from perceiver_music.render import pianoroll_figure
+
+    notes = [pretty_midi.Note(velocity=v, pitch=p, start=s, end=s + 0.5)
+             for s, p, v in [(0, 60, 30), (1, 64, 120), (200, 67, 80), (300, 72, 60)]]
+    fig = pianoroll_figure(notes[:2], notes[2:], 150.0, "a title")
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "time (s)" and ax.get_ylabel() == "pitch"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["C4", "C5"]
+    assert ax.get_xlim()[1] >= 300.5 and ax.get_title(loc="left") == "a title"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["primer (2 notes)", "continuation (2 notes)",
+                          "continuation starts (150.0 s)"]
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [150.0]  # the boundary
+    faces = [c.get_facecolors() for c in ax.collections]
+    assert len(faces) == 2 and faces[0][0][2] > faces[0][0][0]  # primer blue, ...
+    assert faces[1][0][0] > faces[1][0][2]  # ... continuation orange
+    assert faces[0][0].sum() > faces[0][1].sum()  # the louder note is darker
+    assert tuple(fig.get_size_inches() * fig.dpi) == (1440, 576)
+
+
+def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "w", "--audio", "--renderer", "fluidsynth")
+    if shutil.which("fluidsynth"):
+        pytest.skip("FluidSynth is installed here")
     assert r.returncode == 0
-    assert "--render" in r.stderr and "MIDI files are written" in r.stderr
+    assert "warning: no audio.wav" in r.stderr and "fluidsynth" in r.stderr
     assert (tmp_path / "w" / "full.mid").exists() and not (tmp_path / "w" / "audio.wav").exists()
 
 
@@ -150,7 +201,12 @@ def test_render_without_fluidsynth_says_so_and_keeps_the_midi(ckpt, tmp_path):
         (["--ckpt", "BADCKPT"], "config.json"),
         (["--new_tokens", "0"], "--new_tokens must be at least 1"),
         (["--seconds", "-1"], "--seconds must not be negative"),
-        (["--temperature", "0"], "--temperature must be positive"),
+        (["--temperature", "0"], "use --greedy"),
+        (["--temperature", "-1"], "--temperature must be positive"),
+        (["--primer", "FOLDER"], "is a folder: give one MIDI file"),
+        (["--ckpt", "RUN"], "is a training run folder, not a checkpoint: use"),
+        (["--soundfont", "/nonexistent.sf2"], "soundfont not found"),
+        (["--renderer", "timidity"], "--renderer must be"),
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
         (["--stride", "1000"], "--stride"),
@@ -162,7 +218,11 @@ def test_bad_input_gets_one_line_and_no_files(ckpt, tmp_path, args, message):
     bad = tmp_path / "badckpt"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
-    args = [str(corrupt) if a == "CORRUPT" else str(bad) if a == "BADCKPT" else a for a in args]
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / "best")
+    named = {"CORRUPT": str(corrupt), "BADCKPT": str(bad), "FOLDER": str(PRIMER.parent),
+             "RUN": str(run)}
+    args = [named.get(a, a) for a in args]
     out = tmp_path / "out"
     r = gen(ckpt, out, *args)
     assert r.returncode != 0
