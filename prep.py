@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -94,21 +95,47 @@ def maestro_splits(root: Path) -> dict[str, str] | None:
     return {path: _MAESTRO_SPLITS[split] for path, split in rows}
 
 
+def _unit(path: str) -> float:
+    """A number in [0, 1) from a hash of the relative path: the same on every machine."""
+    return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") / 2**64
+
+
 def hash_split(path: str, val_share: float, test_share: float) -> str:
     """Split of a file outside MAESTRO, from a hash of its relative path: stable across runs
     and machines, and raising a share only moves files out of train."""
-    u = int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") / 2**64
+    u = _unit(path)
     return "test" if u < test_share else "val" if u < test_share + val_share else "train"
 
 
-def find_sources(root: Path, val_share: float, test_share: float) -> dict[str, str]:
+def hash_splits(paths: list[str], val_share: float,
+                test_share: float) -> tuple[dict[str, str], list[str]]:
+    """`hash_split` of every path, and warnings. A small folder could leave val/ (which
+    train.py needs) or test/ empty: then the train file nearest to that split's share of
+    the hash range moves there, as long as train keeps a file; else a warning says so."""
+    splits = {p: hash_split(p, val_share, test_share) for p in paths}
+    warnings = []
+    for split, share in (("val", val_share), ("test", test_share)):
+        if share <= 0 or split in splits.values():
+            continue
+        train = sorted((p for p, s in splits.items() if s == "train"), key=_unit)
+        if len(train) >= 2:
+            splits[train[0]] = split
+        else:
+            warnings.append(f"warning: {len(paths)} MIDI file(s) are too few to put one in "
+                            f"{split}/" + (" (train.py needs one there: add files)"
+                                           if split == "val" else ""))
+    return splits, warnings
+
+
+def find_sources(root: Path, val_share: float,
+                 test_share: float) -> tuple[dict[str, str], list[str]]:
     """Relative path -> split of every source file: MAESTRO's listing if ``root`` has one,
-    else every .mid/.midi file (any case) below ``root``."""
+    else every .mid/.midi file (any case) below ``root`` (`hash_splits`); and warnings."""
     listed = maestro_splits(root)
     if listed is not None:
-        return listed
-    paths = (p.relative_to(root).as_posix() for p in midi_files(root))
-    return {p: hash_split(p, val_share, test_share) for p in paths}
+        return listed, []
+    return hash_splits([p.relative_to(root).as_posix() for p in midi_files(root)], val_share,
+                       test_share)
 
 
 def output_names(paths: Iterable[str]) -> dict[str, str]:
@@ -274,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("--val_share and --test_share must be >= 0 and add up to at most 1")
     if not args.max_seconds > 0:
         fail(f"--max_seconds must be positive, not {args.max_seconds}")
-    sources = find_sources(root, args.val_share, args.test_share)
+    sources, warnings = find_sources(root, args.val_share, args.test_share)
     if not sources:
         fail(f"no MIDI files (.mid, .midi) found in {root}")
 
@@ -309,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     entries = [done[job.path] for job in jobs]
     finish(output, entries, {e["output"] for e in recorded.values() if e.get("output")})
     print(summarize(entries, outcomes, time.perf_counter() - start, manifest))
+    for line in warnings:
+        print(printable(line), file=sys.stderr)
     if not any(e["status"] == "ok" for e in entries):
         fail(f"no file could be encoded ({len(entries)} failed; reasons in {manifest})")
 

@@ -33,7 +33,7 @@ from perceiver_music.cli import (
 
 DATA_DIR = "data"  # prep.py output: holds train/ and val/
 OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
-PRESET = "ctx2048"  # model preset: tiny, ctx2048, ctx4096, ctx8192, ctx16384
+PRESET = "auto"  # auto (CPU: demo, GPU: ctx2048), demo, ctx2048, ctx4096, ctx8192, ctx16384
 LATENTS = 0  # number of latents (0: the preset's)
 WINDOW = 0  # training window in tokens, <= the preset's context (0: the full context)
 DROPOUT = 0.1  # dropout inside the model
@@ -43,6 +43,7 @@ GRAD_ACCUM = 1  # micro-steps per optimizer step
 LEARNING_RATE = 3e-4  # peak learning rate (AdamW)
 MIN_LR = 3e-5  # learning rate at the end of the cosine decay
 WARMUP_STEPS = 200  # linear warmup steps
+WARMUP_SHARE = 0.1  # with --max_minutes, warmup takes at most this share of the time
 MAX_STEPS = 10000  # optimizer steps of the whole run
 WEIGHT_DECAY = 0.1  # AdamW weight decay on matrices
 GRAD_CLIP = 1.0  # clip the gradient norm (0: off)
@@ -55,17 +56,28 @@ PREFIX_FILL = 0.5  # share of windows whose prefix is cut to a random length
 TRANSPOSE = 3  # augment: transpose by up to +-N semitones (0: off)
 STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
 SEED = 1337  # seed of weights, data order and dropout
-MAX_MINUTES = 0.0  # stop like Ctrl-C (saving last/) after this many minutes (0: no limit)
+MAX_MINUTES = 0.0  # time budget: the schedule ends with it, then stop and save (0: no limit)
 RESUME = False  # continue the run in OUT_DIR from last/
 CPU = False  # run on the CPU even if an accelerator is present
+THREADS = 0  # CPU threads per process (0: this machine's cores shared among its processes)
 TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
 
 
-def lr_at(step: int, args) -> float:
-    """Warmup, then cosine decay from LEARNING_RATE to MIN_LR at MAX_STEPS."""
-    if step < args.warmup_steps:
-        return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
+    """Linear warmup over WARMUP_STEPS, then cosine decay from LEARNING_RATE to MIN_LR at
+    MAX_STEPS. With a time budget (MAX_MINUTES) the schedule also runs on the clock and
+    follows whichever is further along: warmup ends by WARMUP_SHARE of the budget and the
+    decay reaches MIN_LR when the budget is spent, so a time-limited run anneals."""
+    budget, share = args.max_minutes * 60, args.warmup_share
+    warm = (step + 1) / args.warmup_steps
+    if budget:
+        warm = max(warm, elapsed_s / (share * budget)) if share > 0 else 1.0
+    if warm < 1.0:
+        return args.learning_rate * warm
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    if budget:
+        progress = max(progress, (elapsed_s / budget - share) / (1 - share))
+    progress = min(1.0, max(0.0, progress))
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
         args.learning_rate - args.min_lr
     )
@@ -104,9 +116,12 @@ def evaluate(model, windows, accelerator, batch_size: int) -> float:
 
 
 def model_config(args):
-    """The run's ModelConfig from the preset and overrides; one clear line if impossible."""
+    """The run's ModelConfig from the preset and overrides; one clear line if impossible.
+    ``auto`` picks the demo preset on a CPU-only machine (ctx2048 would take days there)."""
     from perceiver_music.config import PRESETS, preset
 
+    if args.preset == "auto":
+        args.preset = "demo" if cpu_only(args.cpu) else "ctx2048"
     if args.preset not in PRESETS:
         fail(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     context = PRESETS[args.preset]["max_seq_len"]
@@ -188,30 +203,32 @@ def trim_metrics(path: Path, step: int) -> None:
         write_atomic(path, "".join(kept).encode())
 
 
-def resume_meta(meta: dict, where: Path) -> tuple[int, float]:
-    """The step and best validation loss of the run being resumed, checked."""
-    step, best = meta.get("step"), meta.get("best_val_loss")
+def resume_meta(meta: dict, where: Path) -> tuple[int, float, float]:
+    """The step, best validation loss and training seconds of the run being resumed,
+    checked."""
+    step, best, seconds = meta.get("step"), meta.get("best_val_loss"), meta.get(
+        "train_seconds", 0.0)
     if type(step) is not int or step < 0:
         fail(f"cannot resume: {where}: step {step!r} is not a step count")
-    if best is not None and (not isinstance(best, int | float) or not math.isfinite(best)):
-        fail(f"cannot resume: {where}: best_val_loss {best!r} is not a number")
-    return step, math.inf if best is None else float(best)
+    for name, value in (("best_val_loss", best), ("train_seconds", seconds)):
+        if value is not None and (not isinstance(value, int | float) or not math.isfinite(
+                value) or isinstance(value, bool)):
+            fail(f"cannot resume: {where}: {name} {value!r} is not a number")
+    return step, math.inf if best is None else float(best), float(seconds or 0.0)
 
 
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"--mixed_precision must be no, fp16 or bf16, not {args.mixed_precision!r}")
-    for name in (
-        "batch_size",
-        "grad_accum",
-        "max_steps",
-        "eval_interval",
-        "save_interval",
-        "log_interval",
-    ):
+    for name in ("batch_size", "grad_accum", "max_steps", "warmup_steps", "eval_interval",
+                 "save_interval", "log_interval"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1")
+    if not 0 <= args.warmup_share < 1:
+        fail(f"--warmup_share must be in [0, 1), got {args.warmup_share}")
+    if args.max_minutes < 0 or args.threads < 0:
+        fail("--max_minutes and --threads must not be negative")
 
     import torch
     from accelerate import Accelerator
@@ -242,7 +259,7 @@ def main() -> None:
             fail(f"cannot resume: {exc}")
         if not (out_dir / "last" / "state").is_dir():
             fail(f"cannot resume: {out_dir / 'last' / 'state'} is missing")
-        step, best = resume_meta(meta, out_dir / "last" / "config.json")
+        step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
     else:
@@ -264,6 +281,10 @@ def main() -> None:
 
     precision = {} if args.mixed_precision == "no" else {"mixed_precision": args.mixed_precision}
     accelerator = Accelerator(cpu=cpu_only(args.cpu), **precision)
+    if accelerator.device.type == "cpu":
+        # accelerate launch sets OMP_NUM_THREADS=1 for each process: share the cores instead
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
     set_seed(args.seed)
     if not args.resume:
         model = build_model(cfg)
@@ -287,7 +308,7 @@ def main() -> None:
             problem = f"cannot resume: {out_dir / 'last' / 'state'}: bad data position ({exc})"
         fail_together(accelerator, problem)
     else:
-        step, best = 0, math.inf
+        step, best, previous_s = 0, math.inf, 0.0
 
     main_proc = accelerator.is_main_process
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
@@ -312,6 +333,8 @@ def main() -> None:
             f"parameters, context {cfg.max_seq_len}, {cfg.num_latents} latents; "
             f"{len(train_split.tokens):,} training tokens; {accelerator.num_processes} "
             f"process(es) on {accelerator.device}"
+            + (f" ({torch.get_num_threads()} threads each)"
+               if accelerator.device.type == "cpu" else "")
         )
 
     stop = {"flag": False, "signal": 0}
@@ -329,8 +352,18 @@ def main() -> None:
             "step": step,
             "val_loss": val_loss,
             "best_val_loss": best if best < math.inf else None,
+            "train_seconds": round(elapsed(), 3),
             "train": settings,
         }
+
+    def elapsed() -> float:
+        """Training seconds of the whole run, earlier runs resumed from included."""
+        return previous_s + time.time() - started
+
+    def log_row(*values) -> None:
+        if main_proc:
+            log.writerow([step, *values, f"{elapsed():.1f}"])
+            metrics.flush()
 
     tokens_per_step = (
         args.batch_size
@@ -338,10 +371,11 @@ def main() -> None:
         * accelerator.num_processes
         * (window - cfg.cross_attn_seq_len)
     )
+    budget_s = args.max_minutes * 60
     with tqdm(total=args.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True) as bar:
         t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
         while step < args.max_steps:
-            lr = lr_at(step, args)
+            lr = lr_at(step, args, elapsed())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(args.grad_accum):
@@ -359,30 +393,25 @@ def main() -> None:
             step += 1
             bar.update(1)
 
-            if step % args.log_interval == 0 or step == args.max_steps:
-                elapsed = time.perf_counter() - t_log
-                tps = tokens_per_step * (loss_n / args.grad_accum) / elapsed
+            # Every process stops at the same step: on a signal to any, or when the time
+            # budget is spent (the last step, with validation, as at MAX_STEPS).
+            flags = torch.tensor([stop["flag"], bool(budget_s) and elapsed() >= budget_s],
+                                 dtype=torch.float32, device=accelerator.device)
+            signalled, spent = (bool(f > 0) for f in accelerator.reduce(flags, "sum"))
+            final = step == args.max_steps or spent
+
+            if step % args.log_interval == 0 or final or signalled:
+                tps = tokens_per_step * (loss_n / args.grad_accum) / (time.perf_counter() - t_log)
                 train_loss = loss_sum / loss_n
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                if main_proc:
-                    log.writerow(
-                        [
-                            step,
-                            f"{train_loss:.5f}",
-                            "",
-                            f"{lr:.3e}",
-                            f"{tps:.0f}",
-                            f"{time.time() - started:.1f}",
-                        ]
-                    )
-                    metrics.flush()
-                    if writer:
-                        writer.add_scalar("loss/train", train_loss, step)
-                        writer.add_scalar("lr", lr, step)
-                        writer.add_scalar("tokens_per_s", tps, step)
+                log_row(f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
+                if writer:
+                    writer.add_scalar("loss/train", train_loss, step)
+                    writer.add_scalar("lr", lr, step)
+                    writer.add_scalar("tokens_per_s", tps, step)
                 t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
 
-            if step % args.eval_interval == 0 or step == args.max_steps:
+            if step % args.eval_interval == 0 or final:
                 val_loss = evaluate(model, val, accelerator, args.batch_size)
                 improved = val_loss < best
                 best = min(best, val_loss)
@@ -391,9 +420,7 @@ def main() -> None:
                         f"step {step}: validation loss {val_loss:.4f} nats/token"
                         + (" (best)" if improved else "")
                     )
-                    elapsed_s = f"{time.time() - started:.1f}"
-                    log.writerow([step, "", f"{val_loss:.5f}", f"{lr:.3e}", "", elapsed_s])
-                    metrics.flush()
+                    log_row("", f"{val_loss:.5f}", f"{lr:.3e}", "")
                     if writer:
                         writer.add_scalar("loss/val", val_loss, step)
                     if improved:
@@ -405,21 +432,14 @@ def main() -> None:
                         )
                 accelerator.wait_for_everyone()
 
-            if args.max_minutes and time.time() - started > args.max_minutes * 60:
-                stop["flag"] = True
-            stop_now = (
-                accelerator.reduce(
-                    torch.tensor(float(stop["flag"]), device=accelerator.device), reduction="sum"
-                ).item()
-                > 0
-            )
-            if step % args.save_interval == 0 or step == args.max_steps or stop_now:
+            if step % args.save_interval == 0 or final or signalled:
                 save_last(accelerator, model, optimizer, cfg, sampler.state,
                           checkpoint_meta(val_loss), out_dir)
-            if stop_now:
+            if signalled or spent:
                 if main_proc:
+                    why = "time budget spent" if spent and not signalled else "stopped"
                     bar.write(
-                        f"stopped at step {step}; saved {out_dir / 'last'}. "
+                        f"{why} at step {step}; saved {out_dir / 'last'}. "
                         f"Continue with: python train.py --out_dir {out_dir} --resume"
                     )
                 break

@@ -326,7 +326,7 @@ def test_awkward_file_names_are_encoded(tmp_path: Path) -> None:
     assert all(len(os.fsencode(Path(e["output"]).name)) <= 200 for e in entries.values())
     for e in entries.values():
         assert tokens_of(out / e["output"])[-1] == END
-    again = run_prep("--input", src, "--output", out)  # the rerun finds both unchanged
+    again = run_prep("--input", src, "--output", out, "--val_share", "0", "--test_share", "0")
     assert "0 encoded, 2 unchanged" in again.stdout, again.stdout
 
 
@@ -359,3 +359,27 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for f in out.rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o755 if f.is_dir() else 0o644), f
+
+
+def test_a_small_folder_still_gets_validation_and_test_files(tmp_path: Path) -> None:
+    """The path hash would put all 3 files in train/ (shares 5 %): one moves to val/ and
+    one to test/; a single file stays in train/ with a warning that val/ is empty."""
+    src, out = tmp_path / "corpus", tmp_path / "data"
+    for real in REAL_FILES[:3]:
+        write(src / real.name, real.read_bytes())
+    r = run_prep("--input", src, "--output", out)
+    assert r.returncode == 0, r.stderr
+    splits = sorted(e["split"] for e in manifest(out).values())
+    assert splits == ["test", "train", "val"] and "warning" not in r.stderr
+    again = run_prep("--input", src, "--output", out)
+    assert sorted(e["split"] for e in manifest(out).values()) == splits  # stable
+    assert "0 encoded, 3 unchanged" in again.stdout
+
+    from prep import hash_split
+
+    one, out1 = tmp_path / "one", tmp_path / "data1"
+    name = next(f"p{i}.mid" for i in range(100) if hash_split(f"p{i}.mid", 0.05, 0.05) == "train")
+    write(one / name, REAL_FILES[0].read_bytes())
+    r = run_prep("--input", one, "--output", out1)
+    assert r.returncode == 0
+    assert "too few to put one in val/ (train.py needs one there" in r.stderr

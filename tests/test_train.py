@@ -305,3 +305,32 @@ def test_two_processes_report_a_problem_once_and_never_hang(data_dir, tmp_path):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "process_1.json: missing" in lines[0], r.stderr
+
+
+def test_a_time_budget_anneals_and_ends_with_validation(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run(["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps",
+             "1000000", "--max_minutes", "0.12", "--min_lr", "3e-5", "--eval_interval",
+             "1000000"])
+    assert r.returncode == 0, r.stderr
+    assert "time budget spent" in r.stdout + r.stderr
+    rows = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    lrs = [float(row[3]) for row in rows if row[1]]
+    assert lrs[-1] == pytest.approx(3e-5, rel=0.02)  # annealed to MIN_LR by the end
+    assert max(lrs) == pytest.approx(3e-3, rel=0.05)  # after a warmup to the peak
+    assert rows[-1][2] and (out / "best" / "config.json").exists()  # validated at the end
+    assert float(rows[-1][-1]) >= 0.12 * 60
+
+
+def test_auto_preset_and_threads_on_a_cpu(data_dir, tmp_path):
+    """Without a GPU, auto picks the demo preset, and accelerate launch's
+    OMP_NUM_THREADS=1 does not leave the other cores idle."""
+    assert "demo" in run(["--help"]).stdout
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "train.py", "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"),
+           "--max_steps", "1", "--batch_size", "1", "--eval_windows", "2", "--no-tensorboard"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "model: demo" in r.stdout
+    assert f"({os.cpu_count()} threads each)" in r.stdout
