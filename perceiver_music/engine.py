@@ -34,13 +34,15 @@ from torch import Tensor
 from midi_processor.vocab import (
     END,
     MAX_SHIFT_STEPS,
+    NOTE_OFF,
+    NOTE_ON,
     PAD,
     STEPS_PER_SECOND,
     TIME_SHIFT,
     VOCAB_SIZE,
 )
 
-from .model import DecodeCache, decode_step, forward
+from .model import DecodeCache, decode_step, forward, prefix_length
 
 STOP_END = "end"
 STOP_SECONDS = "seconds"
@@ -51,9 +53,12 @@ STOP_MAX_TOKENS = "max_tokens"
 class SamplingConfig:
     """How the next token is drawn from the logits.
 
-    Filters compose in this order: temperature, top-k, top-p, min-p. ``greedy`` takes the
-    most likely token (the filters cannot change it, so they are ignored). PAD is never
-    drawn: it is not a musical event.
+    ``creativity`` is a logit bias added to every NOTE_ON before anything else: each note
+    becomes e**creativity times as likely against time shifts and the other events, so
+    positive values give more notes and fewer rests, negative values sparser music (0: the
+    model's own distribution). Filters then compose in this order: temperature, top-k,
+    top-p, min-p. ``greedy`` takes the most likely token (after the bias; the filters
+    cannot change it, so they are ignored). PAD is never drawn: it is not a musical event.
     """
 
     temperature: float = 1.0
@@ -61,8 +66,11 @@ class SamplingConfig:
     top_p: float | None = None
     min_p: float | None = None
     greedy: bool = False
+    creativity: float = 0.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.creativity):
+            raise ValueError(f"creativity must be a finite number, got {self.creativity}")
         if not self.temperature > 0.0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -91,6 +99,7 @@ class StepInfo:
     parents: Tensor | None
     reencoded: bool
     seconds: float  # music generated so far by the longest sample (or beam), in seconds
+    cross_attn_seq_len: int  # the prefix length m of ``window``: its first m are the prefix
 
 
 @dataclass
@@ -139,6 +148,9 @@ def sample_next(logits: Tensor, sampling: SamplingConfig,
     One generator per row makes sample i of a batch independent of the batch size.
     """
     logits = logits.float().index_fill(1, _pad_index(logits.device), -math.inf)
+    if sampling.creativity:
+        logits = logits.clone()
+        logits[:, NOTE_ON:NOTE_OFF] += sampling.creativity
     if sampling.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, sampling).softmax(dim=-1)
@@ -165,6 +177,7 @@ def generate(
     stride: int | None = None,
     seed: int | None = None,
     decode_threads: int | None = 1,
+    cross_attn_seq_len: int | None = None,
     on_step: Callable[[StepInfo], object] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> GenerationResult:
@@ -185,12 +198,17 @@ def generate(
     products bound by memory bandwidth: on the 2-core test machine one thread streams them
     as fast as two, and waking a second thread for each product made steps 3x slower.
 
+    ``cross_attn_seq_len`` chooses the prefix length m at generation (default: the
+    model's): the window keeps max_seq_len tokens, of which the last max_seq_len - m are
+    latents. It changes no weight, and the logits stay exactly the library's forward on
+    the reported window with that split (the original scripts used half the primer).
+
     ``on_step`` receives a `StepInfo` after every step; ``progress`` is called with 1
     after every step (``tqdm.update`` fits). The model runs in eval mode and is put back
     in its previous mode afterwards.
     """
     primer_ids = _check_primer(primer)
-    m, max_seq_len = model.cross_attn_seq_len, model.max_seq_len
+    m, max_seq_len = prefix_length(model, cross_attn_seq_len), model.max_seq_len
     n = max_seq_len - m
     stride = max(1, n // 2) if stride is None else stride
     if not 1 <= stride <= n:
@@ -214,12 +232,12 @@ def generate(
     model.eval()
     try:
         if num_beams > 1:
-            window = _Window(model, first[None], max_new_tokens, stride, decode_threads)
+            window = _Window(model, first[None], max_new_tokens, stride, decode_threads, m)
             return _beam_search(window, num_beams, length_penalty, limits, on_step, progress)
         if seed is None:
             seed = secrets.randbits(63)
         window = _Window(model, first.expand(num_samples, -1), max_new_tokens, stride,
-                         decode_threads)
+                         decode_threads, m)
         generators = _row_generators(seed, num_samples, device)
         return _sample(window, sampling or SamplingConfig(), generators, seed, limits,
                        on_step, progress)
@@ -235,16 +253,17 @@ class _Window:
     """Token buffer of a batch, the current window in it, and the window's KV cache."""
 
     def __init__(self, model: PerceiverAR, first: Tensor, capacity: int, stride: int,
-                 decode_threads: int | None) -> None:
+                 decode_threads: int | None, prefix_len: int) -> None:
         batch, length = first.shape
         self.model = model
+        self.prefix_len = prefix_len
         self.stride = stride
         self.decode_threads = decode_threads if first.device.type == "cpu" else None
         self.primer_len = length
         self.buf = first.new_full((batch, length + capacity), PAD)
         self.buf[:, :length] = first
         self.start, self.end = 0, length
-        self.cache = DecodeCache(model, batch)
+        self.cache = DecodeCache(model, batch, prefix_len)
         self.prefix_mask: Tensor | None = None
         self.reencoded = True
         self.full_forwards = 0
@@ -260,7 +279,7 @@ class _Window:
     def encode(self) -> Tensor:
         """Full forward over the window; rebuilds the caches; next-token logits."""
         window = self.tokens()
-        mask = window[:, : self.model.cross_attn_seq_len] != PAD
+        mask = window[:, : self.prefix_len] != PAD
         self.prefix_mask = None if bool(mask.all()) else mask
         self.reencoded = True
         self.full_forwards += 1
@@ -390,7 +409,8 @@ def _sample(
                 reasons[row] = limits.reason(token, steps[row], len(outputs[row]))
         if on_step is not None:
             on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits, tokens, None,
-                             window.reencoded, max(steps) / STEPS_PER_SECOND))
+                             window.reencoded, max(steps) / STEPS_PER_SECOND,
+                             window.prefix_len))
         if progress is not None:
             progress(1)
         if all(r is not None for r in reasons):
@@ -456,7 +476,7 @@ def _beam_search(
             music = max(live_steps + [f[3] for f in finished] + [0]) / STEPS_PER_SECOND
             on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits,
                              torch.tensor(tokens, dtype=torch.long, device=device), index,
-                             window.reencoded, music))
+                             window.reencoded, music, window.prefix_len))
         if progress is not None:
             progress(1)
         if not parents:

@@ -43,7 +43,8 @@ def build_model(cfg: ModelConfig) -> PerceiverAR:
 
 
 class DecodeCache:
-    """What `decode_step` needs besides the model, for one batch of windows.
+    """What `decode_step` needs besides the model, for one batch of windows split at
+    ``prefix_len`` (default: the model's own prefix length m).
 
     Keys and values of every attention layer (a gpt-fast style KV cache), written in
     place: cross-attention layers store all window positions (prefix and latents),
@@ -57,10 +58,11 @@ class DecodeCache:
     cache is built, so build a new cache after changing the weights.
     """
 
-    def __init__(self, model: PerceiverAR, batch: int) -> None:
+    def __init__(self, model: PerceiverAR, batch: int, prefix_len: int | None = None) -> None:
         param = model.token_emb.weight
         heads, dim_head = _head_shape(model.perceive_layers[0][0])
-        n = model.max_seq_len - model.cross_attn_seq_len
+        self.prefix_len = prefix_length(model, prefix_len)
+        n = model.max_seq_len - self.prefix_len
 
         def empty(length: int) -> Tensor:
             return param.new_zeros(batch, heads, length, dim_head)
@@ -92,23 +94,42 @@ class DecodeCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
+def prefix_length(model: PerceiverAR, prefix_len: int | None = None) -> int:
+    """``prefix_len``, checked, or the model's own prefix length m (``cross_attn_seq_len``).
+
+    The prefix length changes no parameter: any m in [1, max_seq_len) runs the same
+    weights, with the window's last max_seq_len - m positions as latents.
+    """
+    if prefix_len is None:
+        return model.cross_attn_seq_len
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not (
+            0 < prefix_len < model.max_seq_len):
+        raise ValueError(f"the prefix length (cross_attn_seq_len) must be an integer in "
+                         f"[1, {model.max_seq_len - 1}], got {prefix_len!r}")
+    return prefix_len
+
+
 def forward(
     model: PerceiverAR,
     tokens: Tensor,
     prefix_mask: Tensor | None = None,
     *,
     cache: DecodeCache | None = None,
+    prefix_len: int | None = None,
 ) -> Tensor:
     """Logits of the latent positions of ``tokens``, as ``model(tokens, prefix_mask)``.
 
-    ``tokens`` is (batch, t) with m < t <= max_seq_len, where m is the prefix length;
-    the result is (batch, t - m, num_tokens). ``prefix_mask`` is (batch, m), True for real
-    tokens. In training mode the library's prefix dropout and dropout apply. With ``cache``
-    (eval mode only) the keys and values of every layer are also stored there, so that
-    `decode_step` can continue this window.
+    ``tokens`` is (batch, t) with m < t <= max_seq_len, where m is the prefix length
+    (``prefix_len``, or the cache's, or the model's ``cross_attn_seq_len``); the result is
+    (batch, t - m, num_tokens). ``prefix_mask`` is (batch, m), True for real tokens. In
+    training mode the library's prefix dropout and dropout apply. With ``cache`` (eval mode
+    only) the keys and values of every layer are also stored there, so that `decode_step`
+    can continue this window.
     """
     batch, length = tokens.shape
-    m = model.cross_attn_seq_len
+    m = cache.prefix_len if cache is not None else prefix_length(model, prefix_len)
+    if cache is not None and prefix_len is not None and prefix_len != m:
+        raise ValueError(f"prefix_len {prefix_len} differs from the cache's {m}")
     if not m < length <= model.max_seq_len:
         raise ValueError(f"window length {length} must be in ({m}, {model.max_seq_len}]: "
                          f"the prefix takes {m} positions and at least one latent is needed")
@@ -146,8 +167,9 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int, cache: DecodeC
     and earlier steps); this step adds ``position``. ``token`` is (batch,); the result is
     (batch, num_tokens). Exact while the window start and the prefix stay put, because
     every key and value depends only on its token, its position and earlier positions.
+    The prefix length is the cache's.
     """
-    m = model.cross_attn_seq_len
+    m = cache.prefix_len
     if not m <= position < model.max_seq_len:
         raise ValueError(f"position {position} is not a latent position of a window of "
                          f"at most {model.max_seq_len} tokens with a {m}-token prefix")
@@ -204,13 +226,15 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def window_losses(
-    model: PerceiverAR, tokens: Tensor, prefix_mask: Tensor, batch_size: int = 16
+    model: PerceiverAR, tokens: Tensor, prefix_mask: Tensor, batch_size: int = 16,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[float, int]:
     """Summed cross entropy (nats) and the number of targets over whole windows.
 
     ``tokens`` is (windows, t + 1) as `perceiver_music.data.validation_windows` makes them,
     ``prefix_mask`` (windows, m). Runs without gradients on the model's device, in
-    whatever mode the model is in; divide the two for nats per token.
+    whatever mode the model is in; divide the two for nats per token. ``progress`` is
+    called with the number of windows after each batch (``tqdm.update`` fits).
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -221,6 +245,8 @@ def window_losses(
             n = int((x[:, -logits.shape[1] :] != PAD).sum())
             total += float(loss_fn(logits, x[:, 1:])) * n
             count += n
+            if progress is not None:
+                progress(len(x))
     return total, count
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -52,16 +53,25 @@ def biased(model: torch.nn.Module, bias: torch.Tensor) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "overrides, primer_len, stride",
+    "overrides, primer_len, stride, prefix_len",
     [
-        ({}, 10, None),  # primer shorter than the latents: PAD prefix
-        ({}, 100, None),  # primer longer than the context: its last tokens
-        ({"cross_attn_seq_len": 40}, 30, 7),  # n <= primer <= m: full window, partial PAD
-        ({"cross_attn_seq_len": 40}, 50, 24),  # stride = n: windows of m + 1 tokens
+        ({}, 10, None, None),  # primer shorter than the latents: PAD prefix
+        ({}, 100, None, None),  # primer longer than the context: its last tokens
+        ({"cross_attn_seq_len": 40}, 30, 7, None),  # n <= primer <= m: partial PAD
+        ({"cross_attn_seq_len": 40}, 50, 24, None),  # stride = n: windows of m + 1 tokens
+        ({}, 30, None, 12),  # a prefix length chosen at generation: 12 + 52 latents
+        ({}, 100, 5, 56),  # ... 56 + 8 latents, past several re-encodes
     ],
 )
-def test_every_step_matches_library_on_reported_window(overrides, primer_len, stride):
-    model = tiny_model(1, **overrides)
+def test_every_step_matches_library_on_reported_window(overrides, primer_len, stride,
+                                                       prefix_len):
+    """The logits equal the library's forward on the reported window, split at the prefix
+    length in use (the model's, or one chosen at generation: the library then runs with
+    that cross_attn_seq_len, which changes no weight)."""
+    trained = tiny_model(1, **overrides)
+    model = copy.copy(trained)  # the reference: the library's forward with that split
+    if prefix_len is not None:
+        model.cross_attn_seq_len = prefix_len
     m, max_seq_len = model.cross_attn_seq_len, model.max_seq_len
     n = max_seq_len - m
     step_stride = stride or n // 2
@@ -93,16 +103,18 @@ def test_every_step_matches_library_on_reported_window(overrides, primer_len, st
         steps.append(info)
 
     result = generate(
-        model,
+        trained,
         primer,
         max_new_tokens=new_tokens,
         num_samples=samples,
         stride=stride,
         seed=5,
         stop_on_end=False,
+        cross_attn_seq_len=prefix_len,
         on_step=check,
     )
     assert worst[0] <= TOL
+    assert {s.cross_attn_seq_len for s in steps} == {m}
     assert len(steps) == new_tokens
     assert result.tokens == [h[primer_len:] for h in history]
     assert result.stop_reasons == [STOP_MAX_TOKENS] * samples
@@ -158,6 +170,7 @@ def run_steps(model, sampling, steps=40, **kwargs) -> list[StepInfo]:
                 None,
                 info.reencoded,
                 info.seconds,
+                info.cross_attn_seq_len,
             )
         )
 
@@ -480,6 +493,7 @@ def test_beam_search_steps_match_library_across_reorders_and_reencodes():
                 info.parents.clone(),
                 info.reencoded,
                 info.seconds,
+                info.cross_attn_seq_len,
             )
         )
 
@@ -494,3 +508,29 @@ def test_beam_search_steps_match_library_across_reorders_and_reencodes():
     )
     assert worst[0] <= TOL
     assert len(result.tokens[0]) == 60 and result.full_forwards > 3
+
+
+def test_creativity_makes_notes_likelier_than_rests():
+    model = tiny_model(5)
+    for info in run_steps(model, SamplingConfig(greedy=True, creativity=1.5), steps=20):
+        biased_logits = without_pad(info.logits).clone()
+        biased_logits[:, :128] += 1.5  # every NOTE_ON, nothing else
+        assert torch.equal(info.tokens, biased_logits.argmax(-1))
+
+    def note_share(creativity: float) -> float:
+        steps = run_steps(model, SamplingConfig(creativity=creativity), steps=60, seed=9,
+                          num_samples=4)
+        tokens = torch.cat([i.tokens for i in steps])
+        return float((tokens < 128).float().mean())
+
+    low, none, high = note_share(-3.0), note_share(0.0), note_share(3.0)
+    assert low < none < high and high > 0.5
+    with pytest.raises(ValueError, match="creativity"):
+        SamplingConfig(creativity=math.inf)
+
+
+def test_prefix_length_at_generation_is_checked():
+    model = tiny_model()
+    for bad in (0, 64, -1):
+        with pytest.raises(ValueError, match="cross_attn_seq_len"):
+            generate(model, [1, 2, 3], max_new_tokens=2, cross_attn_seq_len=bad)
