@@ -150,7 +150,8 @@ def shift_steps(tokens) -> np.ndarray:
 def cut_tokens(tokens, *, seconds: float = 0.0, count: int = 0,
                from_end: bool = False) -> list[int]:
     """The first (or, ``from_end``, the last) ``seconds`` of music or ``count`` tokens of
-    a token sequence (0: all); END and what follows it are dropped.
+    a token sequence (0: all); END and what follows it are dropped. The first ``seconds``
+    last exactly that long when the piece does (a rest across the limit is shortened).
 
     A cut that starts inside the piece gets the VELOCITY event in force there, so its
     first notes keep their dynamics. Notes cut at the end simply stay unfinished; note-offs
@@ -170,6 +171,10 @@ def cut_tokens(tokens, *, seconds: float = 0.0, count: int = 0,
     elif count:
         start, stop = (max(0, len(ids) - count), len(ids)) if from_end else (0, count)
     cut = ids[start:stop]
+    if seconds and not from_end and cut:
+        over = int(clock[stop - 1] + steps[stop - 1]) - limit  # a last shift past the limit
+        if over > 0:
+            cut[-1] -= over  # ... ends at the limit instead: exactly ``seconds`` of music
     first_on = next((i for i, t in enumerate(cut) if t < NOTE_OFF), len(cut))
     if start and not any(VELOCITY <= t < END for t in cut[:first_on]):
         cut = [t for t in ids[:start] if VELOCITY <= t < END][-1:] + cut

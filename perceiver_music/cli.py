@@ -61,6 +61,13 @@ def parse_constants(
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
+def bundled(path: str) -> str:
+    """``path`` as given, or inside the toolkit's folder when it is a relative path that
+    exists only there (so the defaults, such as ckpt/demo, work from any folder)."""
+    here = Path(__file__).resolve().parent.parent / path
+    return str(here) if path and not Path(path).exists() and here.exists() else path
+
+
 def cpu_only(requested: bool) -> bool:
     """Whether accelerate must be told ``cpu=True``: when asked, or when the machine has no
     accelerator (CUDA, MPS, or an installed torch_xla), so that ``accelerate launch`` of

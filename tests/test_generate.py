@@ -273,3 +273,13 @@ def test_outputs_follow_the_umask(ckpt, tmp_path):
     for f in (tmp_path / "u").rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o750 if f.is_dir() else 0o640), f
     assert (tmp_path / "u").stat().st_mode & 0o777 == 0o750
+
+
+def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2")
+    assert r.returncode == 0, r.stderr
+    settings = report(tmp_path / "n")["generation"]
+    assert settings["cross_attn_seq_len"] == 16 and settings["creativity"] == 2.0
+    r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
+    assert r.returncode == 1 and "prefix length must be in [1, 63]" in r.stderr
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,307 @@
+"""The Python API: load a checkpoint, continue a primer, hear and save the result.
+
+    from perceiver_music import PerceiverMusic
+
+    model = PerceiverMusic.from_pretrained("ckpt/demo")      # any checkpoint folder or .pth
+    take = model.generate("primer.mid", seconds=20, top_p=0.95, seed=1)
+    take.midi()                     # pretty_midi.PrettyMIDI: primer + continuation
+    take.audio("take.wav")          # a normalised WAV file
+    take.save("output/take1")       # MIDI, audio, piano roll and generation.json
+    model.save_pretrained("ckpt/mine")
+
+generate.py, app.py and evaluate.py are built on this module, so the Python API and the
+scripts write the same files and accept the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pretty_midi
+import torch
+
+from midi_processor import (
+    MidiError,
+    cut_tokens,
+    decode_midi,
+    encode_midi,
+    piece_seconds,
+)
+from midi_processor.vocab import END, PAD, VELOCITY, VOCAB_SIZE
+
+from .checkpoint import atomic_folder, load_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .engine import SamplingConfig, StepInfo, generate
+from .render import AudioInfo, pianoroll_figure, render_audio, save_pianoroll
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "ckpt" / "demo"
+START_TOKEN = VELOCITY + 16  # an empty primer starts from VELOCITY(16), as many pieces open
+TOKENS_PER_SECOND = 100  # a generous bound on the music's density, for default lengths
+
+Primer = str | os.PathLike | bytes | pretty_midi.PrettyMIDI | Sequence[int] | np.ndarray | None
+
+
+def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
+                  from_end: bool = False) -> tuple[list[int], str]:
+    """A primer's tokens for the engine, and a line saying what was taken.
+
+    ``primer`` is a MIDI file path, raw MIDI bytes, a ``pretty_midi.PrettyMIDI``, token
+    ids, or None (from scratch). The first (``from_end``: last) ``seconds`` of music or
+    ``count`` tokens are kept (0: all). Raises MidiError for unreadable MIDI and ValueError
+    for ids outside the vocabulary.
+    """
+    if primer is None:
+        return [START_TOKEN], "primer: none (from scratch)"
+    if isinstance(primer, str | os.PathLike):
+        path = Path(primer)
+        if path.is_dir():
+            example = next(iter(sorted(path.glob("*.mid"))), path / "piece.mid")
+            raise MidiError(f"{path} is a folder: give one MIDI file (e.g. {example})")
+        if not path.is_file():
+            raise MidiError(f"{path}: primer file not found")
+        tokens, name = encode_midi(path), path.name
+    elif isinstance(primer, bytes | pretty_midi.PrettyMIDI):
+        tokens, name = encode_midi(primer), "the primer"
+    else:
+        tokens = [int(t) for t in (primer.tolist() if hasattr(primer, "tolist") else primer)]
+        bad = [t for t in tokens if not 0 <= t < VOCAB_SIZE or t == PAD]
+        if bad:
+            raise ValueError(f"primer token {bad[0]} is not an event id (0..{END})")
+        name = "the primer tokens"
+    total = piece_seconds(tokens)
+    side = "last" if from_end else "first"
+    cut = cut_tokens(tokens, seconds=0.0 if count else seconds, count=count, from_end=from_end)
+    if count:
+        what = f"{side} {count} tokens"
+    elif seconds and seconds < total:
+        what = f"{side} {seconds:g} s"
+    else:
+        what = "all"
+    note = f"primer: {what} of {name} ({piece_seconds(cut):.1f} of {total:.1f} s, {len(cut)} " \
+           "tokens)"
+    return cut or [START_TOKEN], note
+
+
+@dataclass
+class Generation:
+    """Continuations of one primer: tokens, and the ways to hear, see and save them.
+
+    Sample ``i`` is ``primer + continuations[i]`` (token ids). ``stop_reasons[i]`` says
+    why it stopped ("end", "seconds", "max_tokens"), ``seconds[i]`` how much music it
+    added; ``seed`` repeats the run; ``settings`` are the generation arguments.
+    """
+
+    primer: list[int]
+    continuations: list[list[int]]
+    stop_reasons: list[str]
+    seconds: list[float]
+    seed: int | None
+    settings: dict[str, Any]
+    checkpoint: str = ""
+    generate_s: float = 0.0
+    primer_note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primer_seconds(self) -> float:
+        """Where the continuation starts, in seconds of music."""
+        return piece_seconds(self.primer)
+
+    def tokens(self, i: int = 0) -> list[int]:
+        """Primer and continuation ``i`` as one token list."""
+        return self.primer + self.continuations[i]
+
+    def midi(self, i: int = 0) -> pretty_midi.PrettyMIDI:
+        """Primer and continuation ``i`` as one piano part."""
+        return decode_midi(self.tokens(i))
+
+    def continuation_midi(self, i: int = 0) -> pretty_midi.PrettyMIDI:
+        """Continuation ``i`` alone, from time 0."""
+        return decode_midi(self.continuations[i])
+
+    def notes(self, i: int = 0) -> list[pretty_midi.Note]:
+        """The notes of continuation ``i`` as they sound after the primer (times from the
+        start of the primer)."""
+        boundary = self.primer_seconds
+        return [n for n in self._sorted_notes(i) if n.start >= boundary]
+
+    def audio(self, path: str | os.PathLike, i: int = 0, soundfont: str | None = None,
+              renderer: str = "midirenderer") -> AudioInfo:
+        """Render primer + continuation ``i`` to a WAV file (see `render.render_audio`)."""
+        return render_audio(self.midi(i), path, soundfont, renderer)
+
+    def pianoroll(self, path: str | os.PathLike | None = None, i: int = 0,
+                  title: str | None = None) -> Any:
+        """The piano roll of sample ``i``: written as PNG to ``path``, or returned as a
+        matplotlib Figure when ``path`` is None."""
+        notes = self._sorted_notes(i)
+        boundary = self.primer_seconds
+        parts = ([n for n in notes if n.start < boundary], [n for n in notes
+                                                             if n.start >= boundary])
+        title = self._title(i) if title is None else title
+        if path is None:
+            return pianoroll_figure(*parts, boundary, title)
+        save_pianoroll(path, *parts, boundary, title)
+        return None
+
+    def save(self, folder: str | os.PathLike, *, audio: bool = True,
+             soundfont: str | None = None, renderer: str = "midirenderer",
+             report: dict[str, Any] | None = None) -> list[str]:
+        """Write the take to ``folder`` (which must not exist; written atomically):
+        primer.mid, continuation.mid, full.mid, audio.wav, pianoroll.png and
+        generation.json, with suffixes _1, _2... for several samples. ``report`` entries
+        go into generation.json. Returns the problems met on the way (audio that could not
+        be rendered: everything else is still written)."""
+        from .render import AudioError
+
+        final = Path(folder)
+        if final.exists():
+            raise FileExistsError(f"{final} already exists")
+        problems: list[str] = []
+        samples = []
+        with atomic_folder(final) as tmp:
+            primer_notes = len(decode_midi(self.primer, tmp / "primer.mid").instruments[0].notes)
+            for i, new in enumerate(self.continuations):
+                sfx = f"_{i + 1}" if len(self.continuations) > 1 else ""
+                cont = decode_midi(new, tmp / f"continuation{sfx}.mid")
+                full = decode_midi(self.tokens(i), tmp / f"full{sfx}.mid")
+                self.pianoroll(tmp / f"pianoroll{sfx}.png", i)
+                sample = {"tokens": len(new), "seconds": self.seconds[i],
+                          "stop_reason": self.stop_reasons[i],
+                          "notes": len(cont.instruments[0].notes),
+                          "primer_notes": primer_notes, "token_ids": new}
+                if audio and not problems:
+                    try:
+                        info = render_audio(full, tmp / f"audio{sfx}.wav", soundfont, renderer)
+                        sample["audio"] = {"seconds": round(info.seconds, 3),
+                                           "gain_db": round(info.gain_db, 2),
+                                           "renderer": info.renderer}
+                    except AudioError as exc:
+                        problems.append(str(exc))
+                samples.append(sample)
+            total = sum(len(t) for t in self.continuations)
+            document = {
+                **(report or {}),
+                "checkpoint": self.checkpoint,
+                "generation": self.settings,
+                "seed": self.seed,
+                "primer_tokens": len(self.primer),
+                "primer_seconds": self.primer_seconds,
+                "timings": {"generate_s": round(self.generate_s, 3),
+                            "tokens_per_s": round(total / self.generate_s, 1)
+                            if self.generate_s else None,
+                            **(report or {}).get("timings", {})},
+                "samples": samples,
+            }
+            (tmp / "generation.json").write_text(json.dumps(document, indent=2) + "\n")
+        return problems
+
+    def _sorted_notes(self, i: int) -> list[pretty_midi.Note]:
+        return sorted(self.midi(i).instruments[0].notes, key=lambda n: (n.start, n.pitch))
+
+    def _title(self, i: int) -> str:
+        name = self.extra.get("primer_name") or "primer"
+        sample = f", sample {i + 1}" if len(self.continuations) > 1 else ""
+        return f"{name}, continued by {Path(self.checkpoint).name}, seed {self.seed}{sample}"
+
+
+class PerceiverMusic:
+    """A Perceiver AR checkpoint, ready to continue music (`generate`)."""
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
+                 source: str = "") -> None:
+        self.model, self.config, self.meta, self.source = model, config, meta, source
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_emb.weight.device
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *,
+                        device: str | torch.device | None = None, heads: int | None = None,
+                        prefix: int | None = None) -> PerceiverMusic:
+        """Load any checkpoint: a folder (config.json + model.safetensors), an accelerate
+        state folder, or a ``.pth``/``.pt`` file of the original scripts (``heads`` and
+        ``prefix`` say what its shapes cannot); None loads the bundled demo model.
+        ``device`` defaults to CUDA when present. Raises CheckpointError with one line."""
+        path = DEMO_CHECKPOINT if path is None else Path(path)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, config, meta = load_checkpoint(path, device, heads=heads, prefix=prefix)
+        return cls(model, config, meta, str(path))
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors to ``path`` (loadable by
+        `from_pretrained`, generate.py --ckpt and every other loader)."""
+        extra = {k: v for k, v in self.meta.items() if k not in ("model", "vocab_version")}
+        return save_checkpoint(path, self.model, self.config, extra)
+
+    def generate(
+        self,
+        primer: Primer = None,
+        *,
+        seconds: float | None = 20.0,
+        max_new_tokens: int | None = None,
+        prime_seconds: float = 20.0,
+        prime_tokens: int = 0,
+        prime_from_end: bool = False,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        greedy: bool = False,
+        creativity: float = 0.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        stop_at_end: bool = True,
+        cross_attn_seq_len: int | None = None,
+        stride: int | None = None,
+        progress: Callable[[StepInfo], object] | None = None,
+    ) -> Generation:
+        """Continue ``primer`` (see `primer_tokens`: a path, bytes, PrettyMIDI, token ids
+        or None) for ``seconds`` of music (None: until END or ``max_new_tokens``).
+
+        The primer is cut to its first ``prime_seconds`` (or ``prime_tokens`` tokens; from
+        its end with ``prime_from_end``; 0: all). Sampling: ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``greedy``, ``creativity`` (a bias towards notes over rests,
+        see `SamplingConfig`); ``num_beams`` > 1 runs beam search instead.
+        ``num_samples`` continuations decode as one batch; ``seed`` repeats a run.
+        ``cross_attn_seq_len`` sets the prefix length at generation (default: the
+        model's). ``progress`` receives each step's `StepInfo` (its ``step`` and
+        ``seconds`` tell how far the slowest sample has come). Raises ValueError for
+        impossible settings and MidiError for an unreadable primer.
+        """
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds must be positive (or None for no limit), got {seconds}")
+        if max_new_tokens is None:
+            max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
+        tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
+                                     from_end=prime_from_end)
+        settings = {k: v for k, v in locals().items()
+                    if k not in ("self", "primer", "progress", "tokens", "note")}
+        sampling = None
+        if num_beams == 1:
+            sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_p=min_p, greedy=greedy, creativity=creativity)
+        start = time.perf_counter()
+        result = generate(self.model, tokens, max_new_tokens=max_new_tokens,
+                          num_samples=num_samples, sampling=sampling, num_beams=num_beams,
+                          max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
+                          seed=seed, cross_attn_seq_len=cross_attn_seq_len, on_step=progress)
+        name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
+            "from scratch" if primer is None else "primer")
+        return Generation(
+            primer=tokens, continuations=result.tokens, stop_reasons=result.stop_reasons,
+            seconds=result.seconds, seed=result.seed, settings=settings,
+            checkpoint=self.source, generate_s=time.perf_counter() - start,
+            primer_note=note, extra={"primer_name": name,
+                                     "scores": result.scores,
+                                     "model": asdict(self.config)})

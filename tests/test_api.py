@@ -1,0 +1,134 @@
+"""The installable package and its Python API: pip install -e, from_pretrained, generate,
+save, and the README's example, run as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pretty_midi
+import pytest
+import torch
+
+from midi_processor import END, MidiError, encode_midi
+from perceiver_music import Generation, PerceiverMusic
+from perceiver_music.checkpoint import CheckpointError, save_checkpoint
+from perceiver_music.config import preset
+from perceiver_music.model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIMER = ROOT / "tests" / "data" / "scn15_4.mid"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> PerceiverMusic:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(folder, build_model(preset("tiny")), preset("tiny"), {"step": 3})
+    return PerceiverMusic.from_pretrained(folder, device="cpu")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def test_pip_install_editable_then_import_from_another_folder(tmp_path):
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # A venv that sees this environment's packages (torch...) and its pip and setuptools.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    code = ("import perceiver_music, midi_processor, importlib.metadata as m; "
+            "from perceiver_music import PerceiverMusic; "
+            "print(perceiver_music.__file__); print(m.requires('perceiver-music'))")
+    before = subprocess.run([python, "-c", code], cwd=elsewhere, capture_output=True,
+                            text=True, env=clean_env())
+    assert before.returncode != 0 and "No module named 'perceiver_music'" in before.stderr
+    # The build backend comes from this environment (--no-build-isolation): no network.
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-build-isolation",
+                              "--no-deps", "-e", str(ROOT)], capture_output=True, text=True,
+                             timeout=300, env=clean_env())
+    assert install.returncode == 0, install.stderr
+    after = subprocess.run([python, "-c", code], cwd=elsewhere, capture_output=True,
+                           text=True, env=clean_env())
+    assert after.returncode == 0, after.stderr
+    location, requires = after.stdout.splitlines()
+    assert location == str(ROOT / "perceiver_music" / "__init__.py")
+    assert "torch" in requires and "perceiver-ar-pytorch==0.0.10" in requires
+
+
+def readme_example() -> str:
+    """The README's Python API example: the first python block under "### Python API"."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_api_example_runs(tmp_path):
+    (tmp_path / "samples").symlink_to(ROOT / "samples")
+    r = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600,
+                       env={**clean_env(), "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    take = tmp_path / "output" / "api-take"
+    assert {p.name for p in take.iterdir()} >= {"primer.mid", "full_1.mid", "full_2.mid",
+                                                "audio_1.wav", "pianoroll_2.png",
+                                                "generation.json"}
+    assert (tmp_path / "take.wav").stat().st_size > 100_000
+    assert len(pretty_midi.PrettyMIDI(str(tmp_path / "take.mid")).instruments[0].notes) > 20
+    assert (tmp_path / "ckpt" / "demo-copy" / "model.safetensors").is_file()
+
+
+def test_every_kind_of_primer(tiny):
+    tokens = encode_midi(PRIMER)
+    kinds = {"path": str(PRIMER), "bytes": PRIMER.read_bytes(),
+             "PrettyMIDI": pretty_midi.PrettyMIDI(str(PRIMER)), "tokens": tokens}
+    for name, primer in kinds.items():
+        take = tiny.generate(primer, seconds=None, max_new_tokens=5, prime_seconds=4,
+                             seed=1)
+        assert isinstance(take, Generation), name
+        assert 0 < take.primer_seconds <= 4 and take.primer[-1] != END, name
+        assert len(take.continuations[0]) == 5
+    scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
+    assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
+    with pytest.raises(MidiError, match="is a folder"):
+        tiny.generate(str(PRIMER.parent))
+    with pytest.raises(ValueError, match="not an event id"):
+        tiny.generate([1, 2, 10_000])
+    with pytest.raises(ValueError, match="seconds must be positive"):
+        tiny.generate(str(PRIMER), seconds=0)
+
+
+def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
+    take = tiny.generate(str(PRIMER), seconds=3, seed=4, num_samples=2, top_p=0.9,
+                         creativity=1.0, cross_attn_seq_len=16)
+    assert take.settings["cross_attn_seq_len"] == 16 and take.settings["creativity"] == 1.0
+    assert all(s >= 3 or r != "seconds" for s, r in zip(take.seconds, take.stop_reasons,
+                                                        strict=True))
+    notes = take.notes(1)
+    assert all(n.start >= take.primer_seconds for n in notes)
+    assert take.midi(0).instruments[0].notes[0].start < take.primer_seconds
+    assert take.pianoroll().axes[0].get_xlabel() == "time (s)"
+    info = take.audio(tmp_path / "a.wav")
+    assert info.seconds > take.primer_seconds
+    assert take.save(tmp_path / "take", audio=False) == []
+    with pytest.raises(FileExistsError):
+        take.save(tmp_path / "take")
+    again = tiny.generate(str(PRIMER), seconds=3, seed=4, num_samples=2, top_p=0.9,
+                          creativity=1.0, cross_attn_seq_len=16)
+    assert again.continuations == take.continuations  # the seed repeats the run
+
+
+def test_save_pretrained_round_trip_and_bad_paths(tiny, tmp_path):
+    folder = tiny.save_pretrained(tmp_path / "copy")
+    copy = PerceiverMusic.from_pretrained(folder, device="cpu")
+    assert copy.config == tiny.config and copy.meta["step"] == 3
+    a = tiny.generate(str(PRIMER), seconds=None, max_new_tokens=20, greedy=True)
+    b = copy.generate(str(PRIMER), seconds=None, max_new_tokens=20, greedy=True)
+    assert a.continuations == b.continuations
+    with pytest.raises(CheckpointError, match="does not exist"):
+        PerceiverMusic.from_pretrained(tmp_path / "nowhere")
