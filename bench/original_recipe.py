@@ -7,7 +7,7 @@ only the recipe differs): each epoch takes one random crop of context + 1 tokens
 (files shorter than that are padded with PAD at the end), the loss counts every target
 including PAD, Adam with betas (0.1, 0.999), a constant learning rate, no prefix mask, no
 augmentation. Trains for a wall-clock budget (or until Ctrl-C / SIGTERM), then saves a
-portable checkpoint whose validation and test loss ``bench/eval_loss.py`` measures like any
+portable checkpoint whose validation and test loss ``evaluate.py`` measures like any
 other.
 """
 

@@ -1,0 +1,176 @@
+"""Evaluate checkpoints: loss on the test split, music statistics of continuations, plots.
+
+    python evaluate.py                                       # the demo model on data/test
+    python evaluate.py --ckpts ckpt/a/best,ckpt/b/best --runs ckpt/a,ckpt/b --out eval
+
+For each checkpoint: the loss in nats per token over every window of the split (as
+train.py validates, all of them), beside a unigram model's; then continuations of
+NUM_PRIMERS primers taken from the split's pieces (PRIME_SECONDS each, at seeded offsets),
+SECONDS long, compared with the pieces' real continuations and with the primers by
+notes per second, polyphony, pitch range and mean, velocity, note durations (median,
+share held over 4 s) and the correlation of their pitch-class histogram with the
+primer's. With --runs, the training curves of those run folders (their metrics.csv).
+
+Writes OUT/report.json, OUT/report.html (tables and plots) and the plots as PNG.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from perceiver_music.cli import bundled, cpu_only, fail, parse_constants, printable, run_script
+
+CKPTS = "ckpt/demo"  # checkpoints to evaluate, comma-separated (folders or .pth files)
+DATA_DIR = "data"  # prep.py output
+SPLIT = "test"  # the split to evaluate on (a folder of DATA_DIR)
+NUM_PRIMERS = 8  # continuations per checkpoint, from this many primers of the split
+PRIME_SECONDS = 15.0  # primer length, in seconds of music
+SECONDS = 15.0  # continuation length, compared with as much of the real continuation
+TEMPERATURE = 1.0  # sampling temperature of the continuations
+TOP_P = 0.95  # nucleus sampling of the continuations (0: off)
+SEED = 0  # seed of the primer offsets and the sampling
+RUNS = ""  # run folders (with metrics.csv) whose training curves to plot, comma-separated
+OUT = "eval"  # report folder
+BATCH_SIZE = 8  # windows per forward pass for the loss
+CPU = False  # run on the CPU even if an accelerator is present
+
+
+def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) -> list:
+    """(piece name, primer tokens, real continuation notes, primer notes) for ``count``
+    primers: pieces long enough for primer and continuation, in turn, each at a seeded
+    offset. The real continuation's notes start at 0 where the primer ends."""
+    import numpy as np
+
+    from midi_processor import cut_tokens, decode_midi, piece_seconds
+
+    rng = np.random.default_rng(seed)
+    long_enough = [i for i in range(len(split.names))
+                   if piece_seconds(split.piece(i)) >= prime_s + cont_s + 1]
+    if not long_enough:
+        fail(f"no piece of the {SPLIT} split lasts {prime_s + cont_s + 1:g} s "
+             "(lower --prime_seconds and --seconds)")
+    out = []
+    for k in range(count):
+        i = long_enough[k % len(long_enough)]
+        tokens = split.piece(i).tolist()
+        offset = float(rng.uniform(0, piece_seconds(tokens) - prime_s - cont_s))
+        head = cut_tokens(tokens, seconds=offset + prime_s)
+        primer = cut_tokens(head, seconds=prime_s, from_end=True)
+        notes = decode_midi(tokens).instruments[0].notes
+        start = piece_seconds(head)
+        real = [_shifted(n, -start) for n in notes if start <= n.start < start + cont_s]
+        before = [n for n in notes if start - prime_s <= n.start < start]
+        out.append((split.names[i], primer, real, before))
+    return out
+
+
+def _shifted(note, by: float):
+    import pretty_midi
+
+    return pretty_midi.Note(note.velocity, note.pitch, note.start + by, note.end + by)
+
+
+def main() -> None:
+    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    ckpts = [c for c in args.ckpts.split(",") if c]  # as given: the report's labels
+    runs = [r for r in args.runs.split(",") if r]
+    if not ckpts and not runs:
+        fail("nothing to evaluate: give --ckpts and/or --runs")
+    for name in ("num_primers", "prime_seconds", "seconds", "batch_size"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for run in runs:
+        if not (Path(run) / "metrics.csv").is_file():
+            fail(f"{run}: no metrics.csv (give train.py run folders to --runs)")
+
+    import torch
+    from tqdm import tqdm
+
+    from perceiver_music.api import PerceiverMusic
+    from perceiver_music.checkpoint import CheckpointError
+    from perceiver_music.data import DataError, load_split
+    from perceiver_music.evaluation import (
+        music_statistics,
+        save_figure,
+        split_loss,
+        statistics_figure,
+        summarise,
+        training_curves_figure,
+        unigram_loss,
+        write_report,
+    )
+
+    out = Path(args.out)
+    device = "cpu" if cpu_only(args.cpu) or not torch.cuda.is_available() else "cuda"
+    report: dict = {"settings": vars(args), "split": args.split, "loss": {},
+                    "statistics": {}, "continuations": {}}
+    images: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    if ckpts:
+        try:
+            split = load_split(Path(args.data_dir) / args.split)
+            train = load_split(Path(args.data_dir) / "train")
+        except DataError as exc:
+            fail(str(exc))
+        models = {}
+        for ckpt in ckpts:
+            try:
+                models[ckpt] = PerceiverMusic.from_pretrained(bundled(ckpt), device=device)
+            except CheckpointError as exc:
+                fail(str(exc))
+        report["loss"]["unigram (training-data frequencies)"] = {
+            "nats_per_token": unigram_loss(train.tokens, split.tokens),
+            "tokens": len(split.tokens)}
+        for ckpt, model in models.items():
+            from perceiver_music.data import validation_windows
+
+            windows = len(validation_windows(split, model.config.max_seq_len,
+                                             model.config.cross_attn_seq_len)[0])
+            with tqdm(total=windows, desc=f"loss {Path(ckpt).name}", unit="win") as bar:
+                loss, count = split_loss(model.model, split, args.batch_size, bar.update)
+            report["loss"][ckpt] = {"nats_per_token": loss, "tokens": count}
+
+        windows = primer_windows(split, args.num_primers, args.prime_seconds, args.seconds,
+                                 args.seed)
+        groups = {"primers": [music_statistics(p, args.prime_seconds)
+                              for _, _, _, p in windows],
+                  "real continuations": [music_statistics(r, args.seconds, p)
+                                         for _, _, r, p in windows]}
+        with tqdm(total=len(models) * len(windows), desc="continuations", unit="take") as bar:
+            for ckpt, model in models.items():
+                rows, takes = [], []
+                for k, (name, primer, _, before) in enumerate(windows):
+                    take = model.generate(primer, seconds=args.seconds, prime_seconds=0,
+                                          temperature=args.temperature,
+                                          top_p=args.top_p or None, seed=args.seed + k,
+                                          stop_at_end=False)
+                    notes = [_shifted(n, -take.primer_seconds) for n in take.notes(0)]
+                    rows.append(music_statistics(notes, args.seconds, before))
+                    takes.append({"piece": name, "seconds": take.seconds[0],
+                                  "tokens": len(take.continuations[0])})
+                    bar.update(1)
+                groups[ckpt] = rows
+                report["continuations"][ckpt] = takes
+        report["statistics"] = {name: summarise(rows) for name, rows in groups.items()}
+        report["statistics_per_take"] = groups
+        out.mkdir(parents=True, exist_ok=True)
+        save_figure(statistics_figure(groups), out / "statistics.png")
+        images.append(("statistics.png", f"Music statistics of {len(windows)} stretches per "
+                       f"group: the primers ({args.prime_seconds:g} s), the pieces' real "
+                       f"continuations and each model's ({args.seconds:g} s)"))
+    if runs:
+        out.mkdir(parents=True, exist_ok=True)
+        save_figure(training_curves_figure({r: Path(r) / "metrics.csv" for r in runs}),
+                    out / "training_curves.png")
+        images.append(("training_curves.png", "Training curves from metrics.csv"))
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(out, report, images)
+    for name, loss in report["loss"].items():
+        print(printable(f"{name}: {loss['nats_per_token']:.4f} nats/token on {args.split}"))
+    print(f"wrote {out / 'report.html'} and {out / 'report.json'} "
+          f"({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    run_script(main, "interrupted: the report was not written")

@@ -1,0 +1,119 @@
+"""evaluate.py through its CLI on tiny checkpoints and real pieces, and its figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pretty_midi
+import pytest
+import torch
+
+from midi_processor import encode_midi
+from perceiver_music.checkpoint import save_checkpoint
+from perceiver_music.config import preset
+from perceiver_music.evaluation import (
+    STATISTICS,
+    music_statistics,
+    statistics_figure,
+    training_curves_figure,
+)
+from perceiver_music.model import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """Two tiny checkpoints, a data folder (two test pieces), a short train.py run."""
+    root = tmp_path_factory.mktemp("eval")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(root / f"tiny{seed}", build_model(preset("tiny")), preset("tiny"))
+    files = sorted((ROOT / "tests" / "data").glob("*.mid"))
+    for split, chosen in (("train", files[:3]), ("val", files[3:4]), ("test", files[3:])):
+        (root / "data" / split).mkdir(parents=True)
+        for f in chosen:
+            (root / "data" / split / f"{f.stem}.pickle").write_bytes(
+                pickle.dumps(encode_midi(f)))
+    r = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--data_dir",
+                        str(root / "data"), "--out_dir", str(root / "run"), "--max_steps", "20",
+                        "--log_interval", "5", "--eval_interval", "10", "--eval_windows", "8",
+                        "--no-tensorboard"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_report_with_two_checkpoints_and_training_curves(setup):
+    out = setup / "report"
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts",
+                        f"{setup / 'tiny0'},{setup / 'tiny1'}", "--data_dir",
+                        str(setup / "data"), "--runs", str(setup / "run"), "--num_primers", "3",
+                        "--prime_seconds", "4", "--seconds", "3", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    losses = report["loss"]
+    assert set(losses) == {"unigram (training-data frequencies)", str(setup / "tiny0"),
+                           str(setup / "tiny1")}
+    assert all(math.isfinite(v["nats_per_token"]) and v["tokens"] > 0 for v in losses.values())
+    # untrained models are near uniform over 390 tokens: log(390) = 5.97
+    assert abs(losses[str(setup / "tiny0")]["nats_per_token"] - math.log(390)) < 1.0
+    groups = report["statistics"]
+    assert list(groups) == ["primers", "real continuations", str(setup / "tiny0"),
+                            str(setup / "tiny1")]
+    for name, stats in groups.items():
+        assert set(stats) == set(STATISTICS)
+        assert stats["notes_per_s"]["n"] == 3 and stats["notes_per_s"]["mean"] > 0, name
+    assert groups["primers"]["pitch_class_correlation"]["n"] == 0  # no primer of a primer
+    assert len(report["continuations"][str(setup / "tiny1")]) == 3
+    page = (out / "report.html").read_text()
+    assert 'src="statistics.png"' in page and 'src="training_curves.png"' in page
+    assert (out / "statistics.png").stat().st_size > 10_000
+    assert (out / "training_curves.png").stat().st_size > 10_000
+
+
+def test_bad_settings_are_one_line(setup, tmp_path):
+    for args, message in [(["--runs", str(tmp_path)], "no metrics.csv"),
+                          (["--ckpts", str(tmp_path / "none")], "does not exist"),
+                          (["--data_dir", str(tmp_path)], "no such data folder"),
+                          (["--seconds", "0"], "--seconds must be positive")]:
+        r = subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(setup / "data"),
+                            "--out", str(tmp_path / "out"), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_statistics_and_figures():
+    def note(start, end, pitch, velocity=64):
+        return pretty_midi.Note(velocity, pitch, start, end)
+
+    held = [note(0, 5, 60), note(0, 1, 64), note(1, 2, 67, 100), note(2, 3, 72, 100)]
+    stats = music_statistics(held, 5.0, reference=[note(0, 1, 60), note(0, 1, 67)])
+    assert stats["notes_per_s"] == pytest.approx(0.8)
+    assert stats["polyphony"] == pytest.approx(8 / 5)  # 8 note-seconds over 5 s
+    assert stats["pitch_range"] == 12 and stats["velocity"] == pytest.approx(82)
+    assert stats["held_over_4s"] == pytest.approx(0.25)
+    assert stats["pitch_class_correlation"] > 0.5  # both are C and G heavy
+    assert music_statistics([], 5.0)["notes_per_s"] == 0
+
+    fig = statistics_figure({"a": [stats, stats], "b": [stats]})
+    assert [ax.get_title() for ax in fig.axes] == [label for label, _ in STATISTICS.values()]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]
+    assert fig.axes[0].get_ylabel() == "notes/s"
+
+
+def test_training_curves_figure(setup):
+    fig = training_curves_figure({"run": setup / "run" / "metrics.csv"})
+    loss, lr = fig.axes
+    assert loss.get_xlabel() == "optimizer step" and loss.get_ylabel() == "loss (nats/token)"
+    labels = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert labels == ["run: training", "run: validation"]
+    assert len(loss.lines[1].get_xdata()) == 2  # validation at steps 10 and 20
+    assert lr.get_ylabel() == "learning rate"
