@@ -1,0 +1,281 @@
+"""A web app to continue piano music by ear: choose a primer, generate, listen, extend, save.
+
+    python app.py                              # the bundled demo model, http://127.0.0.1:7860
+    python app.py --ckpt ckpt/run/best --port 8000 --concurrency 2
+
+Every constant below is a command-line option (``--help`` lists them). The page offers the
+bundled primer, an uploaded MIDI file or no primer, how many seconds of it to use, every
+setting of generate.py (length, temperature, top-k, top-p, min-p, greedy, beam search,
+samples, seed, prefix length) and creativity (a bias towards notes over rests). While it
+generates, a progress bar counts tokens and seconds of music; the take then plays in the
+page with its piano roll, and its MIDI and WAV files can be downloaded. "Extend" continues
+the selected take; the session's takes are listed and can be played again. Generations
+wait in a bounded queue, so one user's request never blocks another's page.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from perceiver_music.cli import bundled, fail, parse_constants, run_script
+
+CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
+PRIMER = "samples/primers/mz_570_3_opening.mid"  # the bundled primer offered on the page
+HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every network interface)
+PORT = 7860  # port to listen on
+OUT_DIR = "output/app"  # where each session's takes are written
+CONCURRENCY = 1  # generations that run at once (more share the CPU or GPU)
+QUEUE_SIZE = 16  # generations that may wait; more are refused with a message
+MAX_UPLOAD_MB = 5.0  # largest primer file accepted (a long piano piece is about 0.1 MB)
+MAX_SECONDS = 120.0  # longest continuation a request may ask for
+RENDERER = "midirenderer"  # audio: midirenderer (pip) or fluidsynth (the system program)
+SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
+CPU = False  # run on the CPU even if an accelerator is present
+
+SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
+
+
+@dataclass
+class Take:
+    """One generation of the session: where its files are and its tokens (to extend it)."""
+
+    number: int
+    label: str
+    folder: Path
+    tokens: list[int]  # primer + continuation
+    seconds: float  # of music in all
+    summary: str
+    suffix: str = ""  # "_1" when the take holds several samples (the first is shown)
+
+
+class Studio:
+    """The model and the session logic, apart from the page (tested without a browser)."""
+
+    def __init__(self, args) -> None:
+        from perceiver_music.api import PerceiverMusic
+
+        self.args = args
+        self.out = Path(args.out_dir)
+        device = "cpu" if args.cpu else None
+        self.model = PerceiverMusic.from_pretrained(args.ckpt, device=device)
+        self.name = Path(args.ckpt).name
+
+    def generate(self, settings: dict, primer, history: list[Take], session: str,
+                 on_progress=None, extend: Take | None = None) -> tuple[Take, str]:
+        """Generate a take (or extend ``extend``) and write its files; returns the take and
+        a line for the page. Raises ValueError (bad settings) or MidiError (bad primer)."""
+        from midi_processor import MidiError
+
+        s = settings
+        if not 0 < s["seconds"] <= self.args.max_seconds:
+            raise ValueError(f"length must be between 1 and {self.args.max_seconds:g} s")
+        if s["temperature"] <= 0 and not s["greedy"]:
+            raise ValueError("temperature must be positive (tick greedy for the likeliest "
+                             "token every time)")
+        if extend is not None:
+            primer, prime_seconds = extend.tokens, 0
+        else:
+            prime_seconds = s["prime_seconds"]
+            if isinstance(primer, Path):
+                size = primer.stat().st_size
+                if size > self.args.max_upload_mb * 2**20:
+                    raise MidiError(f"{primer.name}: {size / 2**20:.1f} MB is larger than the "
+                                    f"{self.args.max_upload_mb:g} MB this page accepts")
+        take = self.model.generate(
+            primer, seconds=s["seconds"], prime_seconds=prime_seconds,
+            num_samples=int(s["num_samples"]), temperature=max(s["temperature"], 1e-6),
+            top_k=int(s["top_k"]) or None, top_p=s["top_p"] or None,
+            min_p=s["min_p"] or None, greedy=s["greedy"], creativity=s["creativity"],
+            num_beams=int(s["beams"]), seed=None if s["seed"] < 0 else int(s["seed"]),
+            stop_at_end=s["stop_at_end"],
+            cross_attn_seq_len=int(s["prefix_len"]) or None, progress=on_progress)
+        number = len(history) + 1
+        take.extra["primer_name"] = (f"take {extend.number}" if extend is not None
+                                     else s.get("primer_name", "from scratch"))
+        folder = self.out / session / f"take-{number}"
+        problems = take.save(folder, soundfont=self.args.soundfont or None,
+                             renderer=self.args.renderer, report={"app_settings": s})
+        summary = (f"{take.seconds[0]:.1f} s of new music ({len(take.continuations[0])} "
+                   f"tokens) in {take.generate_s:.1f} s, seed {take.seed}")
+        summary = (f"take {extend.number} extended by {summary}" if extend is not None
+                   else f"{take.primer_note}; {summary}")
+        result = Take(number, f"take {number}: {take.primer_seconds + take.seconds[0]:.0f} s, "
+                      f"seed {take.seed}", folder, take.tokens(0),
+                      take.primer_seconds + take.seconds[0], summary,
+                      "_1" if len(take.continuations) > 1 else "")
+        line = summary + (f" (no audio: {problems[0]})" if problems else "")
+        if len(take.continuations) > 1:
+            line += f"; showing sample 1 of {len(take.continuations)} (all in the download)"
+        return result, line
+
+    @staticmethod
+    def files(take: Take) -> tuple[str | None, str, list[str]]:
+        """(audio, piano roll, downloads) of a take, as paths for the page."""
+        sfx = take.suffix
+        audio = take.folder / f"audio{sfx}.wav"
+        downloads = sorted(str(p) for p in take.folder.iterdir()
+                           if p.suffix in (".mid", ".wav") and p.name != "primer.mid")
+        return (str(audio) if audio.exists() else None, str(take.folder / f"pianoroll{sfx}.png"),
+                downloads)
+
+
+def build_page(studio: Studio, args):
+    """The Gradio page, its events and queue."""
+    import gradio as gr
+
+    from midi_processor import MidiError
+
+    setting_names = ["prime_seconds", "seconds", "temperature", "top_k", "top_p", "min_p",
+                     "greedy", "beams", "num_samples", "seed", "prefix_len", "creativity",
+                     "stop_at_end"]
+    cfg = studio.model.config
+
+    with gr.Blocks(title="Perceiver AR piano continuations", analytics_enabled=False) as page:
+        history = gr.State([])
+        gr.Markdown(f"## Perceiver AR piano continuations\nModel **{studio.name}** "
+                    f"({cfg.max_seq_len}-token context, {cfg.num_latents} latents). Choose "
+                    "a primer, generate, listen; extend a take to continue it.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                source = gr.Radio(list(SOURCES), value=SOURCES[0], label="primer",
+                                  elem_id="source")
+                upload = gr.File(label="MIDI primer (.mid, .midi)", file_types=[".mid", ".midi"],
+                                 type="filepath", visible=False, elem_id="upload")
+                prime_seconds = gr.Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
+                                          label="seconds of the primer to use (0: all)")
+                seconds = gr.Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",
+                                    label="seconds of music to generate")
+                creativity = gr.Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
+                                       label="creativity (more notes, fewer rests)")
+                with gr.Accordion("sampling", open=False):
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
+                    top_k = gr.Number(0, label="top-k (0: off)", precision=0, minimum=0)
+                    top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
+                    min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
+                    greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
+                    beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
+                    num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
+                    seed = gr.Number(-1, label="seed (-1: random)", precision=0)
+                    prefix_len = gr.Number(0, precision=0, minimum=0,
+                                           label=f"prefix length at generation (0: the "
+                                                 f"model's {cfg.cross_attn_seq_len})")
+                    stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    more = gr.Button("Extend", elem_id="extend")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Ready.", elem_id="status")
+                audio = gr.Audio(label="listen", type="filepath", interactive=False,
+                                 elem_id="audio")
+                roll = gr.Image(label="piano roll", type="filepath", interactive=False,
+                                show_label=False, elem_id="roll")  # the figure has a title
+                downloads = gr.File(label="save: MIDI and WAV", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+                chosen = gr.Dropdown([], label="this session's takes", elem_id="takes",
+                                     interactive=True)
+
+        settings = [prime_seconds, seconds, temperature, top_k, top_p, min_p, greedy, beams,
+                    num_samples, seed, prefix_len, creativity, stop_at_end]
+        outputs = [status, audio, roll, downloads, history, chosen]
+
+        def respond(values, source_name, upload_path, takes, selected, extend, request,
+                    progress):
+            """Generate or extend a take; errors become a line on the page."""
+            s = dict(zip(setting_names, values, strict=True))
+
+            shown = [0.0]
+
+            def on_progress(info) -> None:
+                now = time.perf_counter()  # a few updates a second are enough for the bar
+                if now - shown[0] > 0.2:
+                    shown[0] = now
+                    progress(min(info.seconds / s["seconds"], 1.0),
+                             desc=f"{info.step + 1} tokens, {info.seconds:.1f} s of music")
+
+            base = next((t for t in takes if t.label == selected), takes[-1] if takes else None)
+            try:
+                primer = None
+                if extend and base is None:
+                    raise ValueError("nothing to extend yet: generate a take first")
+                if not extend and source_name == SOURCES[1]:
+                    if not upload_path:
+                        raise ValueError("choose a MIDI file to upload first")
+                    primer = Path(upload_path)
+                elif not extend and source_name == SOURCES[0]:
+                    primer = Path(args.primer)
+                if primer is not None:
+                    s["primer_name"] = primer.name
+                take, line = studio.generate(s, primer, takes, request.session_hash or "local",
+                                             on_progress, base if extend else None)
+            except (ValueError, MidiError) as exc:
+                problem = str(exc)  # name an upload as the user knows it, not Gradio's copy
+                if source_name == SOURCES[1] and upload_path:
+                    problem = problem.replace(str(upload_path), Path(upload_path).name)
+                return (f"**Could not generate:** {problem}", gr.update(), gr.update(),
+                        gr.update(), takes, gr.update())
+            takes = [*takes, take]
+            wav, png, files = studio.files(take)
+            return (line, wav, png, files, takes,
+                    gr.update(choices=[t.label for t in takes], value=take.label))
+
+        def handler(extend: bool):
+            """The event function of Generate (or of Extend): Gradio passes the inputs, the
+            request (for the session) and a progress tracker, as the parameters say."""
+
+            def handle(source_name, upload_path, takes, selected, prime_s, length, temp, k,
+                       p, min_p_, greedy_, width, samples, seed_, prefix, bias, stop,
+                       request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
+                values = [prime_s, length, temp, k, p, min_p_, greedy_, width, samples, seed_,
+                          prefix, bias, stop]
+                return respond(values, source_name, upload_path, takes, selected, extend,
+                               request, progress)
+
+            return handle
+
+        def show(takes, selected):
+            take = next((t for t in takes if t.label == selected), None)
+            if take is None:
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            wav, png, files = studio.files(take)
+            return f"{take.label}: {take.summary}", wav, png, files
+
+        inputs = [source, upload, history, chosen, *settings]
+        source.change(lambda s: gr.update(visible=s == SOURCES[1]), source, upload)
+        go.click(handler(extend=False), inputs, outputs, show_progress_on=[audio, roll])
+        more.click(handler(extend=True), inputs, outputs, show_progress_on=[audio, roll])
+        chosen.input(show, [history, chosen], [status, audio, roll, downloads])
+    page.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    return page
+
+
+def main() -> None:
+    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
+    if args.concurrency < 1 or args.queue_size < 1:
+        fail("--concurrency and --queue_size must be at least 1")
+    if not 0 < args.max_upload_mb <= 100 or not 0 < args.max_seconds <= 3600:
+        fail("--max_upload_mb must be in (0, 100] and --max_seconds in (0, 3600]")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from perceiver_music.checkpoint import CheckpointError
+
+    try:
+        studio = Studio(args)
+    except CheckpointError as exc:
+        fail(str(exc))
+    page = build_page(studio, args)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, quiet=True,
+                    max_file_size=int(args.max_upload_mb * 2**20),
+                    allowed_paths=[str(args.out_dir)], footer_links=[], show_error=True,
+                    prevent_thread_lock=True)
+    except OSError as exc:
+        fail(f"cannot serve on {args.host}:{args.port} ({str(exc).split('. ')[0]}); "
+             "choose another --port or --host")
+    start = time.perf_counter()
+    print(f"model {args.ckpt} loaded; serving http://{args.host}:{args.port} (Ctrl-C stops)")
+    page.block_thread()
+    print(f"stopped after {time.perf_counter() - start:.0f} s")
+
+if __name__ == "__main__":
+    run_script(main, "stopped")

@@ -1,0 +1,237 @@
+"""app.py as a user meets it: the app runs on a free local port with the bundled demo model and
+a real headless Chromium (the system package, driven by Playwright) uploads a primer,
+generates, listens, downloads, extends, and tries bad files and a full queue.
+
+Without Chromium or Playwright these tests are skipped, unless REQUIRE_BROWSER=1 (CI sets
+it) makes that a failure. APP_SCREENSHOT=path saves the page after the first take (the
+README's picture comes from there).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+
+from tests.conftest import DATA, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+WAIT_MS = 120_000  # the longest any step may take on a slow 2-core machine
+
+
+def _need(condition: bool, why: str) -> None:
+    if not condition:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(f"REQUIRE_BROWSER=1 but {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The app on a free port: uploads up to 50 KB, one generation at a time, one waiting."""
+    out = tmp_path_factory.mktemp("app")
+    port = free_port()
+    cmd = [sys.executable, "app.py", "--port", str(port), "--out_dir", str(out), "--cpu",
+           "--max_upload_mb", "0.05", "--queue_size", "1", "--max_seconds", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"app.py did not start: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    log = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need(BROWSER is not None, "no chromium on PATH (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _need(False, "playwright is not installed (pip install -r requirements-dev.txt)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=BROWSER, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def open_page(browser, url: str):
+    """A new user: its own browser context (cookies, session) and a loaded page."""
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    page.locator("#generate").wait_for()
+    return page
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def upload(page, path: Path) -> None:
+    """Choose "upload a MIDI file" and put ``path`` in the file box (clearing an old one)."""
+    page.get_by_label("upload a MIDI file").check()
+    clear = page.locator("#upload button[aria-label=Clear]")
+    if clear.count():
+        clear.click()
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.locator("#upload").get_by_text(path.name).wait_for()
+
+
+def wait_status(page, pattern: str) -> str:
+    """Wait until the status line matches ``pattern`` (a regular expression); return it."""
+    page.locator("#status").filter(has_text=re.compile(pattern)).wait_for()
+    return page.locator("#status").inner_text()
+
+
+def download(page, name: str) -> bytes:
+    """Click the download link of ``name`` as a user would and return the file's bytes."""
+    with page.expect_download() as info:
+        page.locator(f"#downloads a[download='{name}']").click()
+    return Path(info.value.path()).read_bytes()
+
+
+def notes_of(midi: bytes) -> list[tuple[int, float]]:
+    pm = pretty_midi.PrettyMIDI(io.BytesIO(midi))
+    return sorted((n.pitch, round(n.start, 2)) for i in pm.instruments for n in i.notes)
+
+
+def test_upload_generate_listen_download_extend(app_url, browser, tmp_path):
+    page = open_page(browser, app_url)
+    upload(page, DATA / "scn15_4.mid")
+    set_number(page, "prime-seconds", 10)
+    set_number(page, "seconds", 8)
+    page.locator("#generate").click()
+    line = wait_status(page, r"s of new music")
+    assert "first 10 s of scn15_4.mid" in line, line
+
+    # The audio plays in the page: the player has loaded the WAV and shows its length.
+    page.locator("#audio audio[src]").wait_for(state="attached")
+    shown = page.locator("#audio #duration").filter(has_text=re.compile(r"^0:(0[1-9]|[1-5]\d)$"))
+    minutes, seconds = shown.inner_text().split(":")
+    player_seconds = 60 * int(minutes) + int(seconds)
+    # The piano roll is a real, decoded picture.
+    width = page.locator("#roll img").evaluate("img => img.complete ? img.naturalWidth : 0")
+    assert width >= 1000, width
+    if os.environ.get("APP_SCREENSHOT"):
+        page.screenshot(path=os.environ["APP_SCREENSHOT"], full_page=True)
+
+    names = page.locator("#downloads a[download]").evaluate_all(
+        "links => links.map(a => a.getAttribute('download'))")
+    assert sorted(names) == ["audio.wav", "continuation.mid", "full.mid"], names
+    full = download(page, "full.mid")
+    first_notes = notes_of(full)
+    end = pretty_midi.PrettyMIDI(io.BytesIO(full)).get_end_time()
+    assert len(first_notes) > 20 and 10 < end < 25, (len(first_notes), end)
+    with wave.open(io.BytesIO(download(page, "audio.wav"))) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+        wav_seconds = w.getnframes() / w.getframerate()
+    assert end - 0.5 < wav_seconds < end + 4, (wav_seconds, end)  # plus the release tail
+    assert abs(player_seconds - wav_seconds) <= 1, (player_seconds, wav_seconds)
+    assert np.sqrt(np.mean(pcm.astype(np.float64) ** 2)) > 300  # audible, not silence
+
+    # Extend: take 2 continues take 1, which it holds unchanged at its start.
+    page.locator("#extend").click()
+    assert "take 1 extended by" in wait_status(page, r"extended by")
+    assert page.locator("#takes input").input_value().startswith("take 2")
+    longer = download(page, "full.mid")
+    assert pretty_midi.PrettyMIDI(io.BytesIO(longer)).get_end_time() > end + 1
+    kept = [n for n in notes_of(longer) if n[1] < end - 1]
+    assert kept == [n for n in first_notes if n[1] < end - 1]
+
+    # The history: choosing take 1 again brings back its files.
+    page.locator("#takes input").click()
+    page.get_by_role("option", name=re.compile(r"^take 1")).click()
+    wait_status(page, r"take 1: ")
+    assert notes_of(download(page, "full.mid")) == first_notes
+
+
+@pytest.mark.parametrize(("content", "name", "message"), [
+    (b"this is not MIDI", "notes.mid", r"Could not generate:.*notes\.mid: not a MIDI file"),
+    (b"", "empty.mid", r"Could not generate:.*empty\.mid: empty file"),
+    (b"MThd" + bytes(60_000), "huge.mid", r"exceed the maximum allowed size"),
+    (b"hello", "notes.txt", r"Invalid file type"),
+])
+def test_bad_uploads_get_a_message(app_url, browser, tmp_path, content, name, message):
+    page = open_page(browser, app_url)
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    page.get_by_label("upload a MIDI file").check()
+    page.locator("#upload input[type=file]").set_input_files(str(bad))
+    page.locator("#generate").click()
+    page.locator("body").filter(has_text=re.compile(message)).wait_for()
+    if "Could not" in message:
+        assert str(tmp_path) not in page.locator("#status").inner_text()
+    page.locator("#seconds input[type=number]").fill("2")  # the page still works
+    page.get_by_label("bundled primer").check()
+    page.locator("#generate").click()
+    wait_status(page, r"s of new music")
+
+
+def test_progress_and_a_bounded_queue(app_url, browser):
+    """While one user generates, the page shows its progress; a second user's page loads
+    and waits in the queue; a third, beyond the bound, is told the app is busy."""
+    first, second, third = (open_page(browser, app_url) for _ in range(3))
+    for page in (first, second, third):
+        set_number(page, "seconds", 60)
+    first.get_by_text("sampling").click()  # 60 s in all: the model may not end it sooner
+    first.get_by_label("stop when the model ends the piece").uncheck()
+    first.locator("#generate").click()
+    first.locator("#roll").filter(has_text=re.compile(r"\d+ tokens, [\d.]+ s of music")).wait_for()
+    second.locator("#generate").click()
+    second.locator("#roll").filter(has_text=re.compile(r"queue: 1/1")).wait_for()
+    third.locator("#generate").click()
+    third.get_by_text("This application is currently busy").wait_for()
+    wait_status(first, r"s of new music")
+    wait_status(second, r"s of new music")
+    assert third.locator("#status").inner_text() == "Ready."
+
+
+def test_bad_options_get_one_line(tmp_path):
+    """No browser needed: a wrong checkpoint, a busy port and impossible limits each end
+    with one error line before anything is served."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = str(busy.getsockname()[1])
+    cases = [(["--ckpt", str(tmp_path / "missing")], "does not exist"),
+             (["--port", port, "--out_dir", str(tmp_path)], f"cannot serve on 127.0.0.1:{port}"),
+             (["--queue_size", "0"], "--queue_size must be at least 1")]
+    with busy:
+        for args, message in cases:
+            r = subprocess.run([sys.executable, "app.py", "--cpu", *args], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+            assert "serving" not in r.stdout
