@@ -42,6 +42,9 @@ def build_model(cfg: ModelConfig) -> PerceiverAR:
     return PerceiverAR(**cfg.model_kwargs())
 
 
+PRECISIONS = ("float32", "int8")
+
+
 class DecodeCache:
     """What `decode_step` needs besides the model, for one batch of windows split at
     ``prefix_len`` (default: the model's own prefix length m).
@@ -52,14 +55,22 @@ class DecodeCache:
     dim_head) with rotary embeddings applied. ``key_mask`` is the cross-attention key mask
     from the window's prefix mask (None when no prefix position is masked).
 
-    On CPU it also keeps (in, out)-major copies of the linear weights: a one-token step is
-    a matrix-vector product per layer, and that layout streams about twice as fast there
-    (20 vs 9 GB/s for x @ W.T on the 2-core test machine). The copies are taken when the
-    cache is built, so build a new cache after changing the weights.
+    On CPU it also keeps each linear weight laid out for one-token steps (`CpuLinear`): a
+    step is a chain of matrix products with a few rows, bound by how fast the weights
+    stream from memory. ``precision="int8"`` stores them as int8 with one scale per output
+    (weight-only quantisation: a quarter of the bytes; CPU only; the deviation from
+    float32 is measured by bench/decode.py). The copies are taken when the cache is
+    built, so build a new cache after changing the weights.
     """
 
-    def __init__(self, model: PerceiverAR, batch: int, prefix_len: int | None = None) -> None:
+    def __init__(self, model: PerceiverAR, batch: int, prefix_len: int | None = None,
+                 precision: str = "float32") -> None:
         param = model.token_emb.weight
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision != "float32" and param.device.type != "cpu":
+            raise ValueError(f"{precision} decoding is a CPU mode; on {param.device.type} "
+                             "run the model in bfloat16 instead")
         heads, dim_head = _head_shape(model.perceive_layers[0][0])
         self.prefix_len = prefix_length(model, prefix_len)
         n = model.max_seq_len - self.prefix_len
@@ -71,18 +82,15 @@ class DecodeCache:
                       for _ in model.perceive_layers]
         self.self = [(empty(n), empty(n)) for _ in model.layers]
         self.key_mask: Tensor | None = None
-        self.weights: dict[nn.Linear, Tensor] = {}
+        self.weights: dict[nn.Linear, CpuLinear] = {}
         if param.device.type == "cpu":
-            self.weights = {layer: layer.weight.detach().t().contiguous()
+            self.weights = {layer: CpuLinear(layer, batch, precision)
                             for layer in model.modules() if isinstance(layer, nn.Linear)}
 
     def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        """``layer(x)``, through the transposed copy of its weight when there is one."""
-        weight = self.weights.get(layer)
-        if weight is None:
-            return layer(x)
-        out = x @ weight
-        return out if layer.bias is None else out + layer.bias
+        """``layer(x)``, through the CPU layout of its weight when there is one."""
+        kernel = self.weights.get(layer)
+        return layer(x) if kernel is None else kernel(x)
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` of every tensor (beam search); the batch size may change."""
@@ -92,6 +100,60 @@ class DecodeCache:
                      for k, v in self.self]
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
+
+
+class CpuLinear:
+    """A linear layer's weight laid out for products with a few rows on CPU.
+
+    float32: packed by oneDNN (torch's ``mkldnn`` ops) for the batch size, which streams
+    the weight at near copy speed with every core, where ``x @ W.T`` through MKL reaches
+    about half of it on AMD CPUs; an (in, out)-major copy where oneDNN is missing. int8:
+    ``round(W / s)`` with s = max |row| / 127 per output, multiplied in bfloat16 by torch's
+    weight-only int8 kernel (the one gpt-fast uses), the result returned as float32.
+    """
+
+    def __init__(self, layer: nn.Linear, batch: int, precision: str = "float32") -> None:
+        weight = layer.weight.detach()
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.out_features = layer.out_features
+        self.kind = precision
+        if precision == "int8":
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.weight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+        elif _onednn_works():
+            self.kind = "onednn"
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+        else:
+            self.weight = weight.t().contiguous()
+
+    def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
+        """``x @ W.T + b`` for ``x`` (..., in_features), then GELU (exact, erf) if asked."""
+        rows = x.reshape(-1, x.shape[-1])
+        if self.kind == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(
+                rows, self.weight, self.bias, "gelu" if gelu else "none", [],
+                "none" if gelu else "")
+            return out.view(*x.shape[:-1], self.out_features)
+        if self.kind == "int8":
+            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight,
+                                                     self.scale).to(x.dtype)
+        else:
+            out = rows @ self.weight
+        out = out if self.bias is None else out + self.bias
+        out = F.gelu(out) if gelu else out
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this torch build has oneDNN's packed linear ops for float32 on CPU."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 1)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), w, None, "none", [], "")
+        return torch.equal(out, torch.full((1, 2), 3.0))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def prefix_length(model: PerceiverAR, prefix_len: int | None = None) -> int:
@@ -175,34 +237,35 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int, cache: DecodeC
                          f"at most {model.max_seq_len} tokens with a {m}-token prefix")
     x = model.token_emb(token)[:, None] + model.pos_emb.weight[position]
     cos, sin = _rotary(model, torch.tensor([position], device=token.device))
+    rotation = _rotation_matrix(cos[0], sin[0], _head_shape(model.perceive_layers[0][0])[1])
     linear = cache.linear
 
     for (attn, ff), (k_cache, v_cache) in zip(model.perceive_layers, cache.cross, strict=True):
         heads, _ = _head_shape(attn)
         xn = attn.norm(x)
-        q = _rotate(_split_heads(linear(attn.to_q, xn), heads), cos, sin)
+        q = _split_heads(linear(attn.to_q, xn), heads) @ rotation
         k, v = (_split_heads(t, heads) for t in linear(attn.to_kv, xn).chunk(2, dim=-1))
-        k_cache[:, :, position] = _rotate(k, cos, sin)[:, :, 0]
+        k_cache[:, :, position] = (k @ rotation)[:, :, 0]
         v_cache[:, :, position] = v[:, :, 0]
         mask = None if cache.key_mask is None else cache.key_mask[..., : position + 1]
         out = F.scaled_dot_product_attention(
             q, k_cache[:, :, : position + 1], v_cache[:, :, : position + 1],
             attn_mask=mask, scale=attn.scale)
         x = x + linear(attn.to_out, _merge_heads(out))
-        x = x + _feed_forward(ff, x, linear)
+        x = x + _feed_forward(ff, x, cache)
 
     latent = position - m
     for (attn, ff), (k_cache, v_cache) in zip(model.layers, cache.self, strict=True):
-        heads, _ = _head_shape(attn)
-        qkv = linear(attn.to_qkv, attn.norm(x))
-        q, k, v = (_split_heads(t, heads) for t in qkv.chunk(3, dim=-1))
-        k_cache[:, :, latent] = _rotate(k, cos, sin)[:, :, 0]
-        v_cache[:, :, latent] = v[:, :, 0]
+        heads, dim_head = _head_shape(attn)
+        qkv = linear(attn.to_qkv, attn.norm(x)).view(-1, 3, heads, dim_head)
+        q, k = (qkv[:, :2] @ rotation).unbind(1)  # (batch, heads, dim_head) each
+        k_cache[:, :, latent] = k
+        v_cache[:, :, latent] = qkv[:, 2]
         out = F.scaled_dot_product_attention(
-            _rotate(q, cos, sin), k_cache[:, :, : latent + 1], v_cache[:, :, : latent + 1],
+            q[:, :, None], k_cache[:, :, : latent + 1], v_cache[:, :, : latent + 1],
             scale=attn.scale)
         x = x + linear(attn.to_out, _merge_heads(out))
-        x = x + _feed_forward(ff, x, linear)
+        x = x + _feed_forward(ff, x, cache)
     return linear(model.to_logits, x)[:, 0]
 
 
@@ -328,12 +391,13 @@ def _self_attention(
 # helpers
 
 
-def _feed_forward(ff: nn.Sequential, x: Tensor,
-                  linear: Callable[[nn.Linear, Tensor], Tensor]) -> Tensor:
+def _feed_forward(ff: nn.Sequential, x: Tensor, cache: DecodeCache) -> Tensor:
     """The library's FeedForward (LayerNorm, Linear, GELU, Dropout, Linear) in eval mode,
-    with its linear layers applied by ``linear``."""
+    its linear layers applied through ``cache`` (GELU fused into the first on CPU)."""
     norm, proj_in, act, _, proj_out = ff
-    return linear(proj_out, act(linear(proj_in, norm(x))))
+    kernel = cache.weights.get(proj_in)
+    hidden = kernel(norm(x), gelu=True) if kernel is not None else act(proj_in(norm(x)))
+    return cache.linear(proj_out, hidden)
 
 
 def _key_mask(prefix_mask: Tensor, length: int) -> Tensor:
@@ -349,6 +413,19 @@ def _rotary(model: PerceiverAR, positions: Tensor) -> tuple[Tensor, Tensor]:
     freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq
     freqs = torch.cat((freqs, freqs), dim=-1)
     return freqs.cos(), freqs.sin()
+
+
+def _rotation_matrix(cos: Tensor, sin: Tensor, dim_head: int) -> Tensor:
+    """(dim_head, dim_head) R with ``t @ R == _rotate(t, cos, sin)`` at one position
+    (``cos``, ``sin``: (rotary_dim,)): one small product per rotation in a decode step,
+    instead of eight element-wise ops."""
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    r = torch.eye(dim_head, dtype=cos.dtype, device=cos.device)
+    i = torch.arange(half, device=cos.device)
+    r[:rot, :rot] = torch.diag(cos)
+    r[i + half, i] = -sin[:half]  # out[j] = t[j] cos[j] - t[j + half] sin[j]
+    r[i, i + half] = sin[half:]  # out[j + half] = t[j + half] cos[j + half] + t[j] sin[j + half]
+    return r
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -199,7 +199,8 @@ def test_bad_uploads_get_a_message(app_url, browser, tmp_path, content, name, me
 
 def test_progress_and_a_bounded_queue(app_url, browser):
     """While one user generates, the page shows its progress; a second user's page loads
-    and waits in the queue; a third, beyond the bound, is told the app is busy."""
+    and waits in the queue (then decodes with int8 weights); a third, beyond the bound, is
+    told the app is busy."""
     first, second, third = (open_page(browser, app_url) for _ in range(3))
     for page in (first, second, third):
         set_number(page, "seconds", 60)
@@ -207,6 +208,8 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     first.get_by_label("stop when the model ends the piece").uncheck()
     first.locator("#generate").click()
     first.locator("#roll").filter(has_text=re.compile(r"\d+ tokens, [\d.]+ s of music")).wait_for()
+    second.get_by_text("sampling").click()  # the second user decodes with int8 weights
+    second.get_by_label("int8 weights").check()
     second.locator("#generate").click()
     second.locator("#roll").filter(has_text=re.compile(r"queue: 1/1")).wait_for()
     third.locator("#generate").click()

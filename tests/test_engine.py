@@ -534,3 +534,84 @@ def test_prefix_length_at_generation_is_checked():
     for bad in (0, 64, -1):
         with pytest.raises(ValueError, match="cross_attn_seq_len"):
             generate(model, [1, 2, 3], max_new_tokens=2, cross_attn_seq_len=bad)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU weight layouts and int8 decoding
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_linear_layouts_equal_the_layer(onednn, monkeypatch):
+    """Every CPU layout computes ``layer(x)`` (and GELU of it), for one row or several."""
+    import perceiver_music.model as model_module
+
+    if not onednn:
+        monkeypatch.setattr(model_module, "_onednn_works", lambda: False)
+    elif not model_module._onednn_works():
+        pytest.skip("this torch build has no oneDNN")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40)
+    kernel = model_module.CpuLinear(layer, batch=1)
+    assert kernel.kind == ("onednn" if onednn else "float32")
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 48), torch.randn(3, 1, 48)):
+            torch.testing.assert_close(kernel(x), layer(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kernel(x, gelu=True),
+                                       torch.nn.functional.gelu(layer(x)),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_int8_weights_stay_close_to_float32():
+    """int8 stores round(W / s) with one scale per output: a product's error is a small
+    fraction of its size, and a decode step's distribution barely moves."""
+    import perceiver_music.model as model_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96, bias=False)
+    kernel = model_module.CpuLinear(layer, batch=1, precision="int8")
+    assert kernel.weight.dtype == torch.int8
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = layer(x)
+        assert (kernel(x) - ref).abs().max() < 0.02 * ref.abs().max()
+
+    model = tiny_model()
+    tokens = torch.tensor(primer_of(model.max_seq_len))
+    m = model.cross_attn_seq_len
+    logits = {}
+    with torch.no_grad():
+        for precision in model_module.PRECISIONS:
+            cache = model_module.DecodeCache(model, 1, precision=precision)
+            model_module.forward(model, tokens[None, : m + 1], cache=cache)
+            logits[precision] = torch.cat([
+                model_module.decode_step(model, tokens[p : p + 1], p, cache)
+                for p in range(m + 1, model.max_seq_len)])
+    p32, p8 = logits["float32"].log_softmax(-1), logits["int8"].log_softmax(-1)
+    kl = (p32.exp() * (p32 - p8)).sum(-1)
+    assert 0 < kl.max() < 1e-3  # int8 differs, but little
+    assert not torch.equal(logits["float32"], logits["int8"])
+
+
+def test_int8_generation_and_its_limits():
+    model = tiny_model()
+    result = generate(model, primer_of(20), max_new_tokens=12, precision="int8", seed=3,
+                      stop_on_end=False)
+    assert len(result.tokens[0]) == 12
+    with pytest.raises(ValueError, match="precision must be one of"):
+        generate(model, primer_of(20), max_new_tokens=2, precision="bfloat16")
+    with pytest.raises(ValueError, match="int8 decoding is a CPU mode"):
+        from perceiver_music.model import DecodeCache
+
+        DecodeCache(tiny_model().to("meta"), 1, precision="int8")
+
+
+def test_rotation_matrix_equals_the_rotary_embedding():
+    from perceiver_music.model import _rotary, _rotate, _rotation_matrix
+
+    model = tiny_model()
+    dim_head = model.perceive_layers[0][0].to_out.in_features // model.perceive_layers[0][0].heads
+    t = torch.randn(2, 3, 1, dim_head)
+    for position in (0, 5, 63):
+        cos, sin = _rotary(model, torch.tensor([position]))
+        torch.testing.assert_close(t @ _rotation_matrix(cos[0], sin[0], dim_head),
+                                   _rotate(t, cos, sin), atol=1e-6, rtol=1e-6)

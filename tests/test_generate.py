@@ -283,3 +283,10 @@ def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
     r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
     assert r.returncode == 1 and "prefix length must be in [1, 63]" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_int8_decoding_option(ckpt, tmp_path):
+    r = gen(ckpt, tmp_path, "--name", "q", "--int8")
+    assert r.returncode == 0, r.stderr
+    assert report(tmp_path / "q")["settings"]["int8"] is True
+    assert (tmp_path / "q" / "continuation.mid").stat().st_size > 0

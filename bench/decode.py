@@ -1,0 +1,176 @@
+"""Cached decoding on CPU against its memory floor: float32 and int8, batch 1 and 8.
+
+One run measures, side by side on one random model (default: d512, 8 layers + the
+cross-attention layer, context 4096, prefix 3072 / 1024 latents, the shapes of issue 16):
+- the floor: bytes one step must read (the linear weights and the keys and values
+  attention reads, averaged over the window positions decoded) over this machine's copy
+  bandwidth (bytes copied per second with every core);
+- the reference: the engine's previous layout (an (in, out)-major weight copy, ``x @ W``
+  through MKL, one thread);
+- the float32 step now (oneDNN packed weights, every core), and int8 weights;
+- num_samples 8 against 1, and tokens/s over a long run that includes the re-encodes;
+- exactness: float32 cached logits against the library's forward on the same windows, and
+  int8's deviation from float32 (max |logit diff|, KL divergence, top-1 agreement).
+Figures only, no assertions.
+
+    python -m bench.decode
+    python -m bench.decode --dim 256 --depth 4 --context 1024 --latents 256   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+import perceiver_music.model as model_module
+from midi_processor.vocab import PAD
+from perceiver_music.config import ModelConfig
+from perceiver_music.engine import StepInfo, generate
+from perceiver_music.model import DecodeCache, build_model, decode_step, forward
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--latents", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per setting")
+    parser.add_argument("--long", type=int, default=1500,
+                        help="tokens of the long run (re-encodes included)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def copy_bandwidth() -> float:
+    """Bytes copied per second between two 256 MB buffers (best of 10)."""
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return src.numel() * 4 / best
+
+
+@contextmanager
+def reference_layout() -> Iterator[None]:
+    """The engine before oneDNN: every linear as ``x @ W`` with an (in, out)-major copy."""
+    saved = model_module._onednn_works
+    model_module._onednn_works = lambda: False
+    try:
+        yield
+    finally:
+        model_module._onednn_works = saved
+
+
+def step_ms(model, primer: torch.Tensor, steps: int, **kwargs) -> tuple[float, float]:
+    """(median ms of a cached step, tokens/s over the run) of `generate`."""
+    times: list[float] = []
+    last = [0.0]
+
+    def on_step(info: StepInfo) -> None:
+        now = time.perf_counter()
+        if not info.reencoded and last[0]:
+            times.append(now - last[0])
+        last[0] = now
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = generate(model, primer, max_new_tokens=steps, stop_on_end=False, seed=0,
+                          on_step=on_step, **kwargs)
+    elapsed = time.perf_counter() - start
+    return statistics.median(times) * 1000, len(result.tokens[0]) / elapsed
+
+
+def deviation(model, tokens: torch.Tensor, count: int) -> dict[str, float]:
+    """Cached logits of ``count`` steps in float32 and int8 against the library forward."""
+    m = model.cross_attn_seq_len
+    logits = {}
+    with torch.no_grad():
+        for precision in ("float32", "int8"):
+            cache = DecodeCache(model, 1, precision=precision)
+            forward(model, tokens[None, : m + 1], cache=cache)
+            logits[precision] = torch.cat([decode_step(model, tokens[p : p + 1], p, cache)
+                                           for p in range(m + 1, m + 1 + count)])
+        reference = model(tokens[None, : m + 1 + count])[0, 1:]
+    a, b = logits["float32"], logits["int8"]
+    pa, pb = a.log_softmax(-1), b.log_softmax(-1)
+    return {"fp32_vs_library": float((a - reference).abs().max()),
+            "int8_max_logit_diff": float((b - a).abs().max()),
+            "int8_kl": float((pa.exp() * (pa - pb)).sum(-1).mean()),
+            "int8_top1": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig(dim=args.dim, depth=args.depth, heads=args.heads,
+                      dim_head=args.dim // args.heads, max_seq_len=args.context,
+                      cross_attn_seq_len=args.context - args.latents)
+    model = build_model(cfg).eval()
+    m, n = cfg.cross_attn_seq_len, cfg.max_seq_len - cfg.cross_attn_seq_len
+    threads = torch.get_num_threads()
+    # Start half a stride into the latents, as a window does after its first re-encode.
+    primer = torch.randint(0, PAD, (m + n // 2,))
+
+    linear_bytes = sum(x.weight.numel() * 4 for x in model.modules()
+                       if isinstance(x, torch.nn.Linear))
+    positions = range(m + n // 2, m + n // 2 + args.steps)  # where the timed steps decode
+    kv_per_position = 2 * cfg.heads * (cfg.dim // cfg.heads) * 4
+    cache_bytes = statistics.mean(
+        kv_per_position * ((p + 1) * cfg.perceive_depth + (p - m + 1) * cfg.depth)
+        for p in positions)
+    print(f"model: d{cfg.dim}, {cfg.perceive_depth}+{cfg.depth} layers, context "
+          f"{cfg.max_seq_len}, prefix {m} / {n} latents; {threads} threads")
+    before = copy_bandwidth()
+    rows = []
+    with reference_layout():
+        rows.append(("reference: x @ W, 1 thread", *step_ms(model, primer, args.steps,
+                                                            decode_threads=1)))
+    rows.append(("float32 (oneDNN)", *step_ms(model, primer, args.steps)))
+    rows.append(("int8 weights", *step_ms(model, primer, args.steps, precision="int8")))
+    rows.append(("float32, num_samples 8", *step_ms(model, primer, args.steps,
+                                                    num_samples=8)))
+    rows.append(("int8, num_samples 8", *step_ms(model, primer, args.steps, num_samples=8,
+                                                 precision="int8")))
+    # A shared VM's bandwidth drifts: measure it on both sides, take the faster (lower floor).
+    after = copy_bandwidth()
+    bandwidth = max(before, after)
+    floor = (linear_bytes + cache_bytes) / bandwidth * 1000
+    print(f"copy bandwidth {before / 1e9:.1f} GB/s before, {after / 1e9:.1f} GB/s after; a "
+          f"step reads {linear_bytes / 1e6:.0f} MB of weights + {cache_bytes / 1e6:.0f} MB of "
+          f"keys/values: floor {floor:.2f} ms at {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'cached step':34s} {'ms/step':>8s} {'x floor':>8s}")
+    for name, ms, _ in rows:
+        print(f"{name:34s} {ms:8.2f} {ms / floor:8.2f}")
+    ref, fp32, int8, fp32_8, int8_8 = (ms for _, ms, _ in rows)
+    print(f"float32 vs reference: {ref / fp32:.2f}x faster; int8 vs float32: "
+          f"{fp32 / int8:.2f}x faster")
+    print(f"num_samples 8 / 1: float32 {fp32_8 / fp32:.2f}x, int8 {int8_8 / int8:.2f}x "
+          "the time of one sample")
+
+    long = {}
+    for precision in ("float32", "int8"):
+        _, long[precision] = step_ms(model, primer, args.long, precision=precision,
+                                     stride=n // 2)
+    print(f"{args.long} tokens with re-encodes every {n // 2}: float32 "
+          f"{long['float32']:.0f} tok/s, int8 {long['int8']:.0f} tok/s")
+
+    tokens = torch.randint(0, PAD, (cfg.max_seq_len,))
+    dev = deviation(model, tokens, min(64, n - 1))
+    print(f"exactness: float32 cached vs library forward max |logit diff| "
+          f"{dev['fp32_vs_library']:.1e}; int8 vs float32: max |logit diff| "
+          f"{dev['int8_max_logit_diff']:.3f}, KL {dev['int8_kl']:.1e} nats/token, top-1 "
+          f"agreement {dev['int8_top1']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
