@@ -87,10 +87,13 @@ class DecodeCache:
             self.weights = {layer: CpuLinear(layer, batch, precision)
                             for layer in model.modules() if isinstance(layer, nn.Linear)}
 
-    def linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        """``layer(x)``, through the CPU layout of its weight when there is one."""
+    def linear(self, layer: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
+        """``layer(x)`` (then GELU if asked), through the CPU layout of its weight when
+        there is one (which fuses the GELU)."""
         kernel = self.weights.get(layer)
-        return layer(x) if kernel is None else kernel(x)
+        if kernel is not None:
+            return kernel(x, gelu=gelu)
+        return F.gelu(layer(x)) if gelu else layer(x)
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` of every tensor (beam search); the batch size may change."""
@@ -394,10 +397,8 @@ def _self_attention(
 def _feed_forward(ff: nn.Sequential, x: Tensor, cache: DecodeCache) -> Tensor:
     """The library's FeedForward (LayerNorm, Linear, GELU, Dropout, Linear) in eval mode,
     its linear layers applied through ``cache`` (GELU fused into the first on CPU)."""
-    norm, proj_in, act, _, proj_out = ff
-    kernel = cache.weights.get(proj_in)
-    hidden = kernel(norm(x), gelu=True) if kernel is not None else act(proj_in(norm(x)))
-    return cache.linear(proj_out, hidden)
+    norm, proj_in, _, _, proj_out = ff
+    return cache.linear(proj_out, cache.linear(proj_in, norm(x), gelu=True))
 
 
 def _key_mask(prefix_mask: Tensor, length: int) -> Tensor:
