@@ -55,6 +55,7 @@ RENDERER = "midirenderer"  # midirenderer (pip, default) or fluidsynth (the syst
 SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
 INT8 = False  # CPU: decode with int8 weights (about 1.8x faster, near-identical odds)
+CUDA_GRAPHS = True  # GPU: replay each decoding step as one captured CUDA graph
 
 def check_settings(args) -> None:
     """Refuse impossible settings before any work, with one line each."""
@@ -170,7 +171,8 @@ def main() -> None:
             greedy=args.greedy, creativity=args.creativity, num_beams=args.beams,
             seed=None if args.seed < 0 else args.seed, stop_at_end=args.stop_at_end,
             cross_attn_seq_len=prefix, stride=args.stride or None,
-            precision="int8" if args.int8 else "float32", progress=on_step)
+            precision="int8" if args.int8 else "float32", cuda_graphs=args.cuda_graphs,
+            progress=on_step)
     take.extra["primer_name"] = Path(args.primer).name or "from scratch"
     report = {"settings": vars(args), "model": cfg.to_dict(),
               "checkpoint_step": model.meta.get("step"), "device": str(state.device),

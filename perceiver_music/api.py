@@ -265,6 +265,7 @@ class PerceiverMusic:
         cross_attn_seq_len: int | None = None,
         stride: int | None = None,
         precision: str = "float32",
+        cuda_graphs: bool = True,
         progress: Callable[[StepInfo], object] | None = None,
     ) -> Generation:
         """Continue ``primer`` (see `primer_tokens`: a path, bytes, PrettyMIDI, token ids
@@ -278,6 +279,7 @@ class PerceiverMusic:
         ``cross_attn_seq_len`` sets the prefix length at generation (default: the
         model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.8x as
         fast, KL divergence from float32 about 1e-4 nats per token on the demo model).
+        On a GPU each sampling step replays a CUDA graph (``cuda_graphs=False``: not).
         ``progress`` receives each step's `StepInfo` (its ``step`` and ``seconds`` tell
         how far the slowest sample has come). Raises ValueError for impossible settings
         and MidiError for an unreadable primer.
@@ -299,7 +301,7 @@ class PerceiverMusic:
                           num_samples=num_samples, sampling=sampling, num_beams=num_beams,
                           max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
                           seed=seed, cross_attn_seq_len=cross_attn_seq_len, precision=precision,
-                          on_step=progress)
+                          cuda_graphs=cuda_graphs, on_step=progress)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
         return Generation(

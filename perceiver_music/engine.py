@@ -42,7 +42,7 @@ from midi_processor.vocab import (
     VOCAB_SIZE,
 )
 
-from .model import DecodeCache, decode_step, forward, prefix_length
+from .model import CudaGraphStep, DecodeCache, decode_step, forward, prefix_length
 
 STOP_END = "end"
 STOP_SECONDS = "seconds"
@@ -179,6 +179,7 @@ def generate(
     decode_threads: int | None = None,
     precision: str = "float32",
     cross_attn_seq_len: int | None = None,
+    cuda_graphs: bool = True,
     on_step: Callable[[StepInfo], object] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> GenerationResult:
@@ -206,6 +207,11 @@ def generate(
     model's): the window keeps max_seq_len tokens, of which the last max_seq_len - m are
     latents. It changes no weight, and the logits stay exactly the library's forward on
     the reported window with that split (the original scripts used half the primer).
+
+    On a CUDA device, sampling replays each one-token step as a CUDA graph captured once
+    per call (`perceiver_music.model.CudaGraphStep`; ``cuda_graphs=False`` launches its
+    kernels one by one instead, as beam search always does). The logits are the same
+    function either way.
 
     ``on_step`` receives a `StepInfo` after every step; ``progress`` is called with 1
     after every step (``tqdm.update`` fits). The model runs in eval mode and is put back
@@ -237,12 +243,12 @@ def generate(
     try:
         if num_beams > 1:
             window = _Window(model, first[None], max_new_tokens, stride, decode_threads, m,
-                             precision)
+                             precision, cuda_graphs=False)
             return _beam_search(window, num_beams, length_penalty, limits, on_step, progress)
         if seed is None:
             seed = secrets.randbits(63)
         window = _Window(model, first.expand(num_samples, -1), max_new_tokens, stride,
-                         decode_threads, m, precision)
+                         decode_threads, m, precision, cuda_graphs)
         generators = _row_generators(seed, num_samples, device)
         return _sample(window, sampling or SamplingConfig(), generators, seed, limits,
                        on_step, progress)
@@ -258,7 +264,8 @@ class _Window:
     """Token buffer of a batch, the current window in it, and the window's KV cache."""
 
     def __init__(self, model: PerceiverAR, first: Tensor, capacity: int, stride: int,
-                 decode_threads: int | None, prefix_len: int, precision: str) -> None:
+                 decode_threads: int | None, prefix_len: int, precision: str,
+                 cuda_graphs: bool) -> None:
         batch, length = first.shape
         self.model = model
         self.prefix_len = prefix_len
@@ -269,6 +276,9 @@ class _Window:
         self.buf[:, :length] = first
         self.start, self.end = 0, length
         self.cache = DecodeCache(model, batch, prefix_len, precision)
+        # Captured before the first encode: capture writes warm-up steps into the cache.
+        self.graph = (CudaGraphStep(model, self.cache, batch)
+                      if cuda_graphs and first.device.type == "cuda" else None)
         self.prefix_mask: Tensor | None = None
         self.reencoded = True
         self.full_forwards = 0
@@ -300,6 +310,8 @@ class _Window:
             return self.encode()
         self.reencoded = False
         position = self.end - 1 - self.start
+        if self.graph is not None:
+            return self.graph(tokens, position).float()
         with _intra_op_threads(self.decode_threads):
             return decode_step(self.model, tokens, position, self.cache).float()
 

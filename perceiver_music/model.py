@@ -49,15 +49,20 @@ class DecodeCache:
     """What `decode_step` needs besides the model, for one batch of windows split at
     ``prefix_len`` (default: the model's own prefix length m).
 
-    Keys and values of every attention layer (a gpt-fast style KV cache), written in
-    place: cross-attention layers store all window positions (prefix and latents),
+    Keys and values of every attention layer (a gpt-fast style static KV cache: allocated
+    once, written in place, so a captured CUDA graph keeps reading the right memory):
+    cross-attention layers store all window positions (prefix and latents),
     self-attention layers the latent positions only, each as (batch, heads, positions,
-    dim_head) with rotary embeddings applied. ``key_mask`` is the cross-attention key mask
-    from the window's prefix mask (None when no prefix position is masked).
+    dim_head) with rotary embeddings applied. ``key_valid`` is the cross-attention key
+    mask of the window (batch, 1, 1, max_seq_len), True for real tokens; ``key_mask`` is
+    it, or None when no prefix position is PAD.
 
-    On CPU it also keeps each linear weight laid out for one-token steps (`CpuLinear`): a
-    step is a chain of matrix products with a few rows, bound by how fast the weights
-    stream from memory. ``precision="int8"`` stores them as int8 with one scale per output
+    A step multiplies one row per sample by every weight. The cross-attention layers'
+    ``to_q`` and ``to_kv`` take the same input in a step, so the cache holds them as one
+    fused layer (``fused_qkv``), like the self-attention layers' ``to_qkv``. On CPU it
+    also keeps each linear weight laid out for one-token steps (`CpuLinear`): a step is a
+    chain of matrix products with a few rows, bound by how fast the weights stream from
+    memory. ``precision="int8"`` stores them as int8 with one scale per output
     (weight-only quantisation: a quarter of the bytes; CPU only; the deviation from
     float32 is measured by bench/decode.py). The copies are taken when the cache is
     built, so build a new cache after changing the weights.
@@ -81,11 +86,27 @@ class DecodeCache:
         self.cross = [(empty(model.max_seq_len), empty(model.max_seq_len))
                       for _ in model.perceive_layers]
         self.self = [(empty(n), empty(n)) for _ in model.layers]
+        self.key_valid = torch.ones(batch, 1, 1, model.max_seq_len, dtype=torch.bool,
+                                    device=param.device)
         self.key_mask: Tensor | None = None
+        self.fused_qkv: dict[nn.Module, nn.Linear] = {}
+        for attn, _ in model.perceive_layers:
+            fused = nn.Linear(attn.to_q.in_features,
+                              attn.to_q.out_features + attn.to_kv.out_features, bias=False,
+                              device="meta")
+            fused.weight = nn.Parameter(torch.cat((attn.to_q.weight, attn.to_kv.weight)),
+                                        requires_grad=False)
+            self.fused_qkv[attn] = fused
+        for attn, _ in model.layers:
+            self.fused_qkv[attn] = attn.to_qkv
         self.weights: dict[nn.Linear, CpuLinear] = {}
         if param.device.type == "cpu":
-            self.weights = {layer: CpuLinear(layer, batch, precision)
-                            for layer in model.modules() if isinstance(layer, nn.Linear)}
+            replaced = {id(layer) for attn, _ in model.perceive_layers
+                        for layer in (attn.to_q, attn.to_kv)}
+            layers = [layer for layer in model.modules()
+                      if isinstance(layer, nn.Linear) and id(layer) not in replaced]
+            layers += [self.fused_qkv[attn] for attn, _ in model.perceive_layers]
+            self.weights = {layer: CpuLinear(layer, batch, precision) for layer in layers}
 
     def linear(self, layer: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
         """``layer(x)`` (then GELU if asked), through the CPU layout of its weight when
@@ -95,14 +116,22 @@ class DecodeCache:
             return kernel(x, gelu=gelu)
         return F.gelu(layer(x)) if gelu else layer(x)
 
+    def set_prefix_mask(self, prefix_mask: Tensor | None) -> None:
+        """Record the window's prefix mask (batch, m) in ``key_valid`` (in place)."""
+        self.key_valid.fill_(True)
+        if prefix_mask is not None:
+            self.key_valid[:, 0, 0, : prefix_mask.shape[1]] = prefix_mask
+        self.key_mask = None if prefix_mask is None else self.key_valid
+
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` of every tensor (beam search); the batch size may change."""
         self.cross = [(k.index_select(0, index), v.index_select(0, index))
                       for k, v in self.cross]
         self.self = [(k.index_select(0, index), v.index_select(0, index))
                      for k, v in self.self]
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask.index_select(0, index)
+        masked = self.key_mask is not None
+        self.key_valid = self.key_valid.index_select(0, index)
+        self.key_mask = self.key_valid if masked else None
 
 
 class CpuLinear:
@@ -211,8 +240,7 @@ def forward(
     prefix, x = h[:, :m], h[:, m:]
 
     if cache is not None:
-        cache.key_mask = None if prefix_mask is None else _key_mask(
-            prefix_mask, model.max_seq_len)
+        cache.set_prefix_mask(prefix_mask)
 
     for i, (attn, ff) in enumerate(model.perceive_layers):
         kv = cache.cross[i] if cache is not None else None
@@ -225,7 +253,8 @@ def forward(
     return model.to_logits(x)
 
 
-def decode_step(model: PerceiverAR, token: Tensor, position: int, cache: DecodeCache) -> Tensor:
+def decode_step(model: PerceiverAR, token: Tensor, position: int | Tensor,
+                cache: DecodeCache) -> Tensor:
     """Logits for the token after ``token``, placed at window ``position``, using ``cache``.
 
     ``cache`` holds the window's positions before ``position`` (from `forward` with a cache
@@ -233,43 +262,105 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int, cache: DecodeC
     (batch, num_tokens). Exact while the window start and the prefix stay put, because
     every key and value depends only on its token, its position and earlier positions.
     The prefix length is the cache's.
+
+    ``position`` is an int, or a 0-dim long tensor on the model's device: then every
+    shape in the step is fixed and the host never reads the position, so the step can be
+    captured once as a CUDA graph (`CudaGraphStep`); attention reads the whole cache,
+    masked after ``position``. The caller checks the position's range in that case.
     """
     m = cache.prefix_len
-    if not m <= position < model.max_seq_len:
-        raise ValueError(f"position {position} is not a latent position of a window of "
-                         f"at most {model.max_seq_len} tokens with a {m}-token prefix")
-    x = model.token_emb(token)[:, None] + model.pos_emb.weight[position]
-    cos, sin = _rotary(model, torch.tensor([position], device=token.device))
-    rotation = _rotation_matrix(cos[0], sin[0], _head_shape(model.perceive_layers[0][0])[1])
-    linear = cache.linear
+    static = isinstance(position, Tensor)
+    if static:
+        pos = position.reshape(1)
+        cos, sin = _rotary(model, pos)
+        keys = torch.arange(model.max_seq_len, device=token.device)
+        cross_mask = (keys <= pos) & cache.key_valid
+        self_mask = (keys[: model.max_seq_len - m] <= pos - m)[None, None, None]
+        cross_index, self_index = pos, pos - m
 
-    for (attn, ff), (k_cache, v_cache) in zip(model.perceive_layers, cache.cross, strict=True):
-        heads, _ = _head_shape(attn)
-        xn = attn.norm(x)
-        q = _split_heads(linear(attn.to_q, xn), heads) @ rotation
-        k, v = (_split_heads(t, heads) for t in linear(attn.to_kv, xn).chunk(2, dim=-1))
-        k_cache[:, :, position] = (k @ rotation)[:, :, 0]
-        v_cache[:, :, position] = v[:, :, 0]
-        mask = None if cache.key_mask is None else cache.key_mask[..., : position + 1]
-        out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, : position + 1], v_cache[:, :, : position + 1],
-            attn_mask=mask, scale=attn.scale)
-        x = x + linear(attn.to_out, _merge_heads(out))
-        x = x + _feed_forward(ff, x, cache)
+        def rotate(t: Tensor) -> Tensor:
+            return _rotate(t, cos, sin)
+    else:
+        if not m <= position < model.max_seq_len:
+            raise ValueError(f"position {position} is not a latent position of a window "
+                             f"of at most {model.max_seq_len} tokens with a {m}-token prefix")
+        pos = torch.tensor([position], device=token.device)
+        cos, sin = _rotary(model, pos)
+        rotation = _rotation_matrix(cos[0], sin[0], _head_shape(model.perceive_layers[0][0])[1]
+                                    ).to(model.token_emb.weight.dtype)
+        cross_mask, self_mask = cache.key_mask, None
+        cross_index, self_index = position, position - m
 
-    latent = position - m
-    for (attn, ff), (k_cache, v_cache) in zip(model.layers, cache.self, strict=True):
-        heads, dim_head = _head_shape(attn)
-        qkv = linear(attn.to_qkv, attn.norm(x)).view(-1, 3, heads, dim_head)
-        q, k = (qkv[:, :2] @ rotation).unbind(1)  # (batch, heads, dim_head) each
-        k_cache[:, :, latent] = k
-        v_cache[:, :, latent] = qkv[:, 2]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None], k_cache[:, :, : latent + 1], v_cache[:, :, : latent + 1],
-            scale=attn.scale)
-        x = x + linear(attn.to_out, _merge_heads(out))
-        x = x + _feed_forward(ff, x, cache)
-    return linear(model.to_logits, x)[:, 0]
+        def rotate(t: Tensor) -> Tensor:
+            return t @ rotation
+
+    x = model.token_emb(token)[:, None] + model.pos_emb(pos)
+    for layers, caches, index, mask in ((model.perceive_layers, cache.cross, cross_index,
+                                         cross_mask),
+                                        (model.layers, cache.self, self_index, self_mask)):
+        for (attn, ff), (k_cache, v_cache) in zip(layers, caches, strict=True):
+            heads, dim_head = _head_shape(attn)
+            qkv = cache.linear(cache.fused_qkv[attn], attn.norm(x)).view(-1, 3, heads,
+                                                                          dim_head)
+            q, k = rotate(qkv[:, :2]).unbind(1)  # (batch, heads, dim_head) each
+            out = _cached_attention(q, k, qkv[:, 2], k_cache, v_cache, index, mask,
+                                    attn.scale)
+            x = x + cache.linear(attn.to_out, out.reshape(x.shape))
+            x = x + _feed_forward(ff, x, cache)
+    return cache.linear(model.to_logits, x)[:, 0]
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      index: int | Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Store ``k`` and ``v`` (batch, heads, dim_head) at cache position ``index`` and attend
+    from ``q`` to positions 0..index (``mask``: the keys' mask over the whole cache, or
+    None). A tensor ``index`` keeps every shape fixed (the static step)."""
+    if isinstance(index, Tensor):
+        k_cache.index_copy_(2, index, k[:, :, None])
+        v_cache.index_copy_(2, index, v[:, :, None])
+        keys, values = k_cache, v_cache
+    else:
+        k_cache[:, :, index] = k
+        v_cache[:, :, index] = v
+        keys, values = k_cache[:, :, : index + 1], v_cache[:, :, : index + 1]
+        mask = None if mask is None else mask[..., : index + 1]
+    return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                          scale=scale)
+
+
+class CudaGraphStep:
+    """`decode_step` captured once as a CUDA graph and replayed for every token.
+
+    At batch 1 a step launches a few hundred small kernels, and on a fast GPU launching
+    them from Python takes longer than running them; a replay launches them all at once.
+    Capture writes warm-up steps into ``cache``, so build this before `forward` fills the
+    cache. The cache must stay the one captured: `forward` with it rewrites its tensors in
+    place, `DecodeCache.reorder` does not (beam search runs without graphs).
+    """
+
+    def __init__(self, model: PerceiverAR, cache: DecodeCache, batch: int) -> None:
+        device = cache.key_valid.device
+        self.prefix_len, self.max_seq_len = cache.prefix_len, model.max_seq_len
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.full((), cache.prefix_len, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy initialisation must not happen in capture
+                decode_step(model, self.token, self.position, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, self.token, self.position, cache)
+
+    def __call__(self, token: Tensor, position: int) -> Tensor:
+        """`decode_step` (``token``, ``position``) through the graph; a new tensor."""
+        if not self.prefix_len <= position < self.max_seq_len:
+            raise ValueError(f"position {position} is not a latent position")
+        self.token.copy_(token)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
@@ -409,9 +500,16 @@ def _key_mask(prefix_mask: Tensor, length: int) -> Tensor:
 
 
 def _rotary(model: PerceiverAR, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles at ``positions``: (len, rotary_dim) each."""
+    """cos and sin of the rotary angles at ``positions``: (len, rotary_dim) each, float32.
+
+    Angles reach thousands of radians, so they are computed in float32 even for a model
+    cast to bfloat16 (whose rounded ``inv_freq`` buffer is recomputed; bfloat16 positions
+    above 256 are not even integers)."""
     inv_freq = model.rotary_pos_emb.inv_freq
-    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq
+    if inv_freq.dtype != torch.float32:
+        dim = 2 * inv_freq.numel()
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=inv_freq.device).float() / dim)
+    freqs = positions.float()[:, None] * inv_freq
     freqs = torch.cat((freqs, freqs), dim=-1)
     return freqs.cos(), freqs.sin()
 
@@ -430,8 +528,11 @@ def _rotation_matrix(cos: Tensor, sin: Tensor, dim_head: int) -> Tensor:
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first rotary_dim features of ``t`` (..., len, dim_head) by the angles."""
+    """Rotate the first rotary_dim features of ``t`` (..., len, dim_head) by the angles,
+    in ``t``'s dtype (under bfloat16 autocast, queries, keys and values stay bfloat16 so
+    that attention runs one kernel, flash where it can)."""
     rot = cos.shape[-1]
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
     t_rot, t_pass = t[..., :rot], t[..., rot:]
     x1, x2 = t_rot.chunk(2, dim=-1)
     t_rot = t_rot * cos + torch.cat((-x2, x1), dim=-1) * sin

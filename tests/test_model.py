@@ -135,6 +135,48 @@ def test_training_dropout_is_applied_and_eval_is_deterministic():
 # loss
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bf16_training_step_runs_on_flash_attention_alone(device):
+    """Under bfloat16 autocast (train.py --mixed_precision bf16) a training step with
+    prefix dropout runs with SDPA restricted to its flash kernel: no mask or dtype mix
+    sends it to the slower kernels. (CPU's flash kernel has no attention dropout; CUDA's
+    has.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dropout = 0.1 if device == "cuda" else 0.0
+    model = tiny_model(dropout=dropout, cross_attn_dropout=0.5).to(device).train()
+    tokens = torch.randint(0, PAD, (2, model.max_seq_len + 1), device=device)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast(device, torch.bfloat16):
+        logits = forward(model, tokens[:, :-1])
+        loss = loss_fn(logits, tokens[:, 1:])
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_bfloat16_model_keeps_float32_rotary_angles():
+    """model.to(torch.bfloat16) rounds the inv_freq buffer, and bfloat16 cannot count
+    past 256; the forward still computes the same float32 angles, so a long window's
+    next-token distributions stay close to the float32 model's."""
+    from perceiver_music.model import _rotary
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", max_seq_len=2048, cross_attn_seq_len=1900)
+    model = build_model(cfg).eval()
+    half = build_model(cfg).eval().to(torch.bfloat16)
+    half.load_state_dict(model.state_dict())
+    assert half.rotary_pos_emb.inv_freq.dtype == torch.bfloat16
+    positions = torch.arange(2048)
+    for ours, theirs in zip(_rotary(half, positions), _rotary(model, positions), strict=True):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    tokens = torch.randint(0, PAD, (1, 2048))
+    with torch.no_grad():
+        p32 = forward(model, tokens).log_softmax(-1)
+        p16 = forward(half, tokens).float().log_softmax(-1)
+    assert (p32.exp() * (p32 - p16)).sum(-1).mean() < 1e-4
+
+
 def test_loss_ignores_pad_but_not_note_zero():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, VOCAB_SIZE, generator=gen)
