@@ -51,7 +51,7 @@ EVAL_INTERVAL = 250  # steps between validations (and best/ updates)
 EVAL_WINDOWS = 256  # fixed validation windows (0: all)
 SAVE_INTERVAL = 250  # steps between saves of last/
 LOG_INTERVAL = 10  # steps between metric rows
-MIXED_PRECISION = "no"  # no, fp16 or bf16 (overrides accelerate's config when not 'no')
+MIXED_PRECISION = "auto"  # auto (bf16 on GPUs with it, unless accelerate sets one), no, fp16, bf16
 PREFIX_FILL = 0.5  # share of windows whose prefix is cut to a random length
 TRANSPOSE = 3  # augment: transpose by up to +-N semitones (0: off)
 STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
@@ -217,10 +217,25 @@ def resume_meta(meta: dict, where: Path) -> tuple[int, float, float]:
     return step, math.inf if best is None else float(best), float(seconds or 0.0)
 
 
+def mixed_precision(args) -> dict[str, str]:
+    """Accelerator's mixed_precision argument: the setting, or for "auto" bf16 (the fast
+    path: flash attention, no loss scaling) on a CUDA GPU that supports it, unless
+    accelerate launch was told one (its config or --mixed_precision)."""
+    import torch
+
+    choice = args.mixed_precision
+    if choice == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        bf16 = (not cpu_only(args.cpu) and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported())
+        choice = launched or ("bf16" if bf16 else "no")
+    return {"mixed_precision": choice}
+
+
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
-        fail(f"--mixed_precision must be no, fp16 or bf16, not {args.mixed_precision!r}")
+    if args.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        fail(f"--mixed_precision must be auto, no, fp16 or bf16, not {args.mixed_precision!r}")
     for name in ("batch_size", "grad_accum", "max_steps", "warmup_steps", "eval_interval",
                  "save_interval", "log_interval"):
         if getattr(args, name) < 1:
@@ -279,8 +294,7 @@ def main() -> None:
     except DataError as exc:
         fail(str(exc))
 
-    precision = {} if args.mixed_precision == "no" else {"mixed_precision": args.mixed_precision}
-    accelerator = Accelerator(cpu=cpu_only(args.cpu), **precision)
+    accelerator = Accelerator(cpu=cpu_only(args.cpu), **mixed_precision(args))
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1 for each process: share the cores instead
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -335,6 +349,7 @@ def main() -> None:
             f"process(es) on {accelerator.device}"
             + (f" ({torch.get_num_threads()} threads each)"
                if accelerator.device.type == "cpu" else "")
+            + f", mixed precision {accelerator.mixed_precision}"
         )
 
     stop = {"flag": False, "signal": 0}

@@ -3,6 +3,7 @@ refuses bad settings with one line."""
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import signal
@@ -334,3 +335,17 @@ def test_auto_preset_and_threads_on_a_cpu(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "model: demo" in r.stdout
     assert f"({os.cpu_count()} threads each)" in r.stdout
+
+
+def test_bf16_mixed_precision_trains(data_dir, tmp_path):
+    """--mixed_precision bf16 runs the whole loop under autocast (on a GPU: flash
+    attention); checkpoints keep float32 weights."""
+    out = tmp_path / "bf16"
+    r = run(["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--cpu",
+             "--mixed_precision", "bf16", "--max_steps", "10", "--eval_interval", "10"])
+    assert r.returncode == 0, r.stderr
+    assert "mixed precision bf16" in r.stdout
+    with open(out / "metrics.csv") as fh:
+        losses = [float(row[1]) for row in csv.reader(fh) if row[1] and row[0] != "step"]
+    assert losses and all(np.isfinite(losses))
+    assert all(w.dtype == np.float32 for w in weights(out).values())
