@@ -3,8 +3,9 @@
 One run measures, side by side on one random model (default: d512, 8 layers + the
 cross-attention layer, context 4096, prefix 3072 / 1024 latents, the shapes of issue 16):
 - the floor: bytes one step must read (the linear weights and the keys and values
-  attention reads, averaged over the window positions decoded) over this machine's copy
-  bandwidth (bytes copied per second with every core);
+  attention reads, averaged over the window positions decoded) over this machine's read
+  bandwidth (a sum over 256 MB with every core; a step only reads its big tensors), and
+  the same for 8 samples, which read 8 caches;
 - the reference: the engine's previous layout (an (in, out)-major weight copy, ``x @ W``
   through MKL, one thread);
 - the float32 step now (oneDNN packed weights, every core), and int8 weights;
@@ -42,20 +43,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--latents", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=200, help="timed steps per setting")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each setting takes")
     parser.add_argument("--long", type=int, default=1500,
                         help="tokens of the long run (re-encodes included)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def copy_bandwidth() -> float:
-    """Bytes copied per second between two 256 MB buffers (best of 10)."""
+def read_bandwidth() -> float:
+    """Bytes read per second by a sum over 256 MB (best of 10). A copy moves each byte
+    twice (counted once, it reads at about half this speed)."""
     src = torch.ones(64 * 2**20)
-    dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(10):
         t = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - t)
     return src.numel() * 4 / best
 
@@ -130,28 +132,37 @@ def main() -> None:
         for p in positions)
     print(f"model: d{cfg.dim}, {cfg.perceive_depth}+{cfg.depth} layers, context "
           f"{cfg.max_seq_len}, prefix {m} / {n} latents; {threads} threads")
-    before = copy_bandwidth()
-    rows = []
-    with reference_layout():
-        rows.append(("reference: x @ W, 1 thread", *step_ms(model, primer, args.steps,
-                                                            decode_threads=1)))
-    rows.append(("float32 (oneDNN)", *step_ms(model, primer, args.steps)))
-    rows.append(("int8 weights", *step_ms(model, primer, args.steps, precision="int8")))
-    rows.append(("float32, num_samples 8", *step_ms(model, primer, args.steps,
-                                                    num_samples=8)))
-    rows.append(("int8, num_samples 8", *step_ms(model, primer, args.steps, num_samples=8,
-                                                 precision="int8")))
-    # A shared VM's bandwidth drifts: measure it on both sides, take the faster (lower floor).
-    after = copy_bandwidth()
-    bandwidth = max(before, after)
-    floor = (linear_bytes + cache_bytes) / bandwidth * 1000
-    print(f"copy bandwidth {before / 1e9:.1f} GB/s before, {after / 1e9:.1f} GB/s after; a "
-          f"step reads {linear_bytes / 1e6:.0f} MB of weights + {cache_bytes / 1e6:.0f} MB of "
-          f"keys/values: floor {floor:.2f} ms at {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'cached step':34s} {'ms/step':>8s} {'x floor':>8s}")
-    for name, ms, _ in rows:
-        print(f"{name:34s} {ms:8.2f} {ms / floor:8.2f}")
-    ref, fp32, int8, fp32_8, int8_8 = (ms for _, ms, _ in rows)
+    settings = {  # name: (weight bytes per element, samples, generate() arguments)
+        "reference: x @ W, 1 thread": (4, 1, {"decode_threads": 1}),
+        "float32 (oneDNN)": (4, 1, {}),
+        "int8 weights": (1, 1, {"precision": "int8"}),
+        "float32, num_samples 8": (4, 8, {"num_samples": 8}),
+        "int8, num_samples 8": (1, 8, {"num_samples": 8, "precision": "int8"}),
+    }
+    # A shared VM's bandwidth drifts (and differs between buffers): settings take turns
+    # over the rounds, and the bandwidth is measured around each round (floor: median).
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    bandwidths = [read_bandwidth()]
+    for _ in range(args.rounds):
+        for name, (_, _, kwargs) in settings.items():
+            if name.startswith("reference"):
+                with reference_layout():
+                    times[name].append(step_ms(model, primer, args.steps, **kwargs)[0])
+            else:
+                times[name].append(step_ms(model, primer, args.steps, **kwargs)[0])
+        bandwidths.append(read_bandwidth())
+    bandwidth = statistics.median(bandwidths)
+    print(f"read bandwidth {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s over "
+          f"the run, median {bandwidth / 1e9:.1f}; "
+          f"a step reads {linear_bytes / 1e6:.0f} MB of float32 weights + "
+          f"{cache_bytes / 1e6:.0f} MB of keys/values per sample")
+    print(f"{'cached step (median of ' + str(args.rounds) + ' rounds)':34s} {'ms/step':>8s} "
+          f"{'floor ms':>8s} {'x floor':>8s}")
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    for name, (size, samples, _) in settings.items():
+        floor = (linear_bytes * size / 4 + samples * cache_bytes) / bandwidth * 1000
+        print(f"{name:34s} {ms[name]:8.2f} {floor:8.2f} {ms[name] / floor:8.2f}")
+    ref, fp32, int8, fp32_8, int8_8 = ms.values()
     print(f"float32 vs reference: {ref / fp32:.2f}x faster; int8 vs float32: "
           f"{fp32 / int8:.2f}x faster")
     print(f"num_samples 8 / 1: float32 {fp32_8 / fp32:.2f}x, int8 {int8_8 / int8:.2f}x "
