@@ -111,12 +111,17 @@ def deviation(model, tokens: torch.Tensor, count: int) -> dict[str, float]:
             "int8_top1": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model of the --dim, --depth, --heads, --context and --latents options."""
+    return ModelConfig(dim=args.dim, depth=args.depth, heads=args.heads,
+                       dim_head=args.dim // args.heads, max_seq_len=args.context,
+                       cross_attn_seq_len=args.context - args.latents)
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(dim=args.dim, depth=args.depth, heads=args.heads,
-                      dim_head=args.dim // args.heads, max_seq_len=args.context,
-                      cross_attn_seq_len=args.context - args.latents)
+    cfg = model_config(args)
     model = build_model(cfg).eval()
     m, n = cfg.cross_attn_seq_len, cfg.max_seq_len - cfg.cross_attn_seq_len
     threads = torch.get_num_threads()

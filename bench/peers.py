@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.decode import step_ms
+from bench.decode import model_config, step_ms
 from midi_processor.vocab import PAD, VOCAB_SIZE
 from perceiver_music.config import ModelConfig
 from perceiver_music.model import build_model
@@ -75,9 +75,7 @@ def gpt2_step_ms(model, primer: torch.Tensor, steps: int) -> float:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(dim=args.dim, depth=args.depth, heads=args.heads,
-                      dim_head=args.dim // args.heads, max_seq_len=args.context,
-                      cross_attn_seq_len=args.context - args.latents)
+    cfg = model_config(args)
     engine_model = build_model(cfg).eval()
     peer = gpt2(cfg)
     m, n = cfg.cross_attn_seq_len, cfg.num_latents
