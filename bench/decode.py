@@ -24,7 +24,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -137,23 +137,20 @@ def main() -> None:
         for p in positions)
     print(f"model: d{cfg.dim}, {cfg.perceive_depth}+{cfg.depth} layers, context "
           f"{cfg.max_seq_len}, prefix {m} / {n} latents; {threads} threads")
-    settings = {  # name: (weight bytes per element, samples, generate() arguments)
-        "reference: x @ W, 1 thread": (4, 1, {"decode_threads": 1}),
-        "float32 (oneDNN)": (4, 1, {}),
-        "int8 weights": (1, 1, {"precision": "int8"}),
-        "float32, num_samples 8": (4, 8, {"num_samples": 8}),
-        "int8, num_samples 8": (1, 8, {"num_samples": 8, "precision": "int8"}),
+    settings = {  # name: (weight bytes per element, samples, generate() arguments, layout)
+        "reference: x @ W, 1 thread": (4, 1, {"decode_threads": 1}, reference_layout),
+        "float32 (oneDNN)": (4, 1, {}, nullcontext),
+        "int8 weights": (1, 1, {"precision": "int8"}, nullcontext),
+        "float32, num_samples 8": (4, 8, {"num_samples": 8}, nullcontext),
+        "int8, num_samples 8": (1, 8, {"num_samples": 8, "precision": "int8"}, nullcontext),
     }
     # A shared VM's bandwidth drifts (and differs between buffers): settings take turns
     # over the rounds, and the bandwidth is measured around each round (floor: median).
     times: dict[str, list[float]] = {name: [] for name in settings}
     bandwidths = [read_bandwidth()]
     for _ in range(args.rounds):
-        for name, (_, _, kwargs) in settings.items():
-            if name.startswith("reference"):
-                with reference_layout():
-                    times[name].append(step_ms(model, primer, args.steps, **kwargs)[0])
-            else:
+        for name, (_, _, kwargs, layout) in settings.items():
+            with layout():
                 times[name].append(step_ms(model, primer, args.steps, **kwargs)[0])
         bandwidths.append(read_bandwidth())
     bandwidth = statistics.median(bandwidths)
@@ -164,7 +161,7 @@ def main() -> None:
     print(f"{'cached step (median of ' + str(args.rounds) + ' rounds)':34s} {'ms/step':>8s} "
           f"{'floor ms':>8s} {'x floor':>8s}")
     ms = {name: statistics.median(t) for name, t in times.items()}
-    for name, (size, samples, _) in settings.items():
+    for name, (size, samples, _, _) in settings.items():
         floor = (linear_bytes * size / 4 + samples * cache_bytes) / bandwidth * 1000
         print(f"{name:34s} {ms[name]:8.2f} {floor:8.2f} {ms[name] / floor:8.2f}")
     ref, fp32, int8, fp32_8, int8_8 = ms.values()

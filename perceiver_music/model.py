@@ -118,9 +118,10 @@ class DecodeCache:
 
     def set_prefix_mask(self, prefix_mask: Tensor | None) -> None:
         """Record the window's prefix mask (batch, m) in ``key_valid`` (in place)."""
-        self.key_valid.fill_(True)
-        if prefix_mask is not None:
-            self.key_valid[:, 0, 0, : prefix_mask.shape[1]] = prefix_mask
+        if prefix_mask is None:
+            self.key_valid.fill_(True)
+        else:
+            self.key_valid.copy_(_key_mask(prefix_mask, self.key_valid.shape[-1]))
         self.key_mask = None if prefix_mask is None else self.key_valid
 
     def reorder(self, index: Tensor) -> None:
@@ -281,9 +282,7 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int | Tensor,
         def rotate(t: Tensor) -> Tensor:
             return _rotate(t, cos, sin)
     else:
-        if not m <= position < model.max_seq_len:
-            raise ValueError(f"position {position} is not a latent position of a window "
-                             f"of at most {model.max_seq_len} tokens with a {m}-token prefix")
+        _check_position(position, m, model.max_seq_len)
         pos = torch.tensor([position], device=token.device)
         cos, sin = _rotary(model, pos)
         rotation = _rotation_matrix(cos[0], sin[0], _head_shape(model.perceive_layers[0][0])[1]
@@ -308,6 +307,12 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int | Tensor,
             x = x + cache.linear(attn.to_out, out.reshape(x.shape))
             x = x + _feed_forward(ff, x, cache)
     return cache.linear(model.to_logits, x)[:, 0]
+
+
+def _check_position(position: int, prefix_len: int, max_seq_len: int) -> None:
+    if not prefix_len <= position < max_seq_len:
+        raise ValueError(f"position {position} is not a latent position of a window of at "
+                         f"most {max_seq_len} tokens with a {prefix_len}-token prefix")
 
 
 def _cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -355,8 +360,7 @@ class CudaGraphStep:
 
     def __call__(self, token: Tensor, position: int) -> Tensor:
         """`decode_step` (``token``, ``position``) through the graph; a new tensor."""
-        if not self.prefix_len <= position < self.max_seq_len:
-            raise ValueError(f"position {position} is not a latent position")
+        _check_position(position, self.prefix_len, self.max_seq_len)
         self.token.copy_(token)
         self.position.fill_(position)
         self.graph.replay()
