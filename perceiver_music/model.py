@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +58,13 @@ class DecodeCache:
     mask of the window (batch, 1, 1, max_seq_len), True for real tokens; ``key_mask`` is
     it, or None when no prefix position is PAD.
 
-    A step multiplies one row per sample by every weight. The cross-attention layers'
-    ``to_q`` and ``to_kv`` take the same input in a step, so the cache holds them as one
-    fused layer (``fused_qkv``), like the self-attention layers' ``to_qkv``. On CPU it
-    also keeps each linear weight laid out for one-token steps (`CpuLinear`): a step is a
-    chain of matrix products with a few rows, bound by how fast the weights stream from
-    memory. ``precision="int8"`` stores them as int8 with one scale per output
+    A step multiplies one row per sample by every weight, so the cache also holds each
+    attention block's parts ready for it (``steps``, one `LayerStep` per block, then
+    ``logits``). The cross-attention layers' ``to_q`` and ``to_kv`` take the same input
+    in a step, so they become one fused product, like the self-attention layers'
+    ``to_qkv``. On CPU each linear weight is laid out for one-token steps (`cpu_linear`): a
+    step is a chain of matrix products with a few rows, bound by how fast the weights
+    stream from memory. ``precision="int8"`` stores them as int8 with one scale per output
     (weight-only quantisation: a quarter of the bytes; CPU only; the deviation from
     float32 is measured by bench/decode.py). The copies are taken when the cache is
     built, so build a new cache after changing the weights.
@@ -89,32 +91,26 @@ class DecodeCache:
         self.key_valid = torch.ones(batch, 1, 1, model.max_seq_len, dtype=torch.bool,
                                     device=param.device)
         self.key_mask: Tensor | None = None
-        self.fused_qkv: dict[nn.Module, nn.Linear] = {}
-        for attn, _ in model.perceive_layers:
-            fused = nn.Linear(attn.to_q.in_features,
-                              attn.to_q.out_features + attn.to_kv.out_features, bias=False,
-                              device="meta")
-            fused.weight = nn.Parameter(torch.cat((attn.to_q.weight, attn.to_kv.weight)),
-                                        requires_grad=False)
-            self.fused_qkv[attn] = fused
-        for attn, _ in model.layers:
-            self.fused_qkv[attn] = attn.to_qkv
-        self.weights: dict[nn.Linear, CpuLinear] = {}
-        if param.device.type == "cpu":
-            replaced = {id(layer) for attn, _ in model.perceive_layers
-                        for layer in (attn.to_q, attn.to_kv)}
-            layers = [layer for layer in model.modules()
-                      if isinstance(layer, nn.Linear) and id(layer) not in replaced]
-            layers += [self.fused_qkv[attn] for attn, _ in model.perceive_layers]
-            self.weights = {layer: CpuLinear(layer, batch, precision) for layer in layers}
 
-    def linear(self, layer: nn.Linear, x: Tensor, gelu: bool = False) -> Tensor:
-        """``layer(x)`` (then GELU if asked), through the CPU layout of its weight when
-        there is one (which fuses the GELU)."""
-        kernel = self.weights.get(layer)
-        if kernel is not None:
-            return kernel(x, gelu=gelu)
-        return F.gelu(layer(x)) if gelu else layer(x)
+        def linear(layer: nn.Linear, gelu: bool = False) -> Callable[[Tensor], Tensor]:
+            if param.device.type == "cpu":
+                return cpu_linear(layer, batch, precision, gelu)
+            return functools.partial(_linear_gelu, layer) if gelu else layer
+
+        self.steps: list[LayerStep] = []
+        for attn, ff in (*model.perceive_layers, *model.layers):
+            qkv = getattr(attn, "to_qkv", None)
+            if qkv is None:  # cross-attention: to_q and to_kv as one product
+                qkv = nn.Linear(attn.to_q.in_features,
+                                attn.to_q.out_features + attn.to_kv.out_features,
+                                bias=False, device="meta")
+                qkv.weight = nn.Parameter(torch.cat((attn.to_q.weight, attn.to_kv.weight)),
+                                          requires_grad=False)
+            ff_norm, proj_in, _, _, proj_out = ff  # the library's FeedForward, eval mode
+            self.steps.append(LayerStep(_norm(attn.norm), linear(qkv), linear(attn.to_out),
+                                        _norm(ff_norm), linear(proj_in, gelu=True),
+                                        linear(proj_out), *_head_shape(attn), attn.scale))
+        self.logits = linear(model.to_logits)
 
     def set_prefix_mask(self, prefix_mask: Tensor | None) -> None:
         """Record the window's prefix mask (batch, m) in ``key_valid`` (in place)."""
@@ -135,47 +131,54 @@ class DecodeCache:
         self.key_mask = self.key_valid if masked else None
 
 
-class CpuLinear:
-    """A linear layer's weight laid out for products with a few rows on CPU.
+class LayerStep(NamedTuple):
+    """One attention block as a decode step runs it: norms and linears as functions of
+    (rows, dim) tensors (``ff_in`` includes the GELU)."""
 
-    float32: packed by oneDNN (torch's ``mkldnn`` ops) for the batch size, which streams
+    norm: Callable[[Tensor], Tensor]
+    qkv: Callable[[Tensor], Tensor]
+    out: Callable[[Tensor], Tensor]
+    ff_norm: Callable[[Tensor], Tensor]
+    ff_in: Callable[[Tensor], Tensor]
+    ff_out: Callable[[Tensor], Tensor]
+    heads: int
+    dim_head: int
+    scale: float
+
+
+def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
+               gelu: bool = False) -> Callable[[Tensor], Tensor]:
+    """``layer`` (then GELU, exact, if asked) as a function of (rows, in_features) tensors,
+    its weight laid out for products with a few rows on CPU.
+
+    float32: packed by oneDNN (torch's ``mkldnn`` ops) for ``batch`` rows, which streams
     the weight at near copy speed with every core, where ``x @ W.T`` through MKL reaches
     about half of it on AMD CPUs; an (in, out)-major copy where oneDNN is missing. int8:
     ``round(W / s)`` with s = max |row| / 127 per output, multiplied in bfloat16 by torch's
-    weight-only int8 kernel (the one gpt-fast uses), the result returned as float32.
+    weight-only int8 kernel (the one gpt-fast uses), the result returned as float32. A
+    decode step makes 37 of these calls for this model size, so each is one closure
+    around one op call.
     """
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
 
-    def __init__(self, layer: nn.Linear, batch: int, precision: str = "float32") -> None:
-        weight = layer.weight.detach()
-        self.bias = None if layer.bias is None else layer.bias.detach()
-        self.out_features = layer.out_features
-        self.kind = precision
-        if precision == "int8":
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.weight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self.scale = scale.to(torch.bfloat16)
-        elif _onednn_works():
-            self.kind = "onednn"
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
-        else:
-            self.weight = weight.t().contiguous()
+    def finish(out: Tensor) -> Tensor:
+        out = out if bias is None else out + bias
+        return F.gelu(out) if gelu else out
 
-    def __call__(self, x: Tensor, gelu: bool = False) -> Tensor:
-        """``x @ W.T + b`` for ``x`` (..., in_features), then GELU (exact, erf) if asked."""
-        rows = x.reshape(-1, x.shape[-1])
-        if self.kind == "onednn":
-            out = torch.ops.mkldnn._linear_pointwise(
-                rows, self.weight, self.bias, "gelu" if gelu else "none", [],
-                "none" if gelu else "")
-            return out.view(*x.shape[:-1], self.out_features)
-        if self.kind == "int8":
-            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight,
-                                                     self.scale).to(x.dtype)
-        else:
-            out = rows @ self.weight
-        out = out if self.bias is None else out + self.bias
-        out = F.gelu(out) if gelu else out
-        return out.view(*x.shape[:-1], self.out_features)
+    if precision == "int8":
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        quantised = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scale = scale.to(torch.bfloat16)
+        return lambda x: finish(torch.ops.aten._weight_int8pack_mm(
+            x.to(torch.bfloat16), quantised, scale).to(x.dtype))
+    if _onednn_works():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+        attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        return lambda x: linear(x, packed, bias, attr, [], algorithm)
+    transposed = weight.t().contiguous()
+    return lambda x: finish(x @ transposed)
 
 
 @functools.cache
@@ -293,20 +296,20 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int | Tensor,
         def rotate(t: Tensor) -> Tensor:
             return t @ rotation
 
-    x = model.token_emb(token)[:, None] + model.pos_emb(pos)
-    for layers, caches, index, mask in ((model.perceive_layers, cache.cross, cross_index,
-                                         cross_mask),
-                                        (model.layers, cache.self, self_index, self_mask)):
-        for (attn, ff), (k_cache, v_cache) in zip(layers, caches, strict=True):
-            heads, dim_head = _head_shape(attn)
-            qkv = cache.linear(cache.fused_qkv[attn], attn.norm(x)).view(-1, 3, heads,
-                                                                          dim_head)
-            q, k = rotate(qkv[:, :2]).unbind(1)  # (batch, heads, dim_head) each
-            out = _cached_attention(q, k, qkv[:, 2], k_cache, v_cache, index, mask,
-                                    attn.scale)
-            x = x + cache.linear(attn.to_out, out.reshape(x.shape))
-            x = x + _feed_forward(ff, x, cache)
-    return cache.linear(model.to_logits, x)[:, 0]
+    x = model.token_emb(token) + model.pos_emb(pos)  # (batch, dim)
+    cross = len(cache.cross)
+    for steps, caches, index, mask in ((cache.steps[:cross], cache.cross, cross_index,
+                                        cross_mask),
+                                       (cache.steps[cross:], cache.self, self_index,
+                                        self_mask)):
+        for layer, (k_cache, v_cache) in zip(steps, caches, strict=True):
+            qkv = layer.qkv(layer.norm(x)).view(-1, 3, layer.heads, layer.dim_head)
+            qk = rotate(qkv[:, :2])  # queries and keys: (batch, 2, heads, dim_head)
+            out = _cached_attention(qk[:, 0], qk[:, 1], qkv[:, 2], k_cache, v_cache, index,
+                                    mask, layer.scale)
+            x = x + layer.out(out.reshape(x.shape))
+            x = x + layer.ff_out(layer.ff_in(layer.ff_norm(x)))
+    return cache.logits(x)
 
 
 def _check_position(position: int, prefix_len: int, max_seq_len: int) -> None:
@@ -489,11 +492,14 @@ def _self_attention(
 # helpers
 
 
-def _feed_forward(ff: nn.Sequential, x: Tensor, cache: DecodeCache) -> Tensor:
-    """The library's FeedForward (LayerNorm, Linear, GELU, Dropout, Linear) in eval mode,
-    its linear layers applied through ``cache`` (GELU fused into the first on CPU)."""
-    norm, proj_in, _, _, proj_out = ff
-    return cache.linear(proj_out, cache.linear(proj_in, norm(x), gelu=True))
+def _norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
+    """``norm`` without a module call's overhead (a decode step makes 18 calls)."""
+    return functools.partial(torch.layer_norm, normalized_shape=norm.normalized_shape,
+                             weight=norm.weight, bias=norm.bias, eps=norm.eps)
+
+
+def _linear_gelu(layer: nn.Linear, x: Tensor) -> Tensor:
+    return F.gelu(layer(x))
 
 
 def _key_mask(prefix_mask: Tensor, length: int) -> Tensor:

@@ -551,13 +551,13 @@ def test_cpu_linear_layouts_equal_the_layer(onednn, monkeypatch):
         pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 40)
-    kernel = model_module.CpuLinear(layer, batch=1)
-    assert kernel.kind == ("onednn" if onednn else "float32")
     with torch.no_grad():
-        for x in (torch.randn(1, 1, 48), torch.randn(3, 1, 48)):
+        for rows in (1, 3):
+            x = torch.randn(rows, 48)
+            kernel = model_module.cpu_linear(layer, batch=rows)
             torch.testing.assert_close(kernel(x), layer(x), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(kernel(x, gelu=True),
-                                       torch.nn.functional.gelu(layer(x)),
+            kernel = model_module.cpu_linear(layer, batch=rows, gelu=True)
+            torch.testing.assert_close(kernel(x), torch.nn.functional.gelu(layer(x)),
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -568,12 +568,11 @@ def test_int8_weights_stay_close_to_float32():
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96, bias=False)
-    kernel = model_module.CpuLinear(layer, batch=1, precision="int8")
-    assert kernel.weight.dtype == torch.int8
+    kernel = model_module.cpu_linear(layer, batch=1, precision="int8")
     x = torch.randn(2, 64)
     with torch.no_grad():
         ref = layer(x)
-        assert (kernel(x) - ref).abs().max() < 0.02 * ref.abs().max()
+        assert 0 < (kernel(x) - ref).abs().max() < 0.02 * ref.abs().max()
 
     model = tiny_model()
     tokens = torch.tensor(primer_of(model.max_seq_len))
