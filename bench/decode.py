@@ -5,7 +5,8 @@ cross-attention layer, context 4096, prefix 3072 / 1024 latents, the shapes of i
 - the floor: bytes one step must read (the linear weights and the keys and values
   attention reads, averaged over the window positions decoded) over this machine's read
   bandwidth (a sum over 256 MB with every core; a step only reads its big tensors), and
-  the same for 8 samples, which read 8 caches;
+  the same for 8 samples of one primer, which share the primer's keys and values (read
+  once) and read their own positions each;
 - the reference: the engine's previous layout (an (in, out)-major weight copy, ``x @ W``
   through MKL, one thread);
 - the float32 step now (oneDNN packed weights, every core), and int8 weights;
@@ -74,7 +75,7 @@ def reference_layout() -> Iterator[None]:
 
 
 def step_ms(model, primer: torch.Tensor, steps: int, **kwargs) -> tuple[float, float]:
-    """(median ms of a cached step, tokens/s over the run) of `generate`."""
+    """(median ms of a cached step, tokens/s of all samples over the run) of `generate`."""
     times: list[float] = []
     last = [0.0]
 
@@ -89,7 +90,7 @@ def step_ms(model, primer: torch.Tensor, steps: int, **kwargs) -> tuple[float, f
         result = generate(model, primer, max_new_tokens=steps, stop_on_end=False, seed=0,
                           on_step=on_step, **kwargs)
     elapsed = time.perf_counter() - start
-    return statistics.median(times) * 1000, len(result.tokens[0]) / elapsed
+    return statistics.median(times) * 1000, sum(map(len, result.tokens)) / elapsed
 
 
 def deviation(model, tokens: torch.Tensor, count: int) -> dict[str, float]:
@@ -132,9 +133,11 @@ def main() -> None:
                        if isinstance(x, torch.nn.Linear))
     positions = range(m + n // 2, m + n // 2 + args.steps)  # where the timed steps decode
     kv_per_position = 2 * cfg.heads * (cfg.dim // cfg.heads) * 4
-    cache_bytes = statistics.mean(
-        kv_per_position * ((p + 1) * cfg.perceive_depth + (p - m + 1) * cfg.depth)
-        for p in positions)
+    shared = len(primer)  # the samples' windows agree on the primer's positions
+    shared_bytes = kv_per_position * (shared * cfg.perceive_depth + (shared - m) * cfg.depth)
+    own_bytes = statistics.mean(kv_per_position * (p + 1 - shared) * (cfg.perceive_depth
+                                                                      + cfg.depth)
+                                for p in positions)
     print(f"model: d{cfg.dim}, {cfg.perceive_depth}+{cfg.depth} layers, context "
           f"{cfg.max_seq_len}, prefix {m} / {n} latents; {threads} threads")
     settings = {  # name: (weight bytes per element, samples, generate() arguments, layout)
@@ -157,12 +160,13 @@ def main() -> None:
     print(f"read bandwidth {min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s over "
           f"the run, median {bandwidth / 1e9:.1f}; "
           f"a step reads {linear_bytes / 1e6:.0f} MB of float32 weights + "
-          f"{cache_bytes / 1e6:.0f} MB of keys/values per sample")
+          f"{(shared_bytes + own_bytes) / 1e6:.0f} MB of keys/values, of which "
+          f"{own_bytes / 1e6:.1f} MB are each sample's own")
     print(f"{'cached step (median of ' + str(args.rounds) + ' rounds)':34s} {'ms/step':>8s} "
           f"{'floor ms':>8s} {'x floor':>8s}")
     ms = {name: statistics.median(t) for name, t in times.items()}
     for name, (size, samples, _, _) in settings.items():
-        floor = (linear_bytes * size / 4 + samples * cache_bytes) / bandwidth * 1000
+        floor = (linear_bytes * size / 4 + shared_bytes + samples * own_bytes) / bandwidth * 1000
         print(f"{name:34s} {ms[name]:8.2f} {floor:8.2f} {ms[name] / floor:8.2f}")
     ref, fp32, int8, fp32_8, int8_8 = ms.values()
     print(f"float32 vs reference: {ref / fp32:.2f}x faster; int8 vs float32: "
@@ -170,12 +174,12 @@ def main() -> None:
     print(f"num_samples 8 / 1: float32 {fp32_8 / fp32:.2f}x, int8 {int8_8 / int8:.2f}x "
           "the time of one sample")
 
-    long = {}
-    for precision in ("float32", "int8"):
-        _, long[precision] = step_ms(model, primer, args.long, precision=precision,
-                                     stride=n // 2)
-    print(f"{args.long} tokens with re-encodes every {n // 2}: float32 "
-          f"{long['float32']:.0f} tok/s, int8 {long['int8']:.0f} tok/s")
+    long = {(precision, samples): step_ms(model, primer, args.long, precision=precision,
+                                          num_samples=samples, stride=n // 2)[1]
+            for precision in ("float32", "int8") for samples in (1, 8)}
+    print(f"{args.long} tokens with re-encodes every {n // 2} (tok/s, all samples): "
+          + ", ".join(f"{precision} x{samples} {rate:.0f}"
+                      for (precision, samples), rate in long.items()))
 
     tokens = torch.randint(0, PAD, (cfg.max_seq_len,))
     dev = deviation(model, tokens, min(64, n - 1))

@@ -53,21 +53,37 @@ def biased(model: torch.nn.Module, bias: torch.Tensor) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "overrides, primer_len, stride, prefix_len",
+    "overrides, primer_len, stride, prefix_len, shared_min",
     [
-        ({}, 10, None, None),  # primer shorter than the latents: PAD prefix
-        ({}, 100, None, None),  # primer longer than the context: its last tokens
-        ({"cross_attn_seq_len": 40}, 30, 7, None),  # n <= primer <= m: partial PAD
-        ({"cross_attn_seq_len": 40}, 50, 24, None),  # stride = n: windows of m + 1 tokens
-        ({}, 30, None, 12),  # a prefix length chosen at generation: 12 + 52 latents
-        ({}, 100, 5, 56),  # ... 56 + 8 latents, past several re-encodes
+        ({}, 10, None, None, None),  # primer shorter than the latents: PAD prefix
+        ({}, 100, None, None, None),  # primer longer than the context: its last tokens
+        ({"cross_attn_seq_len": 40}, 30, 7, None, None),  # n <= primer <= m: partial PAD
+        ({"cross_attn_seq_len": 40}, 50, 24, None, None),  # stride = n: windows of m + 1
+        ({}, 30, None, 12, None),  # a prefix length chosen at generation: 12 + 52 latents
+        ({}, 100, 5, 56, None),  # ... 56 + 8 latents, past several re-encodes
+        # the samples' shared primer positions read once (any run length counts here)
+        ({}, 10, None, None, 1),
+        ({"cross_attn_seq_len": 40}, 30, 7, None, 1),
+        ({}, 100, 5, 56, 1),
     ],
 )
 def test_every_step_matches_library_on_reported_window(overrides, primer_len, stride,
-                                                       prefix_len):
+                                                       prefix_len, shared_min, monkeypatch):
     """The logits equal the library's forward on the reported window, split at the prefix
     length in use (the model's, or one chosen at generation: the library then runs with
     that cross_attn_seq_len, which changes no weight)."""
+    import perceiver_music.model as model_module
+
+    shared_calls = [0]
+    if shared_min is not None:
+        monkeypatch.setattr(model_module, "SHARED_MIN", shared_min)
+        real_shared = model_module._shared_prefix_attention
+
+        def counted(*args: object) -> torch.Tensor:
+            shared_calls[0] += 1
+            return real_shared(*args)
+
+        monkeypatch.setattr(model_module, "_shared_prefix_attention", counted)
     trained = tiny_model(1, **overrides)
     model = copy.copy(trained)  # the reference: the library's forward with that split
     if prefix_len is not None:
@@ -128,6 +144,39 @@ def test_every_step_matches_library_on_reported_window(overrides, primer_len, st
         else:
             assert after == before + 1
     assert result.full_forwards == sum(s.reencoded for s in steps) > 3
+    assert (shared_calls[0] > 0) == (shared_min is not None)
+
+
+def test_shared_positions_are_the_rows_common_run():
+    """`DecodeCache.set_shared` counts the leading positions where every row holds the
+    same token (and prefix mask), and skips a shared run of PAD alone."""
+    from perceiver_music.model import DecodeCache, forward
+
+    model = tiny_model()
+    m = model.cross_attn_seq_len
+    tokens = torch.tensor([primer_of(model.max_seq_len)] * 3)
+    tokens[1, 40] = (tokens[0, 40] + 1) % PAD
+    mask = torch.ones(3, m, dtype=torch.bool)
+    cache = DecodeCache(model, 3)
+    with torch.no_grad():
+        forward(model, tokens[:, :50], mask, cache=cache)
+        assert cache.shared == (0, 0)  # runs shorter than SHARED_MIN are read per row
+        import perceiver_music.model as model_module
+
+        model_module.SHARED_MIN, saved = 1, model_module.SHARED_MIN
+        try:
+            forward(model, tokens[:, :50], mask, cache=cache)
+            assert cache.shared == (40, 40 - m)
+            tokens[:, :20] = PAD
+            mask[:, :20] = False
+            tokens[2, 20] = (tokens[0, 20] + 1) % PAD
+            forward(model, tokens[:, :50], mask, cache=cache)
+            assert cache.shared == (0, 0)  # the shared run is PAD alone
+            single = DecodeCache(model, 1)
+            forward(model, tokens[:1, :50], mask[:1], cache=single)
+            assert single.shared == (0, 0)  # one row: nothing to share
+        finally:
+            model_module.SHARED_MIN = saved
 
 
 def test_first_window_placement():
