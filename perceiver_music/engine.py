@@ -199,7 +199,7 @@ def generate(
     setting, all cores by default; full forwards always use it). A step is a chain of
     small matrix products bound by memory bandwidth, and oneDNN's packed weights stream
     faster with every core (`perceiver_music.model.cpu_linear`). ``precision="int8"``
-    (CPU only) decodes with int8 weights: about 1.8x as fast, its next-token distribution
+    (CPU only) decodes with int8 weights: about 1.7x as fast, its next-token distribution
     a KL divergence of about 1e-4 nats from float32's on the demo model (bench/decode.py
     measures both); full forwards stay in the model's dtype.
 
