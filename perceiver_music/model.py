@@ -391,8 +391,8 @@ def _shared_prefix_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, index:
     common = common[0].transpose(0, 1)[:, :, None]  # (batch, heads, 1, dim_head)
     common_lse = common_lse[0].transpose(0, 1)[..., None, None]
     own_lse = own_lse[..., None]  # (batch, heads, 1, 1)
-    total = torch.logaddexp(common_lse, own_lse)
-    return common * (common_lse - total).exp() + own * (own_lse - total).exp()
+    total = torch.logaddexp(common_lse, own_lse)  # float32, whatever q's dtype
+    return (common * (common_lse - total).exp() + own * (own_lse - total).exp()).to(q.dtype)
 
 
 class CudaGraphStep:

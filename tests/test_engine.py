@@ -147,6 +147,20 @@ def test_every_step_matches_library_on_reported_window(overrides, primer_len, st
     assert (shared_calls[0] > 0) == (shared_min is not None)
 
 
+def test_shared_reads_keep_a_bfloat16_model_in_bfloat16(monkeypatch):
+    """A model cast to bfloat16 decodes several samples through the shared reads (whose
+    softmax merge runs in float32) as it decodes one."""
+    import perceiver_music.model as model_module
+
+    monkeypatch.setattr(model_module, "SHARED_MIN", 1)
+    model = tiny_model().to(torch.bfloat16)
+    alone = generate(model, primer_of(40), max_new_tokens=30, seed=2, stop_on_end=False)
+    batch = generate(model, primer_of(40), max_new_tokens=30, num_samples=2, seed=2,
+                     stop_on_end=False)
+    assert len(batch.tokens) == 2 and all(len(t) == 30 for t in batch.tokens)
+    assert batch.tokens[0][:5] == alone.tokens[0][:5]
+
+
 def test_shared_positions_are_the_rows_common_run():
     """`DecodeCache.set_shared` counts the leading positions where every row holds the
     same token (and prefix mask), and skips a shared run of PAD alone."""
@@ -601,11 +615,11 @@ def test_cpu_linear_layouts_equal_the_layer(onednn, monkeypatch):
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 40)
     with torch.no_grad():
-        for rows in (1, 3):
+        for packed_for, rows in ((1, 1), (3, 3), (1, 3)):  # beam search may change rows
             x = torch.randn(rows, 48)
-            kernel = model_module.cpu_linear(layer, batch=rows)
+            kernel = model_module.cpu_linear(layer, batch=packed_for)
             torch.testing.assert_close(kernel(x), layer(x), atol=1e-5, rtol=1e-5)
-            kernel = model_module.cpu_linear(layer, batch=rows, gelu=True)
+            kernel = model_module.cpu_linear(layer, batch=packed_for, gelu=True)
             torch.testing.assert_close(kernel(x), torch.nn.functional.gelu(layer(x)),
                                        atol=1e-5, rtol=1e-5)
 
