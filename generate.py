@@ -54,7 +54,7 @@ AUDIO = True  # write audio.wav (--no-audio: MIDI and piano roll only)
 RENDERER = "midirenderer"  # midirenderer (pip, default) or fluidsynth (the system program)
 SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
-INT8 = False  # CPU: decode with int8 weights (about 1.8x faster, near-identical odds)
+INT8 = False  # CPU: decode with int8 weights (about 1.7x faster, near-identical odds)
 CUDA_GRAPHS = True  # GPU: replay each decoding step as one captured CUDA graph
 
 def check_settings(args) -> None:

@@ -277,7 +277,7 @@ class PerceiverMusic:
         see `SamplingConfig`); ``num_beams`` > 1 runs beam search instead.
         ``num_samples`` continuations decode as one batch; ``seed`` repeats a run.
         ``cross_attn_seq_len`` sets the prefix length at generation (default: the
-        model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.8x as
+        model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.7x as
         fast, KL divergence from float32 about 1e-4 nats per token on the demo model).
         On a GPU each sampling step replays a CUDA graph (``cuda_graphs=False``: not).
         ``progress`` receives each step's `StepInfo` (its ``step`` and ``seconds`` tell
