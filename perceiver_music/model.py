@@ -198,8 +198,12 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         quantised = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         scale = scale.to(torch.bfloat16)
+        pad = -weight.shape[1] % INT8_K_MULTIPLE
+        if pad:  # the kernel reads garbage (or crashes) past a ragged row: zero columns
+            quantised = F.pad(quantised, (0, pad))
         return lambda x: finish(torch.ops.aten._weight_int8pack_mm(
-            x.to(torch.bfloat16), quantised, scale).to(x.dtype))
+            F.pad(x, (0, pad)).to(torch.bfloat16) if pad else x.to(torch.bfloat16),
+            quantised, scale).to(x.dtype))
     if _onednn_works():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
         attr, algorithm = ("gelu", "none") if gelu else ("none", "")
@@ -207,6 +211,9 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
         return lambda x: linear(x, packed, bias, attr, [], algorithm)
     transposed = weight.t().contiguous()
     return lambda x: finish(x @ transposed)
+
+
+INT8_K_MULTIPLE = 16  # torch's int8 kernel needs in_features in multiples of this
 
 
 @functools.cache
@@ -337,7 +344,7 @@ def decode_step(model: PerceiverAR, token: Tensor, position: int | Tensor,
             qk = rotate(qkv[:, :2])  # queries and keys: (batch, 2, heads, dim_head)
             out = _cached_attention(qk[:, 0], qk[:, 1], qkv[:, 2], k_cache, v_cache, index,
                                     mask, layer.scale, shared)
-            x = x + layer.out(out.reshape(x.shape))
+            x = x + layer.out(out.reshape(x.shape[0], -1))  # heads x dim_head wide
             x = x + layer.ff_out(layer.ff_in(layer.ff_norm(x)))
     return cache.logits(x)
 
