@@ -14,7 +14,9 @@ be played again. Generations wait in a bounded queue, so one user's request neve
 another's page.
 """
 
+import math
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,35 @@ class Take:
     suffix: str = ""  # "_1" when the take holds several samples (the first is shown)
 
 
+# Numeric settings of a request: (smallest, largest, whole numbers only). A client of the
+# HTTP API may send anything, so each is checked here, naming the setting (the number
+# boxes leave rounding to this check: Gradio's own would fail on NaN with a bare
+# "cannot convert float NaN to integer").
+LIMITS = {"prime_seconds": (0, 24 * 3600, False), "seconds": (0, 24 * 3600, False),
+          "temperature": (0, 100, False), "top_k": (0, 100_000, True), "top_p": (0, 1, False),
+          "min_p": (0, 1, False), "beams": (1, 16, True), "num_samples": (1, 16, True),
+          "seed": (-1, 2**63 - 1, True), "prefix_len": (0, 1 << 20, True),
+          "creativity": (-20, 20, False)}
+
+
+def check_settings(settings: dict) -> dict:
+    """``settings`` with every number checked against `LIMITS` (and whole numbers made
+    int); raises ValueError naming the setting and its allowed range."""
+    out = dict(settings)
+    for name, (low, high, whole) in LIMITS.items():
+        value = out.get(name)
+        kind = "a whole number" if whole else "a number"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and low <= value <= high) or (
+                whole and value != int(value)):
+            raise ValueError(f"{name.replace('_', ' ')} must be {kind} from {low:g} to "
+                             f"{high:g}, got {value!r}")
+        out[name] = int(value) if whole else float(value)
+    for name in ("greedy", "stop_at_end", "int8"):
+        out[name] = bool(out.get(name))
+    return out
+
+
 class Studio:
     """The model and the session logic, apart from the page (tested without a browser)."""
 
@@ -62,13 +93,22 @@ class Studio:
         self.model = PerceiverMusic.from_pretrained(args.ckpt, device=device)
         self.name = Path(args.ckpt).name
 
-    def generate(self, settings: dict, primer, history: list[Take], session: str,
-                 on_progress=None, extend: Take | None = None) -> tuple[Take, str]:
+    def session_folder(self, history: list[Take]) -> Path:
+        """Where this session's takes go: a folder named by the server (128 random bits)
+        when the session's first take is made, then the same one. Nothing a client sends
+        (Gradio's session hash included, which the client picks) becomes part of a path,
+        and no session can name, list or guess another's folder."""
+        if history:
+            return history[0].folder.parent
+        return self.out / secrets.token_hex(16)
+
+    def generate(self, settings: dict, primer, history: list[Take], on_progress=None,
+                 extend: Take | None = None) -> tuple[Take, str]:
         """Generate a take (or extend ``extend``) and write its files; returns the take and
         a line for the page. Raises ValueError (bad settings) or MidiError (bad primer)."""
         from midi_processor import MidiError
 
-        s = settings
+        s = check_settings(settings)
         if not 0 < s["seconds"] <= self.args.max_seconds:
             raise ValueError(f"length must be between 1 and {self.args.max_seconds:g} s")
         if s["temperature"] <= 0 and not s["greedy"]:
@@ -95,7 +135,7 @@ class Studio:
         number = len(history) + 1
         take.extra["primer_name"] = (f"take {extend.number}" if extend is not None
                                      else s.get("primer_name", "from scratch"))
-        folder = self.out / session / f"take-{number}"
+        folder = self.session_folder(history) / f"take-{number}"
         problems = take.save(folder, soundfont=self.args.soundfont or None,
                              renderer=self.args.renderer, report={"app_settings": s})
         summary = (f"{take.seconds[0]:.1f} s of new music ({len(take.continuations[0])} "
@@ -153,14 +193,14 @@ def build_page(studio: Studio, args):
                                        label="creativity (more notes, fewer rests)")
                 with gr.Accordion("sampling", open=False):
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
-                    top_k = gr.Number(0, label="top-k (0: off)", precision=0, minimum=0)
+                    top_k = gr.Number(0, label="top-k (0: off)", step=1, minimum=0)
                     top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
                     min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
                     greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
                     beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
                     num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
-                    seed = gr.Number(-1, label="seed (-1: random)", precision=0)
-                    prefix_len = gr.Number(0, precision=0, minimum=0,
+                    seed = gr.Number(-1, label="seed (-1: random)", step=1)
+                    prefix_len = gr.Number(0, step=1, minimum=0,
                                            label=f"prefix length at generation (0: the "
                                                  f"model's {cfg.cross_attn_seq_len})")
                     stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
@@ -211,8 +251,8 @@ def build_page(studio: Studio, args):
                     primer = Path(args.primer)
                 if primer is not None:
                     s["primer_name"] = primer.name
-                take, line = studio.generate(s, primer, takes, request.session_hash or "local",
-                                             on_progress, base if extend else None)
+                take, line = studio.generate(s, primer, takes, on_progress,
+                                             base if extend else None)
             except (ValueError, MidiError) as exc:
                 problem = str(exc)  # name an upload as the user knows it, not Gradio's copy
                 if source_name == SOURCES[1] and upload_path:
@@ -247,8 +287,10 @@ def build_page(studio: Studio, args):
 
         inputs = [source, upload, history, chosen, *settings]
         source.change(lambda s: gr.update(visible=s == SOURCES[1]), source, upload)
-        go.click(handler(extend=False), inputs, outputs, show_progress_on=[audio, roll])
-        more.click(handler(extend=True), inputs, outputs, show_progress_on=[audio, roll])
+        go.click(handler(extend=False), inputs, outputs, show_progress_on=[audio, roll],
+                 api_name="generate")
+        more.click(handler(extend=True), inputs, outputs, show_progress_on=[audio, roll],
+                   api_name="extend")
         chosen.input(show, [history, chosen], [status, audio, roll, downloads])
     page.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return page

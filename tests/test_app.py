@@ -39,9 +39,15 @@ def _need(condition: bool, why: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_out(tmp_path_factory) -> Path:
+    """The app's output folder (alone in a folder of its own, to see what lands beside)."""
+    return tmp_path_factory.mktemp("app") / "out"
+
+
+@pytest.fixture(scope="module")
+def app_url(app_out):
     """The app on a free port: uploads up to 50 KB, one generation at a time, one waiting."""
-    out = tmp_path_factory.mktemp("app")
+    out = app_out
     port = free_port()
     cmd = [sys.executable, "app.py", "--port", str(port), "--out_dir", str(out), "--cpu",
            "--max_upload_mb", "0.05", "--queue_size", "1", "--max_seconds", "60"]
@@ -238,3 +244,45 @@ def test_bad_options_get_one_line(tmp_path):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
             assert "serving" not in r.stdout
+
+
+def api_call(url: str, session: str, **settings) -> str:
+    """The app's HTTP API as any client can call it (raw JSON, NaN included), with a
+    session id of its choosing; returns the status line."""
+    import json
+
+    values = dict(prime_s=4, length=1, temp=1.0, k=0, p=0, min_p_=0, greedy_=False, width=1,
+                  samples=1, seed_=1, prefix=0, bias=0, stop=True, int8_=False)
+    values.update(settings)
+    body = json.dumps({"data": ["bundled primer", None, None, None, *values.values()],
+                       "session_hash": session}).encode()
+    request = urllib.request.Request(f"{url}/gradio_api/call/generate", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        event = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{url}/gradio_api/call/generate/{event}", timeout=300) as r:
+        lines = r.read().decode().splitlines()
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert "event: complete" in lines, lines
+    return data[-1][0]
+
+
+def test_no_client_input_becomes_a_path(app_url, app_out, tmp_path):
+    """Gradio's session hash is the client's to choose: traversal and absolute values
+    still write each session's takes to a folder the server names, inside the output
+    folder, and NaN or huge numbers are refused naming the setting."""
+    outside = tmp_path / "absolute"
+    hostile = ["../../escaped", "..", str(outside), "/" + str(outside), "a/../../../b", "."]
+    for session in hostile:
+        assert "s of new music" in api_call(app_url, session)
+    assert not outside.exists() and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in app_out.parent.iterdir()) == ["out"]
+    folders = [p for p in app_out.iterdir()]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", p.name) and p.is_dir() for p in folders)
+    assert len(folders) >= len(hostile)  # one per session: none shares another's folder
+    for settings, message in [({"length": float("nan")}, "seconds must be a number"),
+                              ({"seed_": 2**70}, "seed must be a whole number"),
+                              ({"samples": 2.5}, "num samples must be a whole number"),
+                              ({"k": float("inf")}, "top k must be")]:
+        line = api_call(app_url, "x", **settings)
+        assert line.startswith("**Could not generate:**") and message in line, line
