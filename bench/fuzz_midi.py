@@ -5,15 +5,19 @@
 Mutates real files (default: tests/data plus ../shared/data/piano-midi-de) in the ways
 broken and hostile files differ from good ones: truncation, byte flips, huge delta times
 (0x0FFFFFFF, 32-bit overflow), absurd headers and chunk lengths, extreme tempos, spliced
-and random bytes. Each file goes through ``encode_midi`` (and the tokens through
-``decode_midi``) in a worker process whose address space is capped at its size after
-start-up plus 1 GiB, so an unbounded allocation fails instead of swapping. A file that
-takes longer than --timeout seconds counts as a hang (the worker is replaced).
+and random bytes, delta times of 5-12 varint bytes, and floods of up to 2 million notes
+(16 MB) of zero length, of one tick, or started on one tick. Each file goes through
+``encode_midi`` (and the tokens through ``decode_midi``) in a worker process whose
+address space is capped at its size after start-up plus 1 GiB, so an unbounded
+allocation fails instead of swapping. A file that takes longer than --timeout seconds
+counts as a hang (the worker is replaced); one whose encode_midi takes over --slow
+seconds (default 2) counts as slow.
 
-Prints the outcomes (tokens, MidiError, any other exception by type), hangs, and the
-largest per-file peak memory (resident set growth, measured by resetting the kernel's
-high-water mark before each file). Exit status 1 if anything but MidiError was raised, a
-file hung, or a file's peak passed 1 GiB. ``mutations`` is also used by the test suite.
+Prints the outcomes (tokens, MidiError, any other exception by type), hangs, slow files,
+and the largest per-file peak memory (resident set growth, measured by resetting the
+kernel's high-water mark before each file). Exit status 1 if anything but MidiError was
+raised, a file hung or was slow, or a file's peak passed 1 GiB. ``mutations`` is also
+used by the test suite.
 """
 
 from __future__ import annotations
@@ -140,12 +144,51 @@ def _header(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
+def _in_track(data: bytes, events: bytes, at_start: bool = False) -> bytes:
+    """``events`` (delta-timed event bytes) put into the first track whose end is intact:
+    before its End-of-Track, or at its start."""
+    for start, length in _chunks(data):
+        body = data[start + 8:start + 8 + length]
+        if data[start:start + 4] != b"MTrk" or not body.endswith(b"\xff\x2f\x00") or (
+                len(body) < 4 or body[-4] >= 0x80):
+            continue
+        body = events + body if at_start else body[:-4] + events + body[-4:]
+        return data[:start + 4] + len(body).to_bytes(4, "big") + body + data[start + 8 + length:]
+    return data
+
+
+def _flood(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """Floods: 10^4 to 2 x 10^6 notes (up to 16 MB) of zero length on one tick, of one
+    tick each, or all started on one tick; or a delta time of 5 to 12 varint bytes."""
+    kind = rng.choice(["zero-length flood", "one-tick flood", "one-onset flood",
+                       "long varint"])
+    count = int(10 ** rng.uniform(4, 6.3))
+    ch, keys = rng.randrange(16), [rng.randrange(128) for _ in range(rng.choice([1, 3, 88]))]
+    on, off = 0x90 | ch, 0x80 | ch
+    if kind == "zero-length flood":
+        events = b"".join(bytes([0, on, keys[i % len(keys)], 64, 0, off, keys[i % len(keys)], 0])
+                          for i in range(min(count, 1000)))
+        events *= max(count // 1000, 1)
+    elif kind == "one-tick flood":
+        events = bytes([0, on, keys[0], 64, 1, off, keys[0], 0]) * count
+    elif kind == "one-onset flood":
+        events = (bytes([0, on, keys[0], 64]) * count + bytes([1, off, keys[0], 0])
+                  + bytes([0, off, keys[0], 0]) * (count - 1))
+    else:
+        varint = b"\xff" * rng.randint(4, 11) + b"\x7f"
+        return kind, _in_track(data, varint + bytes([on, keys[0], 64, 10, off, keys[0], 0]),
+                               at_start=rng.random() < 0.5)
+    return kind, _in_track(data, events)
+
+
 def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     """One mutation of ``data``, named."""
     kind = rng.choice(["truncate", "flip", "flip", "huge deltas", "header", "tempo", "splice",
                        "random", "random header", "varint", "status", "structured",
-                       "structured", "structured", "structured"])
+                       "structured", "structured", "structured", "flood"])
     out = bytearray(data)
+    if kind == "flood":
+        return _flood(data, rng)
     if kind == "truncate":
         out = out[:rng.randrange(len(out))]
     elif kind == "flip":
@@ -187,14 +230,19 @@ def mutations(seeds: list[bytes], count: int, seed: int = 0) -> Iterator[tuple[s
         yield kind, data
 
 
-def outcome(data: bytes) -> str:
-    """What encode_midi does with ``data``: "tokens", "MidiError", or the exception type."""
+def outcome(data: bytes, seconds: list[float] | None = None) -> str:
+    """What encode_midi does with ``data``: "tokens", "MidiError", or the exception type.
+    The seconds encode_midi took are appended to ``seconds``."""
+    start = time.perf_counter()
     try:
         tokens = encode_midi(data)
     except MidiError:
         return "MidiError"
     except Exception as exc:  # what the fuzzer is looking for
         return f"{type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
     decode_midi(tokens)
     return "tokens"
 
@@ -214,8 +262,9 @@ def _worker(conn) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set size
         base = _peak_kib()
-        result = outcome(data)
-        conn.send((result, (_peak_kib() - base) * 1024))
+        seconds: list[float] = []
+        result = outcome(data, seconds)
+        conn.send((result, (_peak_kib() - base) * 1024, seconds[0]))
 
 
 def main() -> None:
@@ -224,6 +273,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds before a hang")
+    ap.add_argument("--slow", type=float, default=2.0, help="seconds that make a file slow")
     args = ap.parse_args()
     seeds = [f.read_bytes() for folder in args.folders if folder.is_dir()
              for f in midi_files(folder)]
@@ -234,6 +284,7 @@ def main() -> None:
 
     ctx = multiprocessing.get_context("spawn")
     results, kinds, hangs, peaks, slowest = Counter(), Counter(), [], [], (0.0, "")
+    slow: list[str] = []
     proc, conn = None, None
     start = time.perf_counter()
     for i, (kind, data) in enumerate(mutations(seeds, args.count, args.seed)):
@@ -241,7 +292,6 @@ def main() -> None:
             conn, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child,), daemon=True)
             proc.start()
-        t0 = time.perf_counter()
         conn.send_bytes(data)
         if not conn.poll(args.timeout):
             hangs.append(f"#{i} ({kind})")
@@ -250,14 +300,15 @@ def main() -> None:
             proc = None
             continue
         try:
-            result, peak = conn.recv()
+            result, peak, took = conn.recv()
         except EOFError:  # the worker died (a crash, not an exception)
             results[f"worker died (exit {proc.exitcode})"] += 1
             proc.join()
             proc = None
             continue
-        took = time.perf_counter() - t0
-        slowest = max(slowest, (took, f"#{i} ({kind})"))
+        slowest = max(slowest, (took, f"#{i} ({kind}, {len(data) / 2**20:.1f} MiB)"))
+        if took > args.slow:
+            slow.append(f"#{i} ({kind}, {took:.1f} s)")
         results[result] += 1
         kinds[kind.split(" + ")[0]] += 1
         peaks.append(peak)
@@ -275,10 +326,11 @@ def main() -> None:
     peak = max(peaks, default=0)
     print(f"exceptions other than MidiError: {others}")
     print(f"hangs (> {args.timeout:g} s): {len(hangs)} {' '.join(hangs[:10])}")
+    print(f"files over {args.slow:g} s: {len(slow)} {' '.join(slow[:10])}")
     print(f"peak memory growth per file: max {peak / 2**20:.1f} MiB "
           f"(limit {MEMORY_LIMIT / 2**20:.0f} MiB); slowest file {slowest[0]:.2f} s "
           f"{slowest[1]}")
-    sys.exit(1 if others or hangs or peak > MEMORY_LIMIT else 0)
+    sys.exit(1 if others or hangs or slow or peak > MEMORY_LIMIT else 0)
 
 
 if __name__ == "__main__":

@@ -400,3 +400,64 @@ def test_fuzzed_files_raise_midi_error_and_nothing_else(real_files):
     results = Counter(outcome(data) for _, data in mutations(seeds, 400, seed=11))
     assert set(results) <= {"tokens", "MidiError"}, results
     assert results["tokens"] > 40 and results["MidiError"] > 40  # both paths exercised
+
+
+def test_pairings_of_one_key_on_few_ticks_read_exactly_as_the_reference():
+    """Random note-on/note-off orders of two keys over a few ticks: zero-length notes,
+    overlaps, deleting note-offs, notes never closed. The fast path decides most of them
+    (all but a lasting note starting on the tick of a deleting note-off) and equals mido."""
+    from midi_processor import reader
+
+    rng = random.Random(3)
+    fast = 0
+    for _ in range(300):
+        events, delta = [], 0
+        for _ in range(rng.randint(1, 12)):
+            pitch = rng.choice([60, 61])
+            events.append(on(delta, pitch) if rng.random() < 0.55 else off(delta, pitch))
+            delta = rng.choice([0, 0, 1, 5])
+        closing = [off(3, 40)] + [off(0, p) for p in (60, 61) for _ in range(12)]
+        data = midi_bytes([[on(0, 40), *events, *closing]])
+        same_as_mido(data)
+        try:
+            fast += reader._read_symusic(data, "x", 3600.0) is not None
+        except MidiError:
+            fast += 1
+    assert fast > 240, fast
+
+
+def test_floods_of_zero_length_and_overlapping_notes_stay_on_the_fast_path(monkeypatch):
+    """200,000 zero-length notes on one tick, and 100,000 notes of one key started on one
+    tick: array work on the fast path, never the pure-Python reader (seconds for such
+    files), with its result."""
+    from midi_processor import reader
+
+    def track(events: list[bytes]) -> bytes:
+        body = b"".join(events) + b"\x00\xff\x2f\x00"
+        return b"MTrk" + len(body).to_bytes(4, "big") + body
+
+    header = b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0"
+    def zero(count: int) -> bytes:
+        return header + track([b"\x00\x90\x3c\x40\x00\x80\x3c\x00"] * count)
+
+    def overlap(count: int) -> bytes:
+        return header + track([b"\x00\x90\x3c\x40"] * count + [b"\x01\x80\x3c\x00"]
+                              + [b"\x00\x80\x3c\x00"] * (count - 1))
+
+    assert "no notes" in same_as_mido(zero(100))  # the patterns at a size mido reads fast
+    assert len(same_as_mido(overlap(100))) == 5
+    monkeypatch.setattr(reader, "read_midi_mido", lambda *a, **k: pytest.fail("mido ran"))
+    with pytest.raises(MidiError, match="no notes"):
+        encode_midi(zero(200_000))
+    assert len(encode_midi(overlap(100_000))) == 5  # one note: all end at the first note-off
+
+
+def test_a_large_file_the_fast_path_cannot_settle_is_refused(monkeypatch):
+    """The exact reader is slow (mido): past MAX_EXACT_BYTES such a file gets a reason."""
+    from midi_processor import reader
+
+    data = midi_bytes([[on(0, 60), off(0, 60), on(0, 60), off(5, 60)]])  # order decides
+    assert len(same_as_mido(data)) > 2
+    monkeypatch.setattr(reader, "MAX_EXACT_BYTES", len(data) - 1)
+    with pytest.raises(MidiError, match="the exact reader takes files of up to"):
+        encode_midi(data)
