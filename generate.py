@@ -117,8 +117,10 @@ def output_folder(args) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=final.parent):
             pass
-    except OSError as exc:
-        fail(f"cannot write the output: {os_error_message(exc)}")
+    except OSError as exc:  # named as the folder, not the probe's temporary name
+        folder = exc if exc.filename == str(final.parent) else OSError(
+            exc.errno, exc.strerror, str(final.parent))
+        fail(f"cannot write the output: {os_error_message(folder)}")
     return final
 
 

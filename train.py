@@ -25,6 +25,7 @@ from pathlib import Path
 from perceiver_music.cli import (
     cpu_only,
     fail,
+    launched_rank,
     os_error_message,
     parse_constants,
     printable,
@@ -156,7 +157,10 @@ def fail_together(accelerator, problem: str | None) -> None:
     failed = flags.nonzero().flatten().tolist()
     if failed:
         if accelerator.process_index == failed[0]:
-            print(f"error: {printable(problem)}", file=sys.stderr)
+            from tqdm import tqdm
+
+            # on a line of its own, not after the progress bar
+            tqdm.write(f"error: {printable(problem)}", file=sys.stderr)
         exit_all(accelerator, 1)
 
 
@@ -178,8 +182,11 @@ def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_di
                          scaler=accelerator.scaler, shared=main_proc)
         if main_proc:
             save_checkpoint(tmp, accelerator.unwrap_model(model), cfg, meta)
-    except OSError as exc:
-        problem = os_error_message(exc, tmp)
+    except OSError as exc:  # named as last/ would hold it, not the temporary folder
+        name = Path(exc.filename) if exc.filename else tmp
+        if name.is_relative_to(tmp):
+            name = last / name.relative_to(tmp)
+        problem = os_error_message(OSError(exc.errno, exc.strerror, str(name)))
     try:
         fail_together(accelerator, problem)
         if main_proc:
@@ -190,6 +197,35 @@ def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_di
     finally:
         if main_proc:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+RUN_FILES = ("last", "best", "metrics.csv")  # what makes a folder hold a training run
+
+
+def occupied(out_dir: Path) -> str | None:
+    """Why a new run must not start in ``out_dir`` (it holds another run's files), or None."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return None
+    return (f"{out_dir} already holds a training run ({', '.join(found)}); continue it with "
+            f"--resume, or start a new one with another --out_dir (or delete {out_dir})")
+
+
+def tidy_unfinished_save(out_dir: Path) -> None:
+    """Settle a save of last/ that was killed midway (a second Ctrl-C, a crash): a
+    leftover last.tmp/ is removed, and a last.old/ that was not swapped back is restored
+    or removed. Says what it did. Only the first process touches the files."""
+    if launched_rank() != 0:
+        return
+    tmp, old, last = out_dir / "last.tmp", out_dir / "last.old", out_dir / "last"
+    if old.is_dir() and not last.exists():
+        old.rename(last)
+        print(f"restored {last} from {old.name}/, left by a save that was stopped")
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}, an unfinished save (a stopped run); {last} is intact")
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -267,6 +303,10 @@ def main() -> None:
 
     out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
     meta: dict = {}
+    try:
+        tidy_unfinished_save(out_dir)
+    except OSError as exc:
+        fail(os_error_message(exc, out_dir))
     if args.resume:
         try:
             model, cfg, meta = load_checkpoint(out_dir / "last")
@@ -323,6 +363,8 @@ def main() -> None:
         fail_together(accelerator, problem)
     else:
         step, best, previous_s = 0, math.inf, 0.0
+        # checked by the first process alone, before any process writes
+        fail_together(accelerator, occupied(out_dir) if accelerator.is_main_process else None)
 
     main_proc = accelerator.is_main_process
     settings = {k: v for k, v in vars(args).items() if k != "resume"}

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -62,7 +63,10 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     if dest.is_symlink():
         dest = dest.resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as err:  # name the folder the user chose, not a temporary name in it
+        raise OSError(err.errno, err.strerror, str(dest.parent)) from None
     old = dest.parent / f".{dest.name}.{os.getpid()}.old"
     try:
         yield tmp
@@ -70,6 +74,12 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
         if replace and dest.exists():
             dest.rename(old)
         tmp.rename(dest)
+    except OSError as err:
+        inside = err.filename is not None and Path(err.filename).is_relative_to(tmp)
+        if not inside:
+            raise
+        raise OSError(err.errno, err.strerror,
+                      str(dest / Path(err.filename).relative_to(tmp))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -139,9 +149,13 @@ def save_checkpoint(
             default_permissions(tmp)
         os.replace(tmp_weights, directory / WEIGHTS_NAME)
         os.replace(tmp_config, directory / CONFIG_NAME)
-    except BaseException:
+    except BaseException as err:
         if created:  # a failed first save leaves no empty folder behind
             shutil.rmtree(directory, ignore_errors=True)
+        temporary = {str(tmp_weights): WEIGHTS_NAME, str(tmp_config): CONFIG_NAME}
+        if isinstance(err, OSError) and err.filename in temporary:  # name the real file
+            raise OSError(err.errno, err.strerror,
+                          str(directory / temporary[err.filename])) from None
         raise
     finally:
         tmp_weights.unlink(missing_ok=True)
@@ -198,8 +212,7 @@ def load_checkpoint(
         cfg = infer_config(state, path, heads=heads, prefix=prefix)
         meta = {"source": f"{path.suffix} file", "inferred": True}
     else:
-        raise CheckpointError(f"{path}: not a checkpoint directory or file (it does not "
-                              "exist)")
+        raise CheckpointError(f"{path}: not a checkpoint directory or file ({_what_is(path)})")
     _check_weights(state, cfg, path, max_parameters)
     model = build_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -311,10 +324,32 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return stripped
 
 
+def _missing(path: Path) -> CheckpointError:
+    """The error for a checkpoint file that is not a regular file."""
+    what = _what_is(path)
+    what = "missing" if what == "it does not exist" else f"not a regular file ({what})"
+    return CheckpointError(f"{path}: {what}; a checkpoint needs {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}")
+
+
+def _what_is(path: Path) -> str:
+    """What is at ``path`` when it is neither a directory nor a regular file: a named pipe
+    or a device would block or never end if read, so it is named, not read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as err:
+        return f"cannot look at it: {err.strerror or err}"
+    kinds = [(stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISDIR, "a directory")]
+    return next((f"it is {name}" for test, name in kinds if test(mode)), "not a regular file")
+
+
 def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a checkpoint needs {CONFIG_NAME} and "
-                              f"{WEIGHTS_NAME})")
+        raise _missing(path)
     try:
         if path.stat().st_size > _MAX_CONFIG_BYTES:
             raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes is too large for "
@@ -340,8 +375,7 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 def _read_weights(path: Path, strip: bool = True) -> dict[str, Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a checkpoint needs {CONFIG_NAME} and "
-                              f"{WEIGHTS_NAME})")
+        raise _missing(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
@@ -428,6 +462,26 @@ def load_train_state(folder: str | os.PathLike[str], optimizer: torch.optim.Opti
     raise CheckpointError(f"{folder}: no training state ({OPTIMIZER_NAME}.safetensors)")
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every per-parameter tensor of a loaded optimizer state (AdamW's moments) must have
+    its parameter's shape and own its elements: torch's ``load_state_dict`` checks neither,
+    and the first step would fail deep inside the optimizer."""
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, Tensor) or value.dim() == 0:
+                    continue
+                where = f"{path}: {key} of parameter {index}"
+                if value.shape != param.shape:
+                    raise CheckpointError(f"{where} has shape {tuple(value.shape)}, the "
+                                          f"model's parameter {tuple(param.shape)}")
+                if 0 in value.stride() and value.numel() > 1:
+                    raise CheckpointError(f"{where} repeats one element (a zero-stride view), "
+                                          "which an optimizer cannot update")
+            index += 1
+
+
 def _load_own_state(folder: Path, optimizer: torch.optim.Optimizer, rank: int,
                     scaler: Any) -> Any:
     layout = _read_json(folder / f"{OPTIMIZER_NAME}.json")
@@ -444,6 +498,7 @@ def _load_own_state(folder: Path, optimizer: torch.optim.Optimizer, rank: int,
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{folder / OPTIMIZER_NAME}.*: not an optimizer state "
                               f"({_first_line(err)})") from None
+    _check_optimizer_state(optimizer, folder / f"{OPTIMIZER_NAME}.safetensors")
     if scaler is not None:
         _restore(folder / "scaler.json", scaler.load_state_dict,
                  _read_json(folder / "scaler.json"))
@@ -469,6 +524,7 @@ def _load_accelerate_state(folder: Path, optimizer: torch.optim.Optimizer, rank:
     """An accelerate ``save_state`` folder (this toolkit before it wrote its own format)."""
     _restore(folder / "optimizer.bin", optimizer.load_state_dict,
              read_torch_checkpoint(folder / "optimizer.bin"))
+    _check_optimizer_state(optimizer, folder / "optimizer.bin")
     if scaler is not None and (folder / "scaler.pt").is_file():
         _restore(folder / "scaler.pt", scaler.load_state_dict,
                  read_torch_checkpoint(folder / "scaler.pt"))

@@ -280,3 +280,60 @@ def test_non_float_and_non_finite_weights_are_refused(tiny, tmp_path, value, mes
     for source in (folder, tmp_path / "model.pth"):
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(source, heads=2, prefix=32)
+
+
+@pytest.mark.parametrize("defect", ["misshapen", "zero-stride legacy"])
+def test_train_resume_refuses_an_optimizer_state_that_does_not_fit(tiny, tmp_path, defect):
+    """AdamW moments of another shape, or (an older accelerate optimizer.bin) views that
+    repeat one element: torch loads both and fails at the first step; --resume says so
+    in one line instead."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from train import make_optimizer  # the optimizer train.py resumes into
+
+    model, _, _ = load_checkpoint(tiny)
+    optimizer = make_optimizer(model, SimpleNamespace(weight_decay=0.1, learning_rate=1e-3))
+    model(torch.randint(0, 388, (2, 64))).sum().backward()
+    optimizer.step()
+    run = tmp_path / "run"
+    shutil.copytree(tiny, run / "last")
+    state = run / "last" / "state"
+    save_train_state(state, optimizer, 0, {"state": 1})
+    if defect == "misshapen":
+        tensors = load_file(state / "optimizer.safetensors")
+        tensors["0.exp_avg"] = torch.zeros(3, 5)
+        save_file(tensors, state / "optimizer.safetensors")
+        needles = ("cannot resume", "exp_avg of parameter 0 has shape (3, 5)")
+    else:
+        for f in state.iterdir():
+            f.unlink()
+        legacy = optimizer.state_dict()
+        moments = legacy["state"][0]
+        moments["exp_avg"] = torch.zeros(1).expand_as(moments["exp_avg"])
+        torch.save(legacy, state / "optimizer.bin")
+        needles = ("cannot resume", "optimizer.bin", "zero-stride")
+    r = script("train.py", "--preset", "tiny", "--data_dir", str(data_folder(tmp_path / "d")),
+               "--out_dir", str(run), "--resume", "--max_steps", "5", "--no-tensorboard")
+    one_line_failure(r, *needles)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_pipe_or_device_given_as_a_checkpoint_is_named(tiny, tmp_path, kind):
+    """Neither is read (a FIFO would block, /dev/zero never ends): the line says what it is."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "model.pth")
+        path, what = tmp_path / "model.pth", "named pipe"
+    else:
+        path, what = Path("/dev/zero"), "character device"
+    r = script("generate.py", "--ckpt", str(path), "--primer", str(PRIMER), "--no-audio")
+    one_line_failure(r, str(path), what)
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny, folder)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    r = script("generate.py", "--ckpt", str(folder), "--primer", str(PRIMER), "--no-audio")
+    one_line_failure(r, "config.json: not a regular file (it is a named pipe")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,6 +278,81 @@ def test_output_problems_are_one_line_and_leave_no_temporaries(data_dir, tmp_pat
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, r.stderr
     assert not list(out.glob("last*")) and not list(out.glob(".*"))
+
+
+def test_a_full_disk_is_reported_on_a_line_of_its_own_in_a_terminal(data_dir, tmp_path):
+    """In a terminal the progress bar redraws its line with carriage returns: the error
+    line must not start where the bar's text is (a pseudo-terminal shows what a user
+    sees)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "60",
+            "--save_interval", "30", "--eval_interval", "100"]  # last/ is saved first
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdin=follower,
+                            stdout=follower, stderr=follower, preexec_fn=file_size_limit(200_000))
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 1
+    text = b"".join(chunks).decode(errors="replace")
+    at = text.index("error: ")
+    assert "File too large" in text[at:] and "/last/" in text[at:], text[-500:]
+    line_before = text[:at].rsplit("\n", 1)[-1]
+    assert line_before.rsplit("\r", 1)[-1] == "", repr(line_before[-200:])
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("launcher", ["python", "accelerate launch"])
+def test_a_new_run_never_replaces_one_in_its_folder(data_dir, tmp_path, launcher):
+    """A second run started into a folder that holds one, without --resume, is refused
+    in one line naming --resume and another --out_dir; the first run's files stay
+    byte-identical."""
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
+            "--save_interval", "2", "--eval_interval", "2"]
+    assert run(args).returncode == 0
+    before = folder_bytes(out)
+    r = run([*args, "--max_steps", "6"]) if launcher == "python" else launch_two(
+        *args, "--max_steps", "6")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a training run" in errors[0], r.stderr
+    assert "--resume" in errors[0] and "--out_dir" in errors[0]
+    assert folder_bytes(out) == before
+
+
+def test_an_unfinished_save_is_tidied_at_the_next_start(data_dir, tmp_path):
+    """A save stopped midway (a second Ctrl-C) leaves last.tmp/ beside an intact last/:
+    the next start removes it and says so."""
+    out = tmp_path / "run"
+    args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--save_interval",
+            "2", "--eval_interval", "2"]
+    assert run([*args, "--max_steps", "2"]).returncode == 0
+    shutil.copytree(out / "last", out / "last.tmp")
+    (out / "last.tmp" / "model.safetensors").write_bytes(b"half written")
+    r = run([*args, "--max_steps", "4", "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stdout and "last.tmp" in r.stdout and "unfinished save" in r.stdout
+    assert not (out / "last.tmp").exists()
+    assert '"step": 4' in (out / "last" / "config.json").read_text()
 
 
 def launch_two(*args: str) -> subprocess.CompletedProcess:
