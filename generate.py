@@ -160,11 +160,21 @@ def main() -> None:
              "(add --cpu to decode on the CPU)")
     print(primer_note, file=sys.stderr)
 
-    with tqdm(total=args.new_tokens, unit="tok", dynamic_ncols=True) as bar:
+    # With a length in seconds the bar counts seconds of music (its ETA then tells when
+    # the take ends); without one, tokens up to --new_tokens.
+    by_seconds = bool(args.seconds)
+    with tqdm(total=args.seconds if by_seconds else args.new_tokens, dynamic_ncols=True,
+              unit="s music" if by_seconds else "tok",
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:g} s of music [{elapsed}<{remaining}"
+                         "{postfix}]" if by_seconds else None) as bar:
 
         def on_step(info) -> None:
-            bar.update(1)
-            bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
+            if by_seconds:
+                bar.update(min(info.seconds, args.seconds) - bar.n)
+                bar.set_postfix(tokens=info.step + 1, refresh=False)
+            else:
+                bar.update(1)
+                bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
         take = model.generate(
             primer, seconds=args.seconds or None, max_new_tokens=args.new_tokens,

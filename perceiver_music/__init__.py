@@ -1,7 +1,7 @@
 """Torch code shared by the scripts (design.md: Model, Generation engine, Checkpoints).
 
 - ``api``: the Python API, ``PerceiverMusic.from_pretrained(...).generate(...)``, also
-  importable from here (``from perceiver_music import PerceiverMusic``).
+  importable from here (``from perceiver_music import PerceiverMusic, DEMO_PRIMER``).
 - ``config``: ModelConfig and the named presets.
 - ``model``: builds ``perceiver_ar_pytorch.PerceiverAR`` (its state dict is the checkpoint
   format) and runs it fast: an SDPA forward equal to the library's, one-token cached steps.
@@ -16,11 +16,12 @@ Importing this package imports nothing (the API is loaded on first use), so torc
 scripts such as prep.py start fast.
 """
 
-__all__ = ["Generation", "PerceiverMusic"]
+__all__ = ["DEMO_CHECKPOINT", "DEMO_PRIMER", "Generation", "PerceiverMusic"]
 
 
 def __getattr__(name: str):
-    """``PerceiverMusic`` and ``Generation``, imported from ``api`` on first use."""
+    """The API's names (``PerceiverMusic``, ``Generation``, the bundled demo checkpoint
+    and primer paths), imported from ``api`` on first use."""
     if name in __all__:
         from . import api
 

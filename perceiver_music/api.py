@@ -42,6 +42,9 @@ from .engine import SamplingConfig, StepInfo, generate
 from .render import AudioInfo, pianoroll_figure, render_audio, save_pianoroll
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "ckpt" / "demo"
+# The bundled primer (the opening of Mozart's K. 570, iii; see samples/README.md), for
+# examples that run from any folder.
+DEMO_PRIMER = DEMO_CHECKPOINT.parent.parent / "samples" / "primers" / "mz_570_3_opening.mid"
 START_TOKEN = VELOCITY + 16  # an empty primer starts from VELOCITY(16), as many pieces open
 TOKENS_PER_SECOND = 100  # a generous bound on the music's density, for default lengths
 

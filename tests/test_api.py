@@ -38,10 +38,16 @@ def clean_env() -> dict[str, str]:
 def test_pip_install_editable_then_import_from_another_folder(tmp_path):
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    # A venv that sees this environment's packages (torch...) and its pip and setuptools.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=120)
+    # A venv that sees this environment's packages (torch...) and its pip and setuptools:
+    # a .pth file names this interpreter's site folders (--system-site-packages would give
+    # the base Python's, without them, when the tests themselves run in a venv).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
     python = str(venv / "bin" / "python")
+    site_dir = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path("
+                               "'purelib'))"], capture_output=True, text=True, check=True)
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    (Path(site_dir.stdout.strip()) / "outer.pth").write_text("\n".join(outer) + "\n")
     code = ("import perceiver_music, midi_processor, importlib.metadata as m; "
             "from perceiver_music import PerceiverMusic; "
             "print(perceiver_music.__file__); print(m.requires('perceiver-music'))")
@@ -69,7 +75,7 @@ def readme_example() -> str:
 
 
 def test_the_readme_api_example_runs(tmp_path):
-    (tmp_path / "samples").symlink_to(ROOT / "samples")
+    """From an empty folder (the bundled primer comes from the package)."""
     r = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600,
                        env={**clean_env(), "PYTHONPATH": str(ROOT)})

@@ -243,6 +243,9 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, no progress bar
     assert "cannot write the output" in r.stderr and "Permission denied" in r.stderr
+    # the folder the user chose, not the name of a temporary file in it
+    assert r.stderr.strip() == (f"error: cannot write the output: {out}: Permission denied "
+                                "(choose a folder you can write to)")
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):
@@ -290,3 +293,17 @@ def test_int8_decoding_option(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert report(tmp_path / "q")["settings"]["int8"] is True
     assert (tmp_path / "q" / "continuation.mid").stat().st_size > 0
+
+
+def test_the_bar_counts_seconds_of_music_when_a_length_in_seconds_is_set(ckpt, tmp_path):
+    """A take stopped at 2 s of music shows a bar of 2 s that ends full, not a bar of
+    --new_tokens tokens that ends a fraction of the way (with an ETA to match)."""
+    r = gen(ckpt, tmp_path, "--name", "s", "--seconds", "2", "--new_tokens", "5000",
+            "--no-stop_at_end")
+    assert r.returncode == 0, r.stderr
+    frames = r.stderr.replace("\r", "\n").splitlines()
+    bars = [f for f in frames if "s of music [" in f]
+    assert bars and all("/2 s of music" in f for f in bars), frames[-5:]
+    assert "100%" in bars[-1] and "/5000" not in r.stderr
+    tokens = gen(ckpt, tmp_path, "--name", "t")  # no length in seconds: tokens, as before
+    assert "40/40" in tokens.stderr
