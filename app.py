@@ -37,6 +37,8 @@ SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one o
 CPU = False  # run on the CPU even if an accelerator is present
 
 SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
+# The downloads are read-only: Gradio's file list would still offer to remove each file.
+CSS = '#downloads button[aria-label="Remove this file"] { display: none; }'
 
 
 @dataclass
@@ -257,8 +259,10 @@ def build_page(studio: Studio, args):
                 problem = str(exc)  # name an upload as the user knows it, not Gradio's copy
                 if source_name == SOURCES[1] and upload_path:
                     problem = problem.replace(str(upload_path), Path(upload_path).name)
-                return (f"**Could not generate:** {problem}", gr.update(), gr.update(),
-                        gr.update(), takes, gr.update())
+                # the player, roll and downloads are cleared: what stayed would look like
+                # the result of this request (earlier takes stay in the list of takes)
+                return (f"**Could not generate:** {problem}", None, None, None, takes,
+                        gr.update(value=None))
             takes = [*takes, take]
             wav, png, files = studio.files(take)
             return (line, wav, png, files, takes,
@@ -287,9 +291,10 @@ def build_page(studio: Studio, args):
 
         inputs = [source, upload, history, chosen, *settings]
         source.change(lambda s: gr.update(visible=s == SOURCES[1]), source, upload)
-        go.click(handler(extend=False), inputs, outputs, show_progress_on=[audio, roll],
+        # one progress bar, where the status line is (it says what is happening)
+        go.click(handler(extend=False), inputs, outputs, show_progress_on=[status],
                  api_name="generate")
-        more.click(handler(extend=True), inputs, outputs, show_progress_on=[audio, roll],
+        more.click(handler(extend=True), inputs, outputs, show_progress_on=[status],
                    api_name="extend")
         chosen.input(show, [history, chosen], [status, audio, roll, downloads])
     page.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
@@ -312,7 +317,7 @@ def main() -> None:
         fail(str(exc))
     page = build_page(studio, args)
     try:
-        page.launch(server_name=args.host, server_port=args.port, quiet=True,
+        page.launch(server_name=args.host, server_port=args.port, quiet=True, css=CSS,
                     max_file_size=int(args.max_upload_mb * 2**20),
                     allowed_paths=[str(args.out_dir)], footer_links=[], show_error=True,
                     prevent_thread_lock=True)

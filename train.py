@@ -52,7 +52,7 @@ EVAL_INTERVAL = 250  # steps between validations (and best/ updates)
 EVAL_WINDOWS = 256  # fixed validation windows (0: all)
 SAVE_INTERVAL = 250  # steps between saves of last/
 LOG_INTERVAL = 10  # steps between metric rows
-MIXED_PRECISION = "auto"  # auto (bf16 on GPUs with it, unless accelerate sets one), no, fp16, bf16
+MIXED_PRECISION = "auto"  # auto (bf16 on GPUs with it, or accelerate's fp16/bf16), no, fp16, bf16
 PREFIX_FILL = 0.5  # share of windows whose prefix is cut to a random length
 TRANSPOSE = 3  # augment: transpose by up to +-N semitones (0: off)
 STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
@@ -60,7 +60,7 @@ SEED = 1337  # seed of weights, data order and dropout
 MAX_MINUTES = 0.0  # time budget: the schedule ends with it, then stop and save (0: no limit)
 RESUME = False  # continue the run in OUT_DIR from last/
 CPU = False  # run on the CPU even if an accelerator is present
-THREADS = 0  # CPU threads per process (0: this machine's cores shared among its processes)
+THREADS = 0  # CPU threads per process (0: 1 or its share of the cores, chosen by timing steps)
 TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
 
 
@@ -82,6 +82,34 @@ def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
         args.learning_rate - args.min_lr
     )
+
+
+class Budget:
+    """The time budget (--max_minutes) as the loop sees it, so that the run ends inside it.
+
+    The last step, the final validation and the save all fit: each step's learning rate
+    and the decision to make it the last one use the time the run will have spent when
+    that step and the final work are done (`projected`), where the final work is the
+    last measured validation and save, or before any an estimate from the step time (a
+    validation batch costs about a third of a training step).
+    """
+
+    def __init__(self, val_batches: int) -> None:
+        self.val_batches = val_batches
+        self.step_s = 0.0
+        self.validation_s: float | None = None
+        self.save_s: float | None = None
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s = seconds if not self.step_s else 0.8 * self.step_s + 0.2 * seconds
+
+    def projected(self, elapsed_s: float) -> float:
+        """Seconds spent once the next step, a validation and a save are done."""
+        validation = self.validation_s
+        if validation is None:
+            validation = self.step_s * self.val_batches / 3
+        save = self.save_s if self.save_s is not None else 2 * self.step_s
+        return elapsed_s + self.step_s + validation + save
 
 
 def make_optimizer(model, args):
@@ -256,15 +284,19 @@ def resume_meta(meta: dict, where: Path) -> tuple[int, float, float]:
 def mixed_precision(args) -> dict[str, str]:
     """Accelerator's mixed_precision argument: the setting, or for "auto" bf16 (the fast
     path: flash attention, no loss scaling) on a CUDA GPU that supports it, unless
-    accelerate launch was told one (its config or --mixed_precision)."""
+    accelerate launch was told fp16 or bf16 (its config or --mixed_precision).
+
+    accelerate launch always exports ACCELERATE_MIXED_PRECISION, "no" when nothing was
+    chosen, so its "no" cannot tell a choice from the default: auto reads it as unset.
+    ``train.py --mixed_precision no`` is how to insist on float32."""
     import torch
 
     choice = args.mixed_precision
     if choice == "auto":
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         bf16 = (not cpu_only(args.cpu) and torch.cuda.is_available()
                 and torch.cuda.is_bf16_supported())
-        choice = launched or ("bf16" if bf16 else "no")
+        choice = launched if launched != "no" else ("bf16" if bf16 else "no")
     return {"mixed_precision": choice}
 
 
@@ -297,9 +329,11 @@ def main() -> None:
         WindowSampler,
         WindowSpec,
         load_split,
+        to_device,
         validation_windows,
     )
     from perceiver_music.model import build_model, loss_fn, use_fast_forward
+    from perceiver_music.threads import ThreadTuner, cpu_cores
 
     out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
     meta: dict = {}
@@ -335,13 +369,21 @@ def main() -> None:
         fail(str(exc))
 
     accelerator = Accelerator(cpu=cpu_only(args.cpu), **mixed_precision(args))
+    tuner = None
     if accelerator.device.type == "cpu":
-        # accelerate launch sets OMP_NUM_THREADS=1 for each process: share the cores instead
+        # accelerate launch sets OMP_NUM_THREADS=1 for each process: share the cores
+        # instead; with no --threads, steps are timed to choose between one thread and
+        # the share (beside another busy process, one thread is often faster)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
-    set_seed(args.seed)
+        share = max(1, cpu_cores() // local)
+        torch.set_num_threads(args.threads or share)
+        tuner = None if args.threads or share == 1 else ThreadTuner((1, share))
+    set_seed(args.seed)  # the same initial weights in every process
     if not args.resume:
         model = build_model(cfg)
+    # then a seed of each process's own, so that processes draw different dropout masks
+    # and prefix-dropout positions (a resumed run restores every process's RNG states)
+    set_seed(args.seed + accelerator.process_index)
     use_fast_forward(model)
     model.train()
     try:
@@ -389,7 +431,8 @@ def main() -> None:
             f"parameters, context {cfg.max_seq_len}, {cfg.num_latents} latents; "
             f"{len(train_split.tokens):,} training tokens; {accelerator.num_processes} "
             f"process(es) on {accelerator.device}"
-            + (f" ({torch.get_num_threads()} threads each)"
+            + (f" (1 or {tuner.candidates[-1]} threads each, chosen by timing steps)"
+               if tuner else f" ({torch.get_num_threads()} threads each)"
                if accelerator.device.type == "cpu" else "")
             + f", mixed precision {accelerator.mixed_precision}"
         )
@@ -429,37 +472,54 @@ def main() -> None:
         * (window - cfg.cross_attn_seq_len)
     )
     budget_s = args.max_minutes * 60
-    with tqdm(total=args.max_steps, initial=step, disable=not main_proc, dynamic_ncols=True) as bar:
+    budget = Budget(math.ceil(len(val[0]) / accelerator.num_processes / args.batch_size))
+    # With a time budget the bar counts its seconds (its ETA is the budget's end), else steps.
+    bar_args = dict(total=budget_s, initial=min(previous_s, budget_s), unit="s",
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                               "{postfix}]") if budget_s else dict(total=args.max_steps,
+                                                                  initial=step)
+    with tqdm(disable=not main_proc, dynamic_ncols=True, **bar_args) as bar:
         t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
+        projected = previous_s + budget.projected(0.0)  # the same on every process
         while step < args.max_steps:
-            lr = lr_at(step, args, elapsed())
+            # the last step of a budget runs at the end of the schedule: MIN_LR
+            ending = bool(budget_s) and projected >= budget_s
+            lr = lr_at(step, args, projected)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(args.grad_accum):
-                x, mask = sampler.sample(args.batch_size)
-                x, mask = x.to(accelerator.device), mask.to(accelerator.device)
-                last_micro = micro == args.grad_accum - 1
-                with nullcontext() if last_micro else accelerator.no_sync(model):
-                    loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
-                    accelerator.backward(loss / args.grad_accum)
-                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            if args.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            t_step = time.perf_counter()
+            with tuner.step() if tuner else nullcontext():
+                for micro in range(args.grad_accum):
+                    x, mask = to_device(*sampler.sample(args.batch_size), accelerator.device)
+                    last_micro = micro == args.grad_accum - 1
+                    with nullcontext() if last_micro else accelerator.no_sync(model):
+                        loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
+                        accelerator.backward(loss / args.grad_accum)
+                    # summed on the device: reading a loss every micro-step would wait for it
+                    loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+                if args.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
-            bar.update(1)
+            budget.record_step(time.perf_counter() - t_step)
+            bar.update(min(elapsed(), budget_s) - bar.n if budget_s else 1)
+            if budget_s:
+                bar.set_postfix(step=step, refresh=False)
 
             # Every process stops at the same step: on a signal to any, or when the time
-            # budget is spent (the last step, with validation, as at MAX_STEPS).
-            flags = torch.tensor([stop["flag"], bool(budget_s) and elapsed() >= budget_s],
-                                 dtype=torch.float32, device=accelerator.device)
-            signalled, spent = (bool(f > 0) for f in accelerator.reduce(flags, "sum"))
+            # budget ends with this step (then validation, as at MAX_STEPS). The projected
+            # time is averaged so that every process sets the same learning rate.
+            flags = torch.tensor([stop["flag"], budget.projected(elapsed())],
+                                 dtype=torch.float64, device=accelerator.device)
+            flags = accelerator.reduce(flags, "sum")
+            signalled, spent = bool(flags[0] > 0), ending
+            projected = float(flags[1]) / accelerator.num_processes
             final = step == args.max_steps or spent
 
             if step % args.log_interval == 0 or final or signalled:
                 tps = tokens_per_step * (loss_n / args.grad_accum) / (time.perf_counter() - t_log)
-                train_loss = loss_sum / loss_n
+                train_loss = float(loss_sum) / loss_n
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 log_row(f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
                 if writer:
@@ -469,7 +529,9 @@ def main() -> None:
                 t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
 
             if step % args.eval_interval == 0 or final:
-                val_loss = evaluate(model, val, accelerator, args.batch_size)
+                t_final = time.perf_counter()
+                with tuner.use() if tuner else nullcontext():
+                    val_loss = evaluate(model, val, accelerator, args.batch_size)
                 improved = val_loss < best
                 best = min(best, val_loss)
                 if main_proc:
@@ -488,17 +550,24 @@ def main() -> None:
                             checkpoint_meta(val_loss),
                         )
                 accelerator.wait_for_everyone()
+                budget.validation_s = time.perf_counter() - t_final
 
             if step % args.save_interval == 0 or final or signalled:
+                t_final = time.perf_counter()
                 save_last(accelerator, model, optimizer, cfg, sampler.state,
                           checkpoint_meta(val_loss), out_dir)
-            if signalled or spent:
+                budget.save_s = time.perf_counter() - t_final
+            if signalled:
                 if main_proc:
-                    why = "time budget spent" if spent and not signalled else "stopped"
-                    bar.write(
-                        f"{why} at step {step}; saved {out_dir / 'last'}. "
-                        f"Continue with: python train.py --out_dir {out_dir} --resume"
-                    )
+                    bar.write(f"stopped at step {step}; saved {out_dir / 'last'}. Continue "
+                              f"with: python train.py --out_dir {out_dir} --resume")
+                break
+            if spent:
+                if main_proc:
+                    bar.write(f"time budget of {args.max_minutes:g} min spent at step {step} "
+                              f"({elapsed():.0f} s): the schedule is complete (lr {lr:.2e}); "
+                              f"best validation loss {best:.4f} nats/token; checkpoints in "
+                              f"{out_dir}")
                 break
 
     if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it cheaply

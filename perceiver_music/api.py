@@ -269,6 +269,7 @@ class PerceiverMusic:
         stride: int | None = None,
         precision: str = "float32",
         cuda_graphs: bool = True,
+        decode_threads: int | None = None,
         progress: Callable[[StepInfo], object] | None = None,
     ) -> Generation:
         """Continue ``primer`` (see `primer_tokens`: a path, bytes, PrettyMIDI, token ids
@@ -283,6 +284,8 @@ class PerceiverMusic:
         model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.7x as
         fast, KL divergence from float32 about 1e-4 nats per token on the demo model).
         On a GPU each sampling step replays a CUDA graph (``cuda_graphs=False``: not).
+        On a CPU ``decode_threads`` fixes the thread count of decoding steps (None: chosen
+        by timing them, which keeps decoding fast beside other busy processes).
         ``progress`` receives each step's `StepInfo` (its ``step`` and ``seconds`` tell
         how far the slowest sample has come). Raises ValueError for impossible settings
         and MidiError for an unreadable primer.
@@ -304,7 +307,8 @@ class PerceiverMusic:
                           num_samples=num_samples, sampling=sampling, num_beams=num_beams,
                           max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
                           seed=seed, cross_attn_seq_len=cross_attn_seq_len, precision=precision,
-                          cuda_graphs=cuda_graphs, on_step=progress)
+                          cuda_graphs=cuda_graphs, decode_threads=decode_threads,
+                          on_step=progress)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
         return Generation(

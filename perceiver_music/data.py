@@ -162,6 +162,21 @@ class WindowSampler:
         return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
 
 
+def to_device(tokens: torch.Tensor, prefix_mask: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A sampled batch on ``device``, ready for the model: the prefix mask becomes None
+    when every prefix position is real, so that the cross-attention layer asks SDPA for a
+    causal bias alone, which flash kernels run (a mask sends them to slower ones). On
+    CUDA the tokens are copied from pinned memory without waiting for the GPU. The check
+    runs on the CPU tensor: it costs no device synchronisation."""
+    mask = None if bool(prefix_mask.all()) else prefix_mask
+    if device.type == "cuda":
+        tokens = tokens.pin_memory()
+        mask = None if mask is None else mask.pin_memory()
+    tokens = tokens.to(device, non_blocking=True)
+    return tokens, None if mask is None else mask.to(device, non_blocking=True)
+
+
 def validation_windows(
     split: TokenSplit, context: int, prefix: int, max_windows: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,7 @@ from midi_processor.vocab import (
 )
 
 from .model import CudaGraphStep, DecodeCache, decode_step, forward, prefix_length
+from .threads import ThreadTuner
 
 STOP_END = "end"
 STOP_SECONDS = "seconds"
@@ -195,10 +196,11 @@ def generate(
     unset): it returns the finished beam with the best sum of log-probabilities divided by
     length ** ``length_penalty``.
 
-    On CPU, one-token steps run with ``decode_threads`` torch threads (None: leave torch's
-    setting, all cores by default; full forwards always use it). A step is a chain of
-    small matrix products bound by memory bandwidth, and oneDNN's packed weights stream
-    faster with every core (`perceiver_music.model.cpu_linear`). ``precision="int8"``
+    On CPU, one-token steps run with ``decode_threads`` torch threads. None (the
+    default) chooses by timing the steps (`perceiver_music.threads.ThreadTuner`, full
+    forwards following its choice): on a quiet machine every core wins, as oneDNN's
+    packed weights stream faster with every core (`perceiver_music.model.cpu_linear`),
+    while beside another busy process one thread is several times faster. ``precision="int8"``
     (CPU only) decodes with int8 weights: about 1.7x as fast, its next-token distribution
     a KL divergence of about 1e-4 nats from float32's on the demo model (bench/decode.py
     measures both); full forwards stay in the model's dtype.
@@ -240,6 +242,7 @@ def generate(
     limits = _Limits(max_new_tokens, max_seconds, stop_on_end)
     was_training = model.training
     model.eval()
+    window = None
     try:
         if num_beams > 1:
             window = _Window(model, first[None], max_new_tokens, stride, decode_threads, m,
@@ -254,6 +257,8 @@ def generate(
                        on_step, progress)
     finally:
         model.train(was_training)
+        if window is not None:
+            window.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,7 +275,10 @@ class _Window:
         self.model = model
         self.prefix_len = prefix_len
         self.stride = stride
-        self.decode_threads = decode_threads if first.device.type == "cpu" else None
+        on_cpu = first.device.type == "cpu"
+        self.decode_threads = decode_threads if on_cpu else None
+        # None on CPU: the thread count is chosen by timing the steps (busy machines)
+        self.tuner = ThreadTuner() if on_cpu and decode_threads is None else None
         self.primer_len = length
         self.buf = first.new_full((batch, length + capacity), PAD)
         self.buf[:, :length] = first
@@ -298,7 +306,8 @@ class _Window:
         self.prefix_mask = None if bool(mask.all()) else mask
         self.reencoded = True
         self.full_forwards += 1
-        return forward(self.model, window, self.prefix_mask, cache=self.cache)[:, -1].float()
+        with self.tuner.use() if self.tuner else nullcontext():
+            return forward(self.model, window, self.prefix_mask, cache=self.cache)[:, -1].float()
 
     def append(self, tokens: Tensor) -> Tensor:
         """Add one token per row; logits for the next one (re-encoding if the window is
@@ -312,8 +321,13 @@ class _Window:
         position = self.end - 1 - self.start
         if self.graph is not None:
             return self.graph(tokens, position).float()
-        with _intra_op_threads(self.decode_threads):
+        with self.tuner.step() if self.tuner else _intra_op_threads(self.decode_threads):
             return decode_step(self.model, tokens, position, self.cache).float()
+
+    def close(self) -> None:
+        """Give back the thread count the caller had."""
+        if self.tuner is not None:
+            self.tuner.close()
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search)."""

@@ -23,6 +23,7 @@ What the library does, and this file reproduces:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -413,27 +414,36 @@ class CudaGraphStep:
     """
 
     def __init__(self, model: PerceiverAR, cache: DecodeCache, batch: int) -> None:
-        device = cache.key_valid.device
+        device = self.device = cache.key_valid.device
         self.prefix_len, self.max_seq_len = cache.prefix_len, model.max_seq_len
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.full((), cache.prefix_len, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initialisation must not happen in capture
-                decode_step(model, self.token, self.position, cache)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, self.token, self.position, cache)
+        # On the cache's device (not whichever is current: from_pretrained(device="cuda:1")),
+        # on a stream of its own, one capture at a time in the process (the app decodes
+        # several generations in threads); "thread_local" lets the other threads go on
+        # launching kernels meanwhile.
+        with _CAPTURE_LOCK, torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy initialisation must not happen in capture
+                    decode_step(model, self.token, self.position, cache)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
+                self.logits = decode_step(model, self.token, self.position, cache)
 
     def __call__(self, token: Tensor, position: int) -> Tensor:
         """`decode_step` (``token``, ``position``) through the graph; a new tensor."""
         _check_position(position, self.prefix_len, self.max_seq_len)
         self.token.copy_(token)
         self.position.fill_(position)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits.clone()
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:

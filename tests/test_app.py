@@ -179,6 +179,19 @@ def test_upload_generate_listen_download_extend(app_url, browser, tmp_path):
     page.get_by_role("option", name=re.compile(r"^take 1")).click()
     wait_status(page, r"take 1: ")
     assert notes_of(download(page, "full.mid")) == first_notes
+    # The downloads are read-only: no button offers to remove a file.
+    removers = page.locator('#downloads button[aria-label="Remove this file"]')
+    assert all(not removers.nth(i).is_visible() for i in range(removers.count()))
+
+    # A failed request leaves nothing of the earlier take on screen as if it were its own.
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"not MIDI at all")
+    upload(page, bad)
+    page.locator("#generate").click()
+    wait_status(page, r"Could not generate")
+    assert page.locator("#audio audio[src]").count() == 0
+    assert page.locator("#roll img").count() == 0
+    assert page.locator("#downloads a[download]").count() == 0
 
 
 @pytest.mark.parametrize(("content", "name", "message"), [
@@ -213,16 +226,19 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     first.get_by_text("sampling").click()  # 60 s in all: the model may not end it sooner
     first.get_by_label("stop when the model ends the piece").uncheck()
     first.locator("#generate").click()
-    first.locator("#roll").filter(has_text=re.compile(r"\d+ tokens, [\d.]+ s of music")).wait_for()
+    progress = re.compile(r"\d+ tokens, [\d.]+ s of music")
+    first.locator("#status").filter(has_text=progress).wait_for()  # shown once, in the status
+    assert first.get_by_text(progress).count() == 1
     second.get_by_text("sampling").click()  # the second user decodes with int8 weights
     second.get_by_label("int8 weights").check()
     second.locator("#generate").click()
-    second.locator("#roll").filter(has_text=re.compile(r"queue: 1/1")).wait_for()
+    second.locator("#status").filter(has_text=re.compile(r"queue: 1/1")).wait_for()
     third.locator("#generate").click()
     third.get_by_text("This application is currently busy").wait_for()
     wait_status(first, r"s of new music")
     wait_status(second, r"s of new music")
-    assert third.locator("#status").inner_text() == "Ready."
+    refused = third.locator("#status").inner_text()  # marked as an error, no take
+    assert "Ready." in refused and "new music" not in refused, refused
 
 
 def test_bad_options_get_one_line(tmp_path):

@@ -758,3 +758,59 @@ def test_generation_with_and_without_cuda_graphs_agrees():
         greedy=True), stride=8, stop_on_end=False, cuda_graphs=graphs) for graphs in (True, False)]
     assert runs[0].tokens == runs[1].tokens
     assert runs[0].full_forwards == runs[1].full_forwards > 1
+
+
+def test_graph_capture_is_on_the_caches_device_one_at_a_time(monkeypatch):
+    """What a CPU can show of `CudaGraphStep`: the CUDA calls it makes (faked here, as no
+    CUDA exists) happen inside the cache's device context, the capture on a stream of its
+    own in thread-local mode while the process-wide capture lock is held, and a replay
+    inside the device context too. The step it captures is the real static step."""
+    from contextlib import contextmanager
+
+    import perceiver_music.model as model_module
+    from perceiver_music.model import CudaGraphStep, DecodeCache
+
+    events: list[tuple] = []
+    depth = [0]
+
+    class Stream:
+        def __init__(self, device=None) -> None:
+            events.append(("stream", depth[0]))
+
+        def wait_stream(self, other) -> None:
+            pass
+
+    @contextmanager
+    def device(dev):
+        events.append(("device", str(dev)))
+        depth[0] += 1
+        yield
+        depth[0] -= 1
+
+    @contextmanager
+    def on_stream(stream):
+        yield
+
+    class Graph:
+        def replay(self) -> None:
+            events.append(("replay", depth[0]))
+
+    @contextmanager
+    def graph(g, stream=None, capture_error_mode="global"):
+        events.append(("capture", depth[0], isinstance(stream, Stream), capture_error_mode,
+                       model_module._CAPTURE_LOCK.locked()))
+        yield
+
+    for name, fake in {"Stream": Stream, "device": device, "stream": on_stream,
+                       "current_stream": lambda dev=None: Stream(), "CUDAGraph": Graph,
+                       "graph": graph}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    model = tiny_model()
+    cache = DecodeCache(model, 1)
+    step = CudaGraphStep(model, cache, 1)
+    assert events[0] == ("device", "cpu")
+    assert ("capture", 1, True, "thread_local", True) in events
+    assert all(e[1] == 1 for e in events if e[0] == "stream")
+    step(torch.tensor([5]), model.cross_attn_seq_len + 1)
+    assert events[-2:] == [("device", "cpu"), ("replay", 1)]
+    assert not model_module._CAPTURE_LOCK.locked()

@@ -401,3 +401,45 @@ def test_checkpoint_missing_tensor(saved):
     (saved / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="missing layers.2"):
         load_checkpoint(saved)
+
+
+def test_training_batches_without_padding_reach_sdpa_as_a_causal_bias(monkeypatch):
+    """train.py's batches go through `to_device`: where every prefix position is real the
+    mask is dropped, so the cross-attention asks SDPA for a causal bias alone (which flash
+    kernels run) instead of a dense mask, with the same logits; a padded batch keeps its
+    mask."""
+    from torch.nn.attention.bias import CausalBias
+
+    import perceiver_music.model as model_module
+    from perceiver_music.data import to_device
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).eval()
+    m = model.cross_attn_seq_len
+    tokens = torch.randint(0, 388, (2, model.max_seq_len))
+    full = torch.ones(2, m, dtype=torch.bool)
+    asked = []
+
+    class Functional:  # torch.nn.functional as model.py sees it, SDPA calls recorded
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def scaled_dot_product_attention(*args, **kwargs):
+            asked.append(kwargs.get("attn_mask"))
+            return F.scaled_dot_product_attention(*args, **kwargs)
+
+    # (torch's own F stays intact: a CausalBias dispatches on its identity)
+    monkeypatch.setattr(model_module, "F", Functional())
+    x, mask = to_device(tokens, full, torch.device("cpu"))
+    assert mask is None
+    with torch.no_grad():
+        free = model_module.forward(model, x, mask)
+        assert isinstance(asked[0], CausalBias)
+        asked.clear()
+        masked = model_module.forward(model, tokens, full)
+        assert isinstance(asked[0], torch.Tensor) and asked[0].dtype == torch.bool
+    torch.testing.assert_close(free, masked, atol=1e-5, rtol=1e-5)
+    padded = full.clone()
+    padded[0, :3] = False
+    assert torch.equal(to_device(tokens, padded, torch.device("cpu"))[1], padded)

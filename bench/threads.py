@@ -1,0 +1,139 @@
+"""Thread counts against background load: decoding and training tokens/s on this machine.
+
+Users' machines are busy (a browser, another job, the app serving two people, CI). An
+OpenMP team of as many threads as cores then waits at every barrier for a thread the OS
+has descheduled, and a step can take several times longer than on one thread. This
+prints, for 0, 1 and 2 busy background processes (each a pure-Python loop on one core),
+the demo model's decoding tokens/s (generate, 800 tokens from the bundled primer: about
+20 s of music) and 40 demo-preset training steps' tokens/s, with 1 thread, every core,
+and the default
+("auto": what the toolkit picks when nothing is set). Settings take turns within each
+load, so drifts of the machine hit all alike; the median of the rounds is printed, as
+beside busy processes one run can be 40 % faster than the next. First, on the quiet
+machine, two generations decode at once in two threads (as app.py --concurrency 2 runs
+them), each against one generation alone on one thread. Figures only.
+
+    python -m bench.threads [--loads 0,1,2] [--decode_tokens 800] [--train_steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import time
+
+import torch
+
+from midi_processor.vocab import PAD
+from perceiver_music.api import DEMO_PRIMER, PerceiverMusic
+from perceiver_music.config import preset
+from perceiver_music.model import build_model, loss_fn, use_fast_forward
+from perceiver_music.threads import ThreadTuner
+
+
+def _busy() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
+def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int) -> float:
+    take = music.generate(DEMO_PRIMER, seconds=None, max_new_tokens=tokens, seed=1,
+                          stop_at_end=False, decode_threads=threads)
+    return tokens / take.generate_s
+
+
+def concurrent_decode_rates(music: PerceiverMusic, tokens: int) -> list[float]:
+    """Tokens/s of each of two generations decoding at once in two threads of this
+    process, as app.py --concurrency 2 runs them (default thread choice)."""
+    import threading
+
+    rates: list[float] = []
+
+    def one() -> None:
+        rates.append(decode_rate(music, None, tokens))
+
+    workers = [threading.Thread(target=one) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return rates
+
+
+def train_rate(threads: int | None, steps: int) -> float:
+    """Tokens/s of demo-preset training steps (batch 4, the full window), as train.py."""
+    torch.manual_seed(0)
+    cfg = preset("demo", dropout=0.1, cross_attn_dropout=0.5)
+    model = use_fast_forward(build_model(cfg)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, PAD, (4, cfg.max_seq_len + 1))
+    mask = torch.ones(4, cfg.cross_attn_seq_len, dtype=torch.bool)
+    tuner = ThreadTuner() if threads is None else None
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or previous)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with tuner.step() if tuner else _nothing():
+                loss_fn(model(x[:, :-1], mask), x[:, 1:]).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return steps * 4 * cfg.num_latents / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loads", default="0,1,2", help="busy background processes")
+    parser.add_argument("--decode_tokens", type=int, default=800)
+    parser.add_argument("--train_steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    music = PerceiverMusic.from_pretrained(device="cpu")
+    settings = {"1 thread": 1, f"{cores} threads": cores, "auto (default)": None}
+    print(f"{cores} cores; tokens/s, median of {args.rounds} rounds")
+    print(f"{'load':>5} {'what':7} " + " ".join(f"{name:>15}" for name in settings))
+    ctx = multiprocessing.get_context("spawn")
+    alone = statistics.median(decode_rate(music, 1, args.decode_tokens)
+                              for _ in range(args.rounds))
+    both = [concurrent_decode_rates(music, args.decode_tokens) for _ in range(args.rounds)]
+    print(f"two generations at once (app.py --concurrency 2), quiet: "
+          f"{statistics.median(min(r) for r in both):.0f} and "
+          f"{statistics.median(max(r) for r in both):.0f} tokens/s (slower and faster, "
+          f"median of {args.rounds}); one alone on 1 thread: {alone:.0f}")
+    for load in (int(v) for v in args.loads.split(",")):
+        workers = [ctx.Process(target=_busy, daemon=True) for _ in range(load)]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)
+        try:
+            rates: dict[tuple[str, str], list[float]] = {
+                (what, name): [] for what in ("decode", "train") for name in settings}
+            for _ in range(args.rounds):
+                for name, threads in settings.items():
+                    rates["decode", name].append(decode_rate(music, threads,
+                                                             args.decode_tokens))
+                    rates["train", name].append(train_rate(threads, args.train_steps))
+        finally:
+            for w in workers:
+                w.kill()
+        for what in ("decode", "train"):
+            print(f"{load:5} {what:7} " + " ".join(
+                f"{statistics.median(rates[what, name]):15.0f}" for name in settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""ThreadTuner: the thread count follows measured step times (fed here, not timed)."""
+
+from __future__ import annotations
+
+import torch
+
+from perceiver_music.threads import ThreadTuner
+
+
+def feed(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> list[int]:
+    """Run ``steps`` steps whose duration is ``cost[threads]``; the thread counts used."""
+    used = []
+    for _ in range(steps):
+        count = tuner.threads()
+        used.append(count)
+        tuner._record(count, cost[count])
+    return used
+
+
+def test_the_faster_count_wins_and_the_slower_is_dropped_at_once():
+    tuner = ThreadTuner((1, 2), trial=3, period=50)
+    used = feed(tuner, {1: 1.0, 2: 0.5}, 8)  # quiet: every core is faster
+    assert used == [1, 1, 1, 1, 2, 2, 2, 2] and tuner.choice == 2 and not tuner.exploring
+    tuner = ThreadTuner((1, 2), trial=3, period=50)
+    used = feed(tuner, {1: 1.0, 2: 10.0}, 6)  # busy: two threads 10x slower
+    assert used == [1, 1, 1, 1, 2, 1] and tuner.choice == 1  # one slow step, then dropped
+
+
+def test_load_that_arrives_is_noticed_and_the_choice_changes():
+    tuner = ThreadTuner((1, 2), trial=3, period=1000)
+    feed(tuner, {1: 1.0, 2: 0.5}, 8)
+    assert tuner.choice == 2
+    feed(tuner, {1: 1.0, 2: 0.5}, 100)
+    assert not tuner.exploring  # steady: no trial before the period ends
+    used = feed(tuner, {1: 1.0, 2: 4.0}, 12)  # a busy process starts
+    assert tuner.choice == 1 and used[-1] == 1
+    assert used.count(2) <= 4  # three slow steps to notice, one to confirm
+
+
+def test_trials_grow_rarer_while_the_choice_holds():
+    tuner = ThreadTuner((1, 2), trial=3, period=10)
+    feed(tuner, {1: 1.0, 2: 0.5}, 8)
+    periods = []
+    for _ in range(6):
+        feed(tuner, {1: 1.0, 2: 0.5}, tuner.period + 8)
+        periods.append(tuner.period)
+    assert periods == [40, 80, 160, 160, 160, 160]
+
+
+def test_close_restores_the_thread_count():
+    before = torch.get_num_threads()
+    tuner = ThreadTuner((1, 2))
+    with tuner.step():
+        pass
+    tuner.close()
+    assert torch.get_num_threads() == before
