@@ -35,6 +35,7 @@ MAX_SECONDS = 120.0  # longest continuation a request may ask for
 RENDERER = "midirenderer"  # audio: midirenderer (pip) or fluidsynth (the system program)
 SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
+DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 
 SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
 # The downloads are read-only: Gradio's file list would still offer to remove each file.
@@ -92,7 +93,8 @@ class Studio:
         self.args = args
         self.out = Path(args.out_dir)
         device = "cpu" if args.cpu else None
-        self.model = PerceiverMusic.from_pretrained(args.ckpt, device=device)
+        self.model = PerceiverMusic.from_pretrained(args.ckpt, device=device,
+                                                    dtype=args.dtype)
         self.name = Path(args.ckpt).name
 
     def session_folder(self, history: list[Take]) -> Path:
@@ -313,7 +315,7 @@ def main() -> None:
 
     try:
         studio = Studio(args)
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         fail(str(exc))
     page = build_page(studio, args)
     try:

@@ -34,6 +34,7 @@ RUNS = ""  # run folders (with metrics.csv) whose training curves to plot, comma
 OUT = "eval"  # report folder
 BATCH_SIZE = 8  # windows per forward pass for the loss
 CPU = False  # run on the CPU even if an accelerator is present
+DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 
 
 def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) -> list:
@@ -116,8 +117,9 @@ def main() -> None:
         models = {}
         for ckpt in ckpts:
             try:
-                models[ckpt] = PerceiverMusic.from_pretrained(bundled(ckpt), device=device)
-            except CheckpointError as exc:
+                models[ckpt] = PerceiverMusic.from_pretrained(bundled(ckpt), device=device,
+                                                              dtype=args.dtype)
+            except (CheckpointError, ValueError) as exc:
                 fail(str(exc))
         report["loss"]["unigram (training-data frequencies)"] = {
             "nats_per_token": unigram_loss(train.tokens, split.tokens),

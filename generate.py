@@ -55,6 +55,7 @@ RENDERER = "midirenderer"  # midirenderer (pip, default) or fluidsynth (the syst
 SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
 INT8 = False  # CPU: decode with int8 weights (about 1.7x faster, near-identical odds)
+DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 CUDA_GRAPHS = True  # GPU: replay each decoding step as one captured CUDA graph
 
 def check_settings(args) -> None:
@@ -143,8 +144,9 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     try:
-        model = PerceiverMusic.from_pretrained(args.ckpt, device=state.device)
-    except CheckpointError as exc:
+        model = PerceiverMusic.from_pretrained(args.ckpt, device=state.device,
+                                               dtype=args.dtype)
+    except (CheckpointError, ValueError) as exc:
         fail(str(exc))
     load_s = time.perf_counter() - t0
     cfg = model.config

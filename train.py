@@ -369,6 +369,9 @@ def main() -> None:
         fail(str(exc))
 
     accelerator = Accelerator(cpu=cpu_only(args.cpu), **mixed_precision(args))
+    if accelerator.device.type == "cuda":  # float32 products (where they stay) on TF32 cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     tuner = None
     if accelerator.device.type == "cpu":
         # accelerate launch sets OMP_NUM_THREADS=1 for each process: share the cores
@@ -530,7 +533,8 @@ def main() -> None:
 
             if step % args.eval_interval == 0 or final:
                 t_final = time.perf_counter()
-                with tuner.use() if tuner else nullcontext():
+                # in the training's precision: bf16 validation on a GPU runs on flash too
+                with tuner.use() if tuner else nullcontext(), accelerator.autocast():
                     val_loss = evaluate(model, val, accelerator, args.batch_size)
                 improved = val_loss < best
                 best = min(best, val_loss)

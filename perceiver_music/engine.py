@@ -277,8 +277,6 @@ class _Window:
         self.stride = stride
         on_cpu = first.device.type == "cpu"
         self.decode_threads = decode_threads if on_cpu else None
-        # None on CPU: the thread count is chosen by timing the steps (busy machines)
-        self.tuner = ThreadTuner() if on_cpu and decode_threads is None else None
         self.primer_len = length
         self.buf = first.new_full((batch, length + capacity), PAD)
         self.buf[:, :length] = first
@@ -290,6 +288,9 @@ class _Window:
         self.prefix_mask: Tensor | None = None
         self.reencoded = True
         self.full_forwards = 0
+        # None on CPU: the thread count is chosen by timing the steps (busy machines);
+        # made last, as nothing after it can fail before `close`
+        self.tuner = ThreadTuner() if on_cpu and decode_threads is None else None
 
     def tokens(self) -> Tensor:
         """The current window (batch, length), a view of the buffer."""

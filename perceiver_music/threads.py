@@ -6,14 +6,17 @@ has descheduled, and steps take two to four times longer than on one thread
 (bench/threads.py prints the matrix). No setting fixed in advance fits both cases, and the
 load comes and goes, so `ThreadTuner` times the steps themselves: it tries each candidate
 thread count for a few steps, runs the fastest, and tries again periodically, or at once
-when steps slow down.
+when steps slow down. Loops running at once in one process share the cores instead (torch
+has one thread setting per process).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -44,6 +47,8 @@ class ThreadTuner:
 
     def __init__(self, candidates: Sequence[int] | None = None, trial: int = 3,
                  period: int = 100, slower: float = 1.3) -> None:
+        with _LOCK:
+            _ACTIVE.add(self)
         self.candidates = sorted(set(candidates or (1, cpu_cores())))
         self.trial, self.base_period, self.slower = trial, period, slower
         self.period = period
@@ -65,13 +70,16 @@ class ThreadTuner:
 
     def threads(self) -> int:
         """The thread count the next step runs with."""
+        shared = _shared_threads()
+        if shared:
+            return shared
         return self.plan[0][0] if self.plan else self.choice
 
     @contextmanager
     def use(self) -> Iterator[None]:
         """Run the body with the current choice (the last trial's, not a candidate under
         trial), untimed."""
-        count = self.choice
+        count = _shared_threads() or self.choice
         if torch.get_num_threads() != count:
             torch.set_num_threads(count)
         yield
@@ -94,6 +102,8 @@ class ThreadTuner:
         return best, medians[best]
 
     def _record(self, count: int, seconds: float) -> None:
+        if _shared_threads():  # other loops run beside this one: timings tell nothing
+            return
         if self.plan:
             _, timed = self.plan.pop(0)
             best = self._best()
@@ -117,4 +127,20 @@ class ThreadTuner:
 
     def close(self) -> None:
         """Restore the thread count that was set before this tuner."""
+        with _LOCK:
+            _ACTIVE.discard(self)
         torch.set_num_threads(self.previous)
+
+
+# torch's thread count is one setting for the whole process, so loops that run at once
+# in several threads of it (app.py --concurrency 2) cannot each choose their own: while
+# more than one tuner is open they share the cores, one thread each on a 2-core machine.
+_ACTIVE: weakref.WeakSet[ThreadTuner] = weakref.WeakSet()  # a tuner dropped unclosed leaves
+_LOCK = threading.Lock()
+
+
+def _shared_threads() -> int:
+    """Each loop's share of the cores while several tuners are open, else 0."""
+    with _LOCK:
+        active = len(_ACTIVE)
+    return max(1, cpu_cores() // active) if active > 1 else 0

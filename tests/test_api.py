@@ -138,3 +138,28 @@ def test_save_pretrained_round_trip_and_bad_paths(tiny, tmp_path):
     assert a.continuations == b.continuations
     with pytest.raises(CheckpointError, match="does not exist"):
         PerceiverMusic.from_pretrained(tmp_path / "nowhere")
+
+
+def test_bfloat16_weights_stay_close_to_float32_and_generate():
+    """dtype="bfloat16" (the default on GPUs that support it) on the demo model: its
+    next-token distributions over a real piece stay within a small KL divergence of
+    float32's, and it generates; "auto" is float32 on a CPU; a wrong name is refused."""
+    import math
+
+    from perceiver_music.model import forward
+
+    full = PerceiverMusic.from_pretrained(device="cpu")
+    half = PerceiverMusic.from_pretrained(device="cpu", dtype="bfloat16")
+    assert (full.dtype, half.dtype) == ("float32", "bfloat16")
+    cfg = full.config
+    tokens = torch.tensor([encode_midi(PRIMER)[: cfg.max_seq_len]])  # 785 real tokens
+    with torch.no_grad():
+        p32 = forward(full.model, tokens).float().log_softmax(-1)
+        p16 = forward(half.model, tokens).float().log_softmax(-1)
+    kl = (p32.exp() * (p32 - p16)).sum(-1)
+    assert 0 < kl.mean().item() < 0.01, kl.mean().item()
+    take = half.generate(PRIMER, seconds=None, max_new_tokens=20, seed=1, stop_at_end=False)
+    assert len(take.continuations[0]) == 20 and take.extra["dtype"] == "bfloat16"
+    assert math.isfinite(kl.max().item())
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        PerceiverMusic.from_pretrained(device="cpu", dtype="float16")

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+
+import pytest
 import torch
 
 from perceiver_music.threads import ThreadTuner
+
+
+@pytest.fixture(autouse=True)
+def alone():
+    """Each test's tuners are the only ones in the process (open ones share the cores)."""
+    gc.collect()
+    yield
+    gc.collect()
 
 
 def feed(tuner: ThreadTuner, cost: dict[int, float], steps: int) -> list[int]:
@@ -21,6 +32,7 @@ def test_the_faster_count_wins_and_the_slower_is_dropped_at_once():
     tuner = ThreadTuner((1, 2), trial=3, period=50)
     used = feed(tuner, {1: 1.0, 2: 0.5}, 8)  # quiet: every core is faster
     assert used == [1, 1, 1, 1, 2, 2, 2, 2] and tuner.choice == 2 and not tuner.exploring
+    tuner.close()
     tuner = ThreadTuner((1, 2), trial=3, period=50)
     used = feed(tuner, {1: 1.0, 2: 10.0}, 6)  # busy: two threads 10x slower
     assert used == [1, 1, 1, 1, 2, 1] and tuner.choice == 1  # one slow step, then dropped
@@ -54,3 +66,22 @@ def test_close_restores_the_thread_count():
         pass
     tuner.close()
     assert torch.get_num_threads() == before
+
+
+def test_loops_running_at_once_share_the_cores():
+    """torch's thread count is one per process: two open tuners (two generations in the
+    app's threads) both run with their share of the cores and stop exploring."""
+    from perceiver_music.threads import cpu_cores
+
+    first = ThreadTuner((1, 2))
+    second = ThreadTuner((1, 2))
+    try:
+        share = max(1, cpu_cores() // 2)
+        assert first.threads() == second.threads() == share
+        plan = list(first.plan)
+        feed(first, {1: 1.0, 2: 0.5}, 5)
+        assert first.plan == plan  # nothing explored or recorded meanwhile
+    finally:
+        second.close()
+    assert first.threads() == 1  # alone again: its own trial resumes
+    first.close()

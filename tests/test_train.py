@@ -406,7 +406,7 @@ def test_a_time_budget_anneals_and_ends_with_validation(data_dir, tmp_path):
     assert max(lrs) == pytest.approx(3e-3, rel=0.05)  # after a warmup to the peak
     assert rows[-1][2] and (out / "best" / "config.json").exists()  # validated at the end
     # the final validation ends inside the budget (its time was projected), not after it
-    assert 0.5 * 0.12 * 60 <= float(rows[-1][-1]) <= 0.12 * 60 + 0.5
+    assert 0.5 * 0.12 * 60 <= float(rows[-1][-1]) <= 0.12 * 60 + 1.0
     frames = r.stderr.replace("\r", "\n")
     assert "/7 s [" in frames and "step=" in frames  # the bar counts the budget's seconds
 
