@@ -1,10 +1,12 @@
 """MIDI files -> token data for train.py: OUTPUT/{train,val,test}/*.pickle + manifest.jsonl.
 
     python prep.py --input maestro-v3.0.0 --output data   # MAESTRO v3: splits from its CSV/JSON
-    python prep.py --input my_midi --val_share 0.1        # any folder: split by a path hash
+    python prep.py --input my_midi --val_share 0.1        # any folder: split by piece
 
 Each piece becomes one pickled list of token ids ending with END (the original scripts'
-format). OUTPUT/manifest.jsonl records every source file: split, status, error, notes,
+format). A folder other than MAESTRO is split by a hash of each file's group, the piece it
+performs (GROUP_BY), so that performances of one piece never straddle train, val and test.
+OUTPUT/manifest.jsonl records every source file: split, group, status, error, notes,
 tokens, seconds, the sha256 of its bytes and its output file. Bad files are recorded as
 failed and never stop the run. Results are appended to the manifest as they arrive, so a
 rerun skips every file whose bytes are unchanged and resumes an interrupted run; the end of
@@ -46,8 +48,12 @@ from perceiver_music.cli import fail, os_error_message, parse_constants, printab
 INPUT = "maestro-v3.0.0"  # input folder: MAESTRO v3 (with its CSV or JSON) or any MIDI folder
 OUTPUT = "data"  # output folder: train/, val/, test/ pickles and manifest.jsonl
 WORKERS = os.cpu_count() or 1  # worker processes (1: encode in this process)
-VAL_SHARE = 0.05  # share of files for val/ (not MAESTRO: split by a hash of the path)
-TEST_SHARE = 0.05  # share of files for test/ (not MAESTRO: split by a hash of the path)
+VAL_SHARE = 0.05  # share of pieces for val/ (not MAESTRO: split by a hash of the group)
+TEST_SHARE = 0.05  # share of pieces for test/ (not MAESTRO: split by a hash of the group)
+# What makes files one piece (one group, one split): auto (metadata.csv's piece column when
+# the folder has one, else the file's folder), folder, file (each file alone), or the name
+# of a metadata.csv column
+GROUP_BY = "auto"
 MAX_SECONDS = 4 * 3600.0  # a piece longer than this is recorded as failed (absurd tempo/ticks)
 FORCE = False  # re-encode every file, also those unchanged since the last run
 
@@ -71,28 +77,39 @@ class Job(NamedTuple):
     split: str
     output: str
     previous: dict | None
+    group: str = ""
 
 
-def maestro_splits(root: Path) -> dict[str, str] | None:
-    """MAESTRO's relative MIDI path -> split (train/val/test) from the listing in ``root``,
-    or None when ``root`` holds no listing. The JSON form maps column -> {row -> value}."""
+def maestro_splits(root: Path) -> dict[str, tuple[str, str]] | None:
+    """MAESTRO's relative MIDI path -> (split, group) from the listing in ``root``, or None
+    when ``root`` holds no listing; the group is the canonical composer and title (the path
+    where the listing has neither). The JSON form maps column -> {row -> value}."""
     listing = next((root / name for name in _LISTINGS if (root / name).is_file()), None)
     if listing is None:
         return None
+
+    def piece(composer: object, title: object, path: str) -> str:
+        return f"{composer} / {title}" if composer and title else path
+
     try:
         if listing.suffix == ".csv":
             with open(listing, newline="", encoding="utf-8") as f:
-                rows = [(r["midi_filename"], r["split"]) for r in csv.DictReader(f)]
+                rows = [(r["midi_filename"], r["split"], piece(
+                    r.get("canonical_composer"), r.get("canonical_title"), r["midi_filename"]))
+                        for r in csv.DictReader(f)]
         else:
             table = json.loads(listing.read_text(encoding="utf-8"))
             files, splits = table["midi_filename"], table["split"]
-            rows = [(files[i], splits[i]) for i in files]
+            composers = table.get("canonical_composer", {})
+            titles = table.get("canonical_title", {})
+            rows = [(files[i], splits[i], piece(composers.get(i), titles.get(i), files[i]))
+                    for i in files]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         fail(f"{listing}: not a readable MAESTRO listing ({type(exc).__name__}: {exc})")
-    unknown = {s for _, s in rows} - set(_MAESTRO_SPLITS)
+    unknown = {s for _, s, _ in rows} - set(_MAESTRO_SPLITS)
     if unknown:
         fail(f"{listing}: unknown split {sorted(map(str, unknown))[0]!r}")
-    return {path: _MAESTRO_SPLITS[split] for path, split in rows}
+    return {path: (_MAESTRO_SPLITS[split], group) for path, split, group in rows}
 
 
 def _unit(path: str) -> float:
@@ -100,42 +117,86 @@ def _unit(path: str) -> float:
     return int.from_bytes(hashlib.sha256(os.fsencode(path)).digest()[:8], "big") / 2**64
 
 
-def hash_split(path: str, val_share: float, test_share: float) -> str:
-    """Split of a file outside MAESTRO, from a hash of its relative path: stable across runs
-    and machines, and raising a share only moves files out of train."""
-    u = _unit(path)
+def hash_split(group: str, val_share: float, test_share: float) -> str:
+    """Split of a group (a piece) outside MAESTRO, from a hash of its name: stable across
+    runs and machines, and raising a share only moves pieces out of train."""
+    u = _unit(group)
     return "test" if u < test_share else "val" if u < test_share + val_share else "train"
 
 
-def hash_splits(paths: list[str], val_share: float,
+def hash_splits(groups: dict[str, str], val_share: float,
                 test_share: float) -> tuple[dict[str, str], list[str]]:
-    """`hash_split` of every path, and warnings. A small folder could leave val/ (which
-    train.py needs) or test/ empty: then the train file nearest to that split's share of
-    the hash range moves there, as long as train keeps a file; else a warning says so."""
-    splits = {p: hash_split(p, val_share, test_share) for p in paths}
+    """Relative path -> split for ``groups`` (relative path -> group), every file of a
+    group in its group's `hash_split`; and warnings. A small folder could leave val/ (which
+    train.py needs) or test/ empty: then the train group nearest to that split's share of
+    the hash range moves there, as long as train keeps a group; else a warning says so."""
+    of_group = {g: hash_split(g, val_share, test_share) for g in set(groups.values())}
     warnings = []
     for split, share in (("val", val_share), ("test", test_share)):
-        if share <= 0 or split in splits.values():
+        if share <= 0 or split in of_group.values():
             continue
-        train = sorted((p for p, s in splits.items() if s == "train"), key=_unit)
+        train = sorted((g for g, s in of_group.items() if s == "train"), key=_unit)
         if len(train) >= 2:
-            splits[train[0]] = split
+            of_group[train[0]] = split
         else:
-            warnings.append(f"warning: {len(paths)} MIDI file(s) are too few to put one in "
-                            f"{split}/" + (" (train.py needs one there: add files)"
-                                           if split == "val" else ""))
-    return splits, warnings
+            warnings.append(f"warning: {len(of_group)} piece(s) ({len(groups)} MIDI files) "
+                            f"are too few to put one in {split}/"
+                            + (" (train.py needs one there: add files)" if split == "val"
+                               else ""))
+    return {p: of_group[g] for p, g in groups.items()}, warnings
 
 
-def find_sources(root: Path, val_share: float,
-                 test_share: float) -> tuple[dict[str, str], list[str]]:
-    """Relative path -> split of every source file: MAESTRO's listing if ``root`` has one,
-    else every .mid/.midi file (any case) below ``root`` (`hash_splits`); and warnings."""
+METADATA = "metadata.csv"
+_PIECE_COLUMNS = ("piece", "folder", "title")  # what GROUP_BY auto takes, in this order
+
+
+def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
+    """Relative path -> group (the piece it performs) by ``group_by`` (see GROUP_BY).
+
+    A metadata.csv in ``root`` names each file in some column (the one whose values cover
+    the most of ``paths``); its group is that row's piece column. Files it does not list
+    fall back to their folder; a file at the top of ``root`` is a group of its own."""
+    folder = {p: p.rsplit("/", 1)[0] if "/" in p else p for p in paths}  # top level: alone
+    if group_by == "file":
+        return {p: p for p in paths}
+    if group_by == "folder" or (group_by == "auto" and not (root / METADATA).is_file()):
+        return folder
+    try:
+        with open(root / METADATA, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError, csv.Error) as exc:
+        fail(f"{root / METADATA}: not a readable CSV file ({exc})")
+    columns = list(rows[0]) if rows else []
+    if group_by == "auto":
+        column = next((c for c in _PIECE_COLUMNS if c in columns), None)
+        if column is None:
+            return folder
+    elif group_by in columns:
+        column = group_by
+    else:
+        fail(f"--group_by {group_by!r}: not auto, folder, file or a column of "
+             f"{root / METADATA} ({', '.join(columns) or 'none'})")
+    wanted = set(paths)
+    path_column = max(columns, key=lambda c: sum(r.get(c) in wanted for r in rows))
+    listed = {r[path_column]: r[column] for r in rows if r.get(path_column) in wanted
+              and r.get(column)}
+    return {p: f"{column}:{listed[p]}" if p in listed else folder[p] for p in paths}
+
+
+def find_sources(root: Path, val_share: float, test_share: float,
+                 group_by: str = "auto") -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Relative path -> split and relative path -> group of every source file: MAESTRO's
+    listing if ``root`` has one (the group: its canonical composer and title), else every
+    .mid/.midi file (any case) below ``root``, split by group (`hash_splits`); and
+    warnings."""
     listed = maestro_splits(root)
     if listed is not None:
-        return listed, []
-    return hash_splits([p.relative_to(root).as_posix() for p in midi_files(root)], val_share,
-                       test_share)
+        return ({p: split for p, (split, _) in listed.items()},
+                {p: group for p, (_, group) in listed.items()}, [])
+    paths = [p.relative_to(root).as_posix() for p in midi_files(root)]
+    groups = file_groups(root, paths, group_by)
+    splits, warnings = hash_splits(groups, val_share, test_share)
+    return splits, groups, warnings
 
 
 def output_names(paths: Iterable[str]) -> dict[str, str]:
@@ -181,6 +242,7 @@ def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple
     entry = {
         "path": job.path,
         "split": job.split,
+        "group": job.group,
         "status": "failed",
         "error": None,
         "notes": None,
@@ -203,7 +265,7 @@ def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple
         and old.get("output") == job.output
         and (output / job.output).is_file()
     ):
-        return old, "unchanged"
+        return {**old, "split": job.split, "group": job.group}, "unchanged"
     try:
         # read_midi refuses pieces longer than max_seconds before anything is encoded.
         ids = encode_notes(read_midi(data, job.path, max_seconds))
@@ -301,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("--val_share and --test_share must be >= 0 and add up to at most 1")
     if not args.max_seconds > 0:
         fail(f"--max_seconds must be positive, not {args.max_seconds}")
-    sources, warnings = find_sources(root, args.val_share, args.test_share)
+    sources, groups, warnings = find_sources(root, args.val_share, args.test_share,
+                                             args.group_by)
     if not sources:
         fail(f"no MIDI files (.mid, .midi) found in {root}")
 
@@ -311,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     recorded = load_manifest(manifest)
     previous = {} if args.force else recorded
     names = output_names(sources)
-    jobs = [Job(p, s, f"{s}/{names[p]}", previous.get(p)) for p, s in sorted(sources.items())]
+    jobs = [Job(p, s, f"{s}/{names[p]}", previous.get(p), groups[p])
+            for p, s in sorted(sources.items())]
     work = partial(encode_file, root=root, output=output, max_seconds=args.max_seconds)
 
     start, done, outcomes = time.perf_counter(), {}, Counter()

@@ -134,6 +134,9 @@ def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
     assert "2018/missing.midi: cannot read file" in summary
 
 
+EACH = ("--group_by", "file")  # each file a piece of its own
+
+
 def test_any_folder_rerun_and_force(tmp_path: Path) -> None:
     src, out = tmp_path / "corpus", tmp_path / "data"
     names = [f"set{i % 3}/deep/piece{i}.{'MID' if i % 4 else 'midi'}" for i in range(20)]
@@ -142,7 +145,8 @@ def test_any_folder_rerun_and_force(tmp_path: Path) -> None:
     (src / "readme.txt").write_text("not music")
     (src / "folder.mid").mkdir()  # a folder named like a MIDI file is no MIDI file
 
-    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3",
+                     *EACH)
     entries = manifest(out)
     assert sorted(entries) == sorted(names)
     assert {e["split"] for e in entries.values()} == {"train", "val", "test"}
@@ -153,20 +157,22 @@ def test_any_folder_rerun_and_force(tmp_path: Path) -> None:
 
     # The same command again: nothing is encoded, no file is rewritten.
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")}
-    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share",
+                     "0.3", *EACH)
     assert "0 encoded, 20 unchanged" in summary
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*")} == before
 
     # A changed file is encoded again; --force redoes every file, with the same result.
     write(src / names[0], REAL_FILES[4].read_bytes())
-    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3")
+    summary = ok_run("--input", src, "--output", out, "--val_share", "0.3", "--test_share",
+                     "0.3", *EACH)
     assert "1 encoded, 19 unchanged" in summary
     assert tokens_of(out / manifest(out)[names[0]]["output"]) == encode_midi(REAL_FILES[4])
     old = snapshot(out)
     inodes = {p: p.stat().st_ino for p in out.rglob("*.pickle")}
     summary = ok_run(
-        "--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3", "--force"
-    )
+        "--input", src, "--output", out, "--val_share", "0.3", "--test_share", "0.3", "--force",
+        *EACH)
     assert "20 encoded, 0 unchanged" in summary
     assert all(p.stat().st_ino != ino for p, ino in inodes.items())  # rewritten...
     assert snapshot(out) == old  # ...to the same bytes
@@ -383,3 +389,39 @@ def test_a_small_folder_still_gets_validation_and_test_files(tmp_path: Path) -> 
     r = run_prep("--input", one, "--output", out1)
     assert r.returncode == 0
     assert "too few to put one in val/ (train.py needs one there" in r.stderr
+
+
+def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None:
+    """An ASAP-like folder (Composer/Work/Piece/Performer.mid and a metadata.csv naming
+    each file's piece): every piece's performances land in one split, the manifest records
+    the group, and --group_by folder / file change the grouping."""
+    src = tmp_path / "asap"
+    rows = []
+    for piece in range(12):
+        folder = f"Comp{piece % 3}/Work/piece_{piece}"
+        for player in range(3):
+            path = f"{folder}/Player{player}.mid"
+            write(src / path, REAL_FILES[(piece + player) % len(REAL_FILES)].read_bytes())
+            rows.append({"composer": f"Comp{piece % 3}", "title": f"piece_{piece}",
+                         "folder": folder, "midi_performance": path})
+    with open(src / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for group_by, expected_groups in (("auto", 12), ("folder", 12), ("file", 36),
+                                      ("composer", 3)):
+        out = tmp_path / f"data-{group_by}"
+        r = run_prep("--input", src, "--output", out, "--val_share", "0.25", "--test_share",
+                     "0.25", "--group_by", group_by)
+        assert r.returncode == 0, r.stderr
+        entries = manifest(out).values()
+        by_group: dict[str, set[str]] = {}
+        for e in entries:
+            by_group.setdefault(e["group"], set()).add(e["split"])
+        assert len(by_group) == expected_groups, sorted(by_group)
+        assert all(len(splits) == 1 for splits in by_group.values())  # no group straddles
+        if expected_groups >= 12:
+            assert {e["split"] for e in entries} == {"train", "val", "test"}
+    assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
+    bad = run_prep("--input", src, "--output", tmp_path / "x", "--group_by", "nonsense")
+    assert bad.returncode == 1 and "not auto, folder, file or a column" in bad.stderr
