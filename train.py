@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from perceiver_music.cli import (
+    bundled,
     cpu_only,
     fail,
     launched_rank,
@@ -59,6 +60,7 @@ STRETCH = 0.05  # augment: stretch time by a factor in 1 +- S (0: off)
 SEED = 1337  # seed of weights, data order and dropout
 MAX_MINUTES = 0.0  # time budget: the schedule ends with it, then stop and save (0: no limit)
 RESUME = False  # continue the run in OUT_DIR from last/
+INIT = ""  # start from this checkpoint's weights and shape (fine-tuning), a new schedule
 CPU = False  # run on the CPU even if an accelerator is present
 THREADS = 0  # CPU threads per process (0: 1 or its share of the cores, chosen by timing steps)
 TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
@@ -163,6 +165,26 @@ def model_config(args):
         return preset(args.preset, **overrides)
     except ValueError as exc:
         fail(str(exc))
+
+
+def init_from(args):
+    """(model, config) to fine-tune: the --init checkpoint's weights and shape, with this
+    run's dropout settings (they change no weight). Its optimizer, schedule and step are
+    not taken: the run starts at step 0 with its own learning-rate schedule, so it can
+    continue from committed weights when the run folder that made them is gone."""
+    import dataclasses
+
+    from perceiver_music.checkpoint import CheckpointError, load_checkpoint
+    from perceiver_music.model import build_model
+
+    try:
+        loaded, cfg, _ = load_checkpoint(bundled(args.init))
+    except CheckpointError as exc:
+        fail(f"cannot start from --init: {exc}")
+    cfg = dataclasses.replace(cfg, dropout=args.dropout, cross_attn_dropout=args.prefix_dropout)
+    model = build_model(cfg)
+    model.load_state_dict(loaded.state_dict())
+    return model, cfg
 
 
 def exit_all(accelerator, code: int) -> None:
@@ -312,6 +334,9 @@ def main() -> None:
         fail(f"--warmup_share must be in [0, 1), got {args.warmup_share}")
     if args.max_minutes < 0 or args.threads < 0:
         fail("--max_minutes and --threads must not be negative")
+    if args.init and args.resume:
+        fail("--init starts a new run from a checkpoint's weights; --resume continues the "
+             "run in --out_dir: choose one")
 
     import torch
     from accelerate import Accelerator
@@ -351,6 +376,8 @@ def main() -> None:
         step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
+    elif args.init:
+        model, cfg = init_from(args)
     else:
         cfg = model_config(args)
     window = args.window or cfg.max_seq_len
@@ -382,7 +409,7 @@ def main() -> None:
         torch.set_num_threads(args.threads or share)
         tuner = None if args.threads or share == 1 else ThreadTuner((1, share))
     set_seed(args.seed)  # the same initial weights in every process
-    if not args.resume:
+    if not args.resume and not args.init:
         model = build_model(cfg)
     # then a seed of each process's own, so that processes draw different dropout masks
     # and prefix-dropout positions (a resumed run restores every process's RNG states)
@@ -429,8 +456,9 @@ def main() -> None:
         if new_csv:
             log.writerow(["step", "train_loss", "val_loss", "lr", "tokens_per_s", "seconds"])
         n_params = sum(p.numel() for p in model.parameters())
+        origin = "resumed" if args.resume else f"from {args.init}" if args.init else args.preset
         print(
-            f"model: {args.preset if not args.resume else 'resumed'} {n_params / 1e6:.2f}M "
+            f"model: {origin} {n_params / 1e6:.2f}M "
             f"parameters, context {cfg.max_seq_len}, {cfg.num_latents} latents; "
             f"{len(train_split.tokens):,} training tokens; {accelerator.num_processes} "
             f"process(es) on {accelerator.device}"

@@ -481,3 +481,24 @@ def test_mixed_precision_auto_under_a_simulated_accelerate_launch(monkeypatch, l
     monkeypatch.setattr(train, "cpu_only", lambda cpu: not gpu_bf16)
     args = SimpleNamespace(mixed_precision=choice, cpu=False)
     assert train.mixed_precision(args) == {"mixed_precision": expected}
+
+
+def test_init_fine_tunes_from_a_checkpoint_with_a_new_schedule(data_dir, tmp_path):
+    """--init CKPT: the new run starts from that checkpoint's weights and shape (its first
+    validation is as good as the checkpoint, not a random model's), at step 0 with its own
+    schedule, in a new folder; with --resume it is refused."""
+    first = tmp_path / "first"
+    base = ["--data_dir", str(data_dir), *TINY, "--eval_interval", "20", "--save_interval",
+            "20"]
+    assert run([*base, "--out_dir", str(first), "--max_steps", "40"]).returncode == 0
+    trained = float((first / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
+    second = tmp_path / "second"
+    r = run([*base, "--out_dir", str(second), "--max_steps", "1", "--eval_interval", "1",
+             "--init", str(first / "last"), "--preset", "demo", "--learning_rate", "1e-9"])
+    assert r.returncode == 0, r.stderr
+    assert f"model: from {first / 'last'}" in r.stdout and "context 64" in r.stdout
+    val = float((second / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
+    assert val == pytest.approx(trained, abs=0.05)  # the same weights, not a fresh model
+    assert '"step": 1,' in (second / "last" / "config.json").read_text()
+    r = run([*base, "--out_dir", str(second), "--init", str(first / "last"), "--resume"])
+    assert r.returncode == 1 and "choose one" in r.stderr
