@@ -39,8 +39,9 @@ DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bflo
 
 def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) -> list:
     """(piece name, primer tokens, real continuation notes, primer notes) for ``count``
-    primers: pieces long enough for primer and continuation, in turn, each at a seeded
-    offset. The real continuation's notes start at 0 where the primer ends."""
+    primers: pieces long enough for primer and continuation, drawn across the split by
+    ``seed`` (each piece once, until all were drawn), each at a seeded offset. The real
+    continuation's notes start at 0 where the primer ends."""
     import numpy as np
 
     from midi_processor import cut_tokens, decode_midi, piece_seconds
@@ -51,9 +52,11 @@ def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) 
     if not long_enough:
         fail(f"no piece of the {SPLIT} split lasts {prime_s + cont_s + 1:g} s "
              "(lower --prime_seconds and --seconds)")
+    order = []  # every piece once in a seeded order, again when more primers are asked
+    while len(order) < count:
+        order += rng.permutation(long_enough).tolist()
     out = []
-    for k in range(count):
-        i = long_enough[k % len(long_enough)]
+    for i in order[:count]:
         tokens = split.piece(i).tolist()
         offset = float(rng.uniform(0, piece_seconds(tokens) - prime_s - cont_s))
         head = cut_tokens(tokens, seconds=offset + prime_s)
@@ -111,9 +114,14 @@ def main() -> None:
     if ckpts:
         try:
             split = load_split(Path(args.data_dir) / args.split)
-            train = load_split(Path(args.data_dir) / "train")
         except DataError as exc:
             fail(str(exc))
+        train = None  # the unigram baseline needs the training split; a test folder alone
+        if (Path(args.data_dir) / "train").is_dir():  # (no train/) is evaluated without it
+            try:
+                train = load_split(Path(args.data_dir) / "train")
+            except DataError as exc:
+                fail(str(exc))
         models = {}
         for ckpt in ckpts:
             try:
@@ -121,9 +129,10 @@ def main() -> None:
                                                               dtype=args.dtype)
             except (CheckpointError, ValueError) as exc:
                 fail(str(exc))
-        report["loss"]["unigram (training-data frequencies)"] = {
-            "nats_per_token": unigram_loss(train.tokens, split.tokens),
-            "tokens": len(split.tokens)}
+        if train is not None:
+            report["loss"]["unigram (training-data frequencies)"] = {
+                "nats_per_token": unigram_loss(train.tokens, split.tokens),
+                "tokens": len(split.tokens)}
         for ckpt, model in models.items():
             from perceiver_music.data import validation_windows
 

@@ -97,9 +97,11 @@ class WindowSpec:
 
 
 def _window(piece: np.ndarray, start: int, length: int) -> np.ndarray:
-    """``piece[start:start+length]`` with PAD where ``start`` is before the piece."""
+    """``piece[start:start+length]`` with PAD where it reaches before or after the piece."""
     lead = max(0, -start)
-    return np.concatenate([np.full(lead, PAD, np.int64), piece[max(0, start) : start + length]])
+    body = piece[max(0, start) : start + length]
+    tail = length - lead - len(body)
+    return np.concatenate([np.full(lead, PAD, np.int64), body, np.full(tail, PAD, np.int64)])
 
 
 class WindowSampler:
@@ -180,25 +182,24 @@ def to_device(tokens: torch.Tensor, prefix_mask: torch.Tensor,
 def validation_windows(
     split: TokenSplit, context: int, prefix: int, max_windows: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed windows for a loss comparable between runs and steps.
+    """Fixed windows for a loss comparable between runs and steps, in which every token of
+    every piece but its first is a target exactly once.
 
     Per piece, windows step by the latent count from start -prefix, so their latents tile
-    the piece; a final window aligned to the piece's end covers the tail (tokens already
-    covered then count twice). With ``max_windows`` an evenly spaced subset is kept.
+    the piece; the last one reaches past the piece's end, padded there with PAD. Those PAD
+    positions are ignored targets, and as attention is causal they change no logit of a
+    real target before them. With ``max_windows`` an evenly spaced subset is kept.
     """
     latents, n = context - prefix, context + 1
     rows = []
     for i in range(len(split.names)):
         piece = split.piece(i).astype(np.int64)
-        last = len(piece) - n
-        if last < -prefix:
+        if len(piece) < 2:
             continue
-        starts = list(range(-prefix, last + 1, latents))
-        if starts[-1] != last:
-            starts.append(last)
+        starts = range(-prefix, len(piece) - prefix - 1, latents)
         rows += [_window(piece, s, n) for s in starts]
     if not rows:
-        raise DataError(f"no validation piece is longer than the {latents} latent tokens")
+        raise DataError("no validation piece holds two tokens")
     if max_windows and len(rows) > max_windows:
         rows = [rows[int(j)] for j in np.linspace(0, len(rows) - 1, max_windows)]
     tokens = torch.from_numpy(np.stack(rows))

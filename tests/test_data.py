@@ -16,6 +16,7 @@ from midi_processor import END, PAD, VOCAB_SIZE, decode_midi, encode_midi
 from midi_processor.augment import stretch_time, transpose
 from perceiver_music.data import (
     DataError,
+    TokenSplit,
     WindowSampler,
     WindowSpec,
     load_split,
@@ -178,9 +179,38 @@ def test_validation_windows_are_fixed_and_tile_every_piece(split_dir):
     x1, m1 = validation_windows(split, 64, 40)
     x2, _ = validation_windows(split, 64, 40)
     assert torch.equal(x1, x2)
-    assert not (x1[:, 40:] == PAD).any()
     assert torch.equal(m1, x1[:, :40] != PAD)
-    targets = sum(len(split.piece(i)) for i in range(len(split.names)))
-    assert x1.shape[0] * 24 >= targets
+    # every token but each piece's first is a target exactly once: the latents' targets
+    # of all windows, PAD (past a piece's end) left out, are the pieces' tokens in order
+    targets = x1[:, -24:]
+    counted = targets[targets != PAD].tolist()
+    expected = [t for i in range(len(split.names)) for t in split.piece(i)[1:].tolist()]
+    assert counted == expected
+    # PAD only trails: a latent input is PAD only after the piece ended
+    latent_inputs = x1[:, 40:-1]
+    for row in latent_inputs:
+        pads = (row == PAD).nonzero()
+        assert not len(pads) or bool((row[int(pads[0]):] == PAD).all())
     sub, _ = validation_windows(split, 64, 40, max_windows=10)
     assert sub.shape[0] == 10
+
+
+def test_padding_past_a_pieces_end_changes_no_real_targets_logits():
+    """The last validation window of a piece reaches past its end (PAD there): attention is
+    causal, so the real targets' logits equal those of the window cut at the piece's end."""
+    from perceiver_music.config import preset
+    from perceiver_music.model import build_model, forward
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).eval()
+    piece = np.random.default_rng(0).integers(0, PAD, 50)
+    split = TokenSplit(tokens=piece.astype(np.uint16), offsets=np.array([0, 50]),
+                       names=["p"])
+    x, mask = validation_windows(split, 64, 32)
+    last = x[-1:]
+    real = int((last[0, 32:] != PAD).sum())  # latent inputs inside the piece
+    assert 0 < real < 32
+    with torch.no_grad():
+        padded = forward(model, last[:, :-1], mask[-1:])[:, :real]
+        cut = forward(model, last[:, : 32 + real], mask[-1:])
+    torch.testing.assert_close(padded, cut, atol=1e-5, rtol=1e-5)

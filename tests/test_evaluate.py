@@ -117,3 +117,25 @@ def test_training_curves_figure(setup):
     assert labels == ["run: training", "run: validation"]
     assert len(loss.lines[1].get_xdata()) == 2  # validation at steps 10 and 20
     assert lr.get_ylabel() == "learning rate"
+
+
+def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path):
+    """A data folder with only test/ is evaluated (without the unigram baseline, which
+    needs train/), and the primers are drawn across the split by seed: with as many
+    primers as pieces, every piece once."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data" / "test", data / "test")
+    pieces = sorted(p.stem for p in (data / "test").glob("*.pickle"))
+    assert len(pieces) == 2
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
+                        "--data_dir", str(data), "--num_primers", "2", "--prime_seconds",
+                        "4", "--seconds", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["loss"]) == {str(setup / "tiny0")}
+    drawn = [take["piece"] for take in report["continuations"][str(setup / "tiny0")]]
+    assert sorted(Path(p).stem for p in drawn) == pieces
