@@ -104,13 +104,25 @@ def set_number(page, elem_id: str, value: float) -> None:
 
 
 def upload(page, path: Path) -> None:
-    """Choose "upload a MIDI file" and put ``path`` in the file box (clearing an old one)."""
+    """Choose "upload a MIDI file" and put ``path`` in the file box (clearing an old one).
+
+    The box appears when the radio's change event comes back from the server; a file
+    set while Gradio is still mounting it can be dropped, so the file is set again when
+    its name has not shown up within a few seconds."""
     page.get_by_label("upload a MIDI file").check()
+    page.locator("#upload").wait_for(state="visible")
     clear = page.locator("#upload button[aria-label=Clear]")
     if clear.count():
         clear.click()
-    page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.locator("#upload").get_by_text(path.name).wait_for()
+    name = page.locator("#upload").get_by_text(path.name)
+    for attempt in range(3):
+        page.locator("#upload input[type=file]").set_input_files(str(path))
+        try:
+            name.wait_for(timeout=10_000 if attempt < 2 else WAIT_MS)
+            return
+        except Exception:  # playwright's TimeoutError: try once more
+            if attempt == 2:
+                raise
 
 
 def wait_status(page, pattern: str) -> str:
