@@ -95,6 +95,8 @@ def main() -> None:
     from perceiver_music.checkpoint import CheckpointError
     from perceiver_music.data import DataError, load_split
     from perceiver_music.evaluation import (
+        STATISTICS,
+        differences_from_real,
         music_statistics,
         save_figure,
         split_loss,
@@ -146,7 +148,8 @@ def main() -> None:
                                  args.seed)
         groups = {"primers": [music_statistics(p, args.prime_seconds)
                               for _, _, _, p in windows],
-                  "real continuations": [music_statistics(r, args.seconds, p)
+                  "real continuations": [music_statistics(r, args.seconds, p,
+                                                          args.prime_seconds)
                                          for _, _, r, p in windows]}
         with tqdm(total=len(models) * len(windows), desc="continuations", unit="take") as bar:
             for ckpt, model in models.items():
@@ -157,13 +160,15 @@ def main() -> None:
                                           top_p=args.top_p or None, seed=args.seed + k,
                                           stop_at_end=False)
                     notes = [_shifted(n, -take.primer_seconds) for n in take.notes(0)]
-                    rows.append(music_statistics(notes, args.seconds, before))
+                    rows.append(music_statistics(notes, args.seconds, before,
+                                                 args.prime_seconds))
                     takes.append({"piece": name, "seconds": take.seconds[0],
                                   "tokens": len(take.continuations[0])})
                     bar.update(1)
                 groups[ckpt] = rows
                 report["continuations"][ckpt] = takes
         report["statistics"] = {name: summarise(rows) for name, rows in groups.items()}
+        report["difference_from_real"] = differences_from_real(report["statistics"])
         report["statistics_per_take"] = groups
         out.mkdir(parents=True, exist_ok=True)
         save_figure(statistics_figure(groups), out / "statistics.png")
@@ -179,6 +184,12 @@ def main() -> None:
     write_report(out, report, images)
     for name, loss in report["loss"].items():
         print(printable(f"{name}: {loss['nats_per_token']:.4f} nats/token on {args.split}"))
+    real = report["statistics"].get("real continuations", {})
+    for name, deltas in report.get("difference_from_real", {}).items():
+        for stat, delta in deltas.items():
+            label = STATISTICS[stat][0]
+            print(printable(f"{name}: {label}: {report['statistics'][name][stat]['mean']:.3g}, "
+                            f"real {real[stat]['mean']:.3g} ({delta:+.3g})"))
     print(f"wrote {out / 'report.html'} and {out / 'report.json'} "
           f"({report['seconds']:.0f} s)")
 

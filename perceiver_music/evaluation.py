@@ -35,8 +35,28 @@ STATISTICS = {  # name: (label, unit) in the order of the report
     "median_duration": ("median note duration", "s"),
     "held_over_4s": ("notes held over 4 s", "share"),
     "pitch_class_correlation": ("pitch-class correlation with the primer", "Pearson r"),
+    "density_vs_primer": ("notes per second against the primer's", "ratio"),
+    "top_pitch_share": ("notes on the most frequent pitch", "share"),
+    "repeated_4grams": ("4-note pitch patterns heard earlier in the stretch", "share"),
 }
 HELD_SECONDS = 4.0
+PATTERN = 4  # notes in a pitch pattern for `repeated_4grams`
+
+
+def repeated_patterns(notes: Sequence[pretty_midi.Note], size: int = PATTERN) -> float:
+    """Share of the ``size``-note pitch patterns (notes in onset order) that already
+    occurred earlier in the same notes: the loops and repeated figures of a model that
+    "repeats the same note over and over". NaN for fewer than ``size`` notes."""
+    pitches = [n.pitch for n in sorted(notes, key=lambda n: (n.start, n.pitch))]
+    grams = [tuple(pitches[i : i + size]) for i in range(len(pitches) - size + 1)]
+    if not grams:
+        return math.nan
+    seen: set[tuple[int, ...]] = set()
+    repeats = 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
 
 
 def pitch_class_histogram(notes: Sequence[pretty_midi.Note]) -> np.ndarray:
@@ -48,12 +68,18 @@ def pitch_class_histogram(notes: Sequence[pretty_midi.Note]) -> np.ndarray:
 
 
 def music_statistics(notes: Sequence[pretty_midi.Note], seconds: float,
-                     reference: Sequence[pretty_midi.Note] | None = None) -> dict[str, float]:
+                     reference: Sequence[pretty_midi.Note] | None = None,
+                     reference_seconds: float | None = None) -> dict[str, float]:
     """`STATISTICS` of ``notes`` over a stretch of ``seconds``; the pitch-class correlation
     is with ``reference`` (the primer) and NaN without one or when either is silent or
-    holds a single pitch class. Empty ``notes`` give zeros and NaN."""
+    holds a single pitch class; the density ratio is against the reference's notes over
+    ``reference_seconds`` (NaN without them). Empty ``notes`` give zeros and NaN."""
+    density = math.nan
+    if reference and reference_seconds:
+        density = (len(notes) / seconds) / (len(reference) / reference_seconds)
     if not notes:
-        return {name: (0.0 if name in ("notes_per_s", "polyphony") else math.nan)
+        return {name: (0.0 if name in ("notes_per_s", "polyphony") else
+                       density if name == "density_vs_primer" else math.nan)
                 for name in STATISTICS}
     durations = np.array([n.end - n.start for n in notes])
     pitches = np.array([n.pitch for n in notes])
@@ -72,7 +98,20 @@ def music_statistics(notes: Sequence[pretty_midi.Note], seconds: float,
         "median_duration": float(np.median(durations)),
         "held_over_4s": float((durations > HELD_SECONDS).mean()),
         "pitch_class_correlation": correlation,
+        "density_vs_primer": density,
+        "top_pitch_share": float(np.bincount(pitches).max() / len(pitches)),
+        "repeated_4grams": repeated_patterns(notes),
     }
+
+
+def differences_from_real(stats: Mapping[str, Mapping[str, Mapping[str, float]]],
+                          real: str = "real continuations") -> dict[str, dict[str, float]]:
+    """For each group of ``stats`` (`summarise` output by group) but the primers and the
+    real continuations: each statistic's mean minus the real continuations' mean, the
+    figure that says how far a model is from the music it continues."""
+    return {group: {name: values[name]["mean"] - stats[real][name]["mean"]
+                    for name in STATISTICS}
+            for group, values in stats.items() if group not in (real, "primers")}
 
 
 def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -119,8 +158,13 @@ def statistics_figure(groups: Mapping[str, Sequence[Mapping[str, float]]]) -> An
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 6.5), dpi=110, layout="constrained")
-    axes = fig.subplots(2, 4).flatten()
+    columns = 4
+    rows = -(-len(STATISTICS) // columns)
+    fig = Figure(figsize=(13, 3.25 * rows), dpi=110, layout="constrained")
+    axes = fig.subplots(rows, columns).flatten()
+    for ax in axes[len(STATISTICS):]:  # a grid holds more panels than statistics
+        fig.delaxes(ax)
+    axes = axes[: len(STATISTICS)]
     names = list(groups)
     colours = matplotlib.colormaps["tab10"](np.arange(len(names)) % 10)
     rng = np.random.default_rng(0)
@@ -204,10 +248,18 @@ def write_report(folder: Path, report: dict[str, Any], images: Sequence[tuple[st
     stats = report.get("statistics", {})
     groups = list(stats)
     head = "".join(f"<th>{html.escape(_short(g))}</th>" for g in groups)
+    deltas = report.get("difference_from_real", {})
+
+    def cell(group: str, name: str) -> str:
+        text = f"{_fmt(stats[group][name]['mean'])} &plusmn; {_fmt(stats[group][name]['std'])}"
+        if group in deltas:
+            delta = deltas[group][name]
+            text += f" <b>({'n/a' if not math.isfinite(delta) else f'{delta:+.3g}'} vs real)</b>"
+        return f"<td>{text}</td>"
+
     body = "".join(
-        f"<tr><td>{html.escape(label)} ({html.escape(unit)})</td>" + "".join(
-            f"<td>{_fmt(stats[g][name]['mean'])} &plusmn; {_fmt(stats[g][name]['std'])}</td>"
-            for g in groups) + "</tr>"
+        f"<tr><td>{html.escape(label)} ({html.escape(unit)})</td>"
+        + "".join(cell(g, name) for g in groups) + "</tr>"
         for name, (label, unit) in STATISTICS.items())
     figures = "".join(
         f'<figure><img src="{html.escape(src)}" alt="{html.escape(cap)}">'
@@ -223,7 +275,8 @@ figcaption{{color:#555}}</style></head><body>
 <h2>Loss on the {html.escape(str(report.get("split", "test")))} split</h2>
 <table id="loss"><tr><th>model</th><th>nats per token</th><th>target tokens</th></tr>
 {"".join(rows)}</table>
-<h2>Music statistics (mean &plusmn; standard deviation)</h2>
+<h2>Music statistics (mean &plusmn; standard deviation; in bold, a model's mean minus the
+real continuations')</h2>
 <table id="statistics"><tr><th>statistic</th>{head}</tr>{body}</table>
 {figures}
 <h2>Settings</h2><pre>{settings}</pre>

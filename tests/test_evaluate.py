@@ -72,6 +72,11 @@ def test_report_with_two_checkpoints_and_training_curves(setup):
         assert stats["notes_per_s"]["n"] == 3 and stats["notes_per_s"]["mean"] > 0, name
     assert groups["primers"]["pitch_class_correlation"]["n"] == 0  # no primer of a primer
     assert len(report["continuations"][str(setup / "tiny1")]) == 3
+    delta = report["difference_from_real"][str(setup / "tiny0")]["notes_per_s"]
+    assert delta == pytest.approx(groups[str(setup / "tiny0")]["notes_per_s"]["mean"]
+                                  - groups["real continuations"]["notes_per_s"]["mean"])
+    assert "vs real)" in (out / "report.html").read_text()
+    assert "notes on the most frequent pitch:" in r.stdout
     page = (out / "report.html").read_text()
     assert 'src="statistics.png"' in page and 'src="training_curves.png"' in page
     assert (out / "statistics.png").stat().st_size > 10_000
@@ -102,6 +107,16 @@ def test_statistics_and_figures():
     assert stats["held_over_4s"] == pytest.approx(0.25)
     assert stats["pitch_class_correlation"] > 0.5  # both are C and G heavy
     assert music_statistics([], 5.0)["notes_per_s"] == 0
+    assert stats["top_pitch_share"] == 0.25 and math.isnan(stats["density_vs_primer"])
+    assert stats["repeated_4grams"] == 0.0  # 4 notes: one pattern, none before it
+    primer = [note(0, 1, 60), note(1, 2, 62)]  # 2 notes in 4 s: 0.5 notes/s
+    drone = [note(t, t + 0.5, 60) for t in range(8)]  # one pitch, 8 notes in 4 s
+    loop = [note(t / 2, t / 2 + 0.4, p) for t, p in enumerate([60, 62, 64, 65] * 3)]
+    stats = music_statistics(drone, 4.0, primer, 4.0)
+    assert stats["density_vs_primer"] == pytest.approx(4.0)
+    assert stats["top_pitch_share"] == 1.0 and stats["repeated_4grams"] == pytest.approx(4 / 5)
+    # 12 notes, 9 patterns: the first 4 are new, the other 5 repeat one of them
+    assert music_statistics(loop, 6.0)["repeated_4grams"] == pytest.approx(5 / 9)
 
     fig = statistics_figure({"a": [stats, stats], "b": [stats]})
     assert [ax.get_title() for ax in fig.axes] == [label for label, _ in STATISTICS.values()]
