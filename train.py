@@ -218,11 +218,9 @@ def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_di
     """Write last/ atomically: every process writes its part of last.tmp/, then the main
     process swaps it in. A ``last`` that is a symbolic link keeps pointing where it did.
     Any process's failure (disk full...) removes last.tmp/ and stops every process."""
-    from perceiver_music.checkpoint import save_checkpoint, save_train_state
+    from perceiver_music.checkpoint import named_as_final, save_checkpoint, save_train_state
 
-    last = out_dir / "last"
-    last = last.resolve() if last.is_symlink() else last
-    tmp, old = last.with_name(last.name + ".tmp"), last.with_name(last.name + ".old")
+    last, tmp, old = last_paths(out_dir)
     main_proc, problem = accelerator.is_main_process, None
     if main_proc and tmp.exists():
         shutil.rmtree(tmp)
@@ -233,10 +231,7 @@ def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_di
         if main_proc:
             save_checkpoint(tmp, accelerator.unwrap_model(model), cfg, meta)
     except OSError as exc:  # named as last/ would hold it, not the temporary folder
-        name = Path(exc.filename) if exc.filename else tmp
-        if name.is_relative_to(tmp):
-            name = last / name.relative_to(tmp)
-        problem = os_error_message(OSError(exc.errno, exc.strerror, str(name)))
+        problem = os_error_message(named_as_final(exc, tmp, last), tmp)
     try:
         fail_together(accelerator, problem)
         if main_proc:
@@ -261,13 +256,21 @@ def occupied(out_dir: Path) -> str | None:
             f"--resume, or start a new one with another --out_dir (or delete {out_dir})")
 
 
+def last_paths(out_dir: Path) -> tuple[Path, Path, Path]:
+    """(last/, last.tmp/, last.old/) of a run folder, beside the folder a symbolic link
+    ``last`` points to (saves replace that folder and keep the link)."""
+    last = out_dir / "last"
+    last = last.resolve() if last.is_symlink() else last
+    return last, last.with_name(last.name + ".tmp"), last.with_name(last.name + ".old")
+
+
 def tidy_unfinished_save(out_dir: Path) -> None:
     """Settle a save of last/ that was killed midway (a second Ctrl-C, a crash): a
     leftover last.tmp/ is removed, and a last.old/ that was not swapped back is restored
     or removed. Says what it did. Only the first process touches the files."""
     if launched_rank() != 0:
         return
-    tmp, old, last = out_dir / "last.tmp", out_dir / "last.old", out_dir / "last"
+    last, tmp, old = last_paths(out_dir)
     if old.is_dir() and not last.exists():
         old.rename(last)
         print(f"restored {last} from {old.name}/, left by a save that was stopped")

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -77,21 +78,13 @@ def train_rate(threads: int | None, steps: int) -> float:
         torch.set_num_threads(threads or previous)
         start = time.perf_counter()
         for _ in range(steps):
-            with tuner.step() if tuner else _nothing():
+            with tuner.step() if tuner else nullcontext():
                 loss_fn(model(x[:, :-1], mask), x[:, 1:]).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return steps * 4 * cfg.num_latents / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

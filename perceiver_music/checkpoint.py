@@ -75,14 +75,20 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
             dest.rename(old)
         tmp.rename(dest)
     except OSError as err:
-        inside = err.filename is not None and Path(err.filename).is_relative_to(tmp)
-        if not inside:
-            raise
-        raise OSError(err.errno, err.strerror,
-                      str(dest / Path(err.filename).relative_to(tmp))) from None
+        raise named_as_final(err, tmp, dest) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def named_as_final(err: OSError, temporary: Path, final: Path) -> OSError:
+    """``err`` naming the file as it would be called once written: a failed write to
+    ``temporary`` (a file, or a file inside a folder) is reported at ``final`` (or inside
+    it), so that no message names a temporary file the user never sees."""
+    if err.filename is None or not Path(err.filename).is_relative_to(temporary):
+        return err
+    return OSError(err.errno, err.strerror,
+                   str(final / Path(err.filename).relative_to(temporary)))
 
 
 class CheckpointError(Exception):
@@ -152,10 +158,11 @@ def save_checkpoint(
     except BaseException as err:
         if created:  # a failed first save leaves no empty folder behind
             shutil.rmtree(directory, ignore_errors=True)
-        temporary = {str(tmp_weights): WEIGHTS_NAME, str(tmp_config): CONFIG_NAME}
-        if isinstance(err, OSError) and err.filename in temporary:  # name the real file
-            raise OSError(err.errno, err.strerror,
-                          str(directory / temporary[err.filename])) from None
+        if isinstance(err, OSError):  # name the real file, not its temporary
+            named = named_as_final(named_as_final(err, tmp_weights, directory / WEIGHTS_NAME),
+                                   tmp_config, directory / CONFIG_NAME)
+            if named is not err:
+                raise named from None
         raise
     finally:
         tmp_weights.unlink(missing_ok=True)
