@@ -545,7 +545,7 @@ def main() -> None:
             # budget ends with this step (then validation, as at MAX_STEPS). The projected
             # time is averaged so that every process sets the same learning rate.
             flags = torch.tensor([stop["flag"], budget.projected(elapsed())],
-                                 dtype=torch.float64, device=accelerator.device)
+                                 dtype=torch.float32, device=accelerator.device)
             flags = accelerator.reduce(flags, "sum")
             signalled, spent = bool(flags[0] > 0), ending
             projected = float(flags[1]) / accelerator.num_processes
