@@ -129,12 +129,11 @@ class Studio:
                                     f"{self.args.max_upload_mb:g} MB this page accepts")
         take = self.model.generate(
             primer, seconds=s["seconds"], prime_seconds=prime_seconds,
-            num_samples=int(s["num_samples"]), temperature=max(s["temperature"], 1e-6),
-            top_k=int(s["top_k"]) or None, top_p=s["top_p"] or None,
+            num_samples=s["num_samples"], temperature=max(s["temperature"], 1e-6),
+            top_k=s["top_k"] or None, top_p=s["top_p"] or None,
             min_p=s["min_p"] or None, greedy=s["greedy"], creativity=s["creativity"],
-            num_beams=int(s["beams"]), seed=None if s["seed"] < 0 else int(s["seed"]),
-            stop_at_end=s["stop_at_end"],
-            cross_attn_seq_len=int(s["prefix_len"]) or None,
+            num_beams=s["beams"], seed=None if s["seed"] < 0 else s["seed"],
+            stop_at_end=s["stop_at_end"], cross_attn_seq_len=s["prefix_len"] or None,
             precision="int8" if s.get("int8") else "float32", progress=on_progress)
         number = len(history) + 1
         take.extra["primer_name"] = (f"take {extend.number}" if extend is not None
