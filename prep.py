@@ -2,6 +2,7 @@
 
     python prep.py --input maestro-v3.0.0 --output data   # MAESTRO v3: splits from its CSV/JSON
     python prep.py --input my_midi --val_share 0.1        # any folder: split by piece
+    python prep.py --input asap,piano-midi-de             # several folders, each split alone
 
 Each piece becomes one pickled list of token ids ending with END (the original scripts'
 format). A folder other than MAESTRO is split by a hash of each file's group, the piece it
@@ -11,7 +12,8 @@ tokens, seconds, the sha256 of its bytes and its output file. Bad files are reco
 failed and never stop the run. Results are appended to the manifest as they arrive, so a
 rerun skips every file whose bytes are unchanged and resumes an interrupted run; the end of
 a run rewrites the manifest in path order and removes leftovers, so the output does not
-depend on how often the run was interrupted.
+depend on how often the run was interrupted. With several input folders, each is split as
+it would be alone and its files are recorded under its name ("asap/Bach/...").
 """
 
 from __future__ import annotations
@@ -45,15 +47,12 @@ from midi_processor import (
 from midi_processor.core import encode_notes
 from perceiver_music.cli import fail, os_error_message, parse_constants, printable, run_script
 
-INPUT = "maestro-v3.0.0"  # input folder: MAESTRO v3 (with its CSV or JSON) or any MIDI folder
+INPUT = "maestro-v3.0.0"  # input folder(s), comma-separated: MAESTRO v3 or any MIDI folder
 OUTPUT = "data"  # output folder: train/, val/, test/ pickles and manifest.jsonl
 WORKERS = os.cpu_count() or 1  # worker processes (1: encode in this process)
 VAL_SHARE = 0.05  # share of pieces for val/ (not MAESTRO: split by a hash of the group)
 TEST_SHARE = 0.05  # share of pieces for test/ (not MAESTRO: split by a hash of the group)
-# What makes files one piece (one group, one split): auto (metadata.csv's piece column when
-# the folder has one, else the file's folder), folder, file (each file alone), or the name
-# of a metadata.csv column
-GROUP_BY = "auto"
+GROUP_BY = "auto"  # files of one piece share a split: auto, folder, file, or a metadata.csv column
 MAX_SECONDS = 4 * 3600.0  # a piece longer than this is recorded as failed (absurd tempo/ticks)
 FORCE = False  # re-encode every file, also those unchanged since the last run
 
@@ -70,10 +69,13 @@ class OutputError(Exception):
 
 
 class Job(NamedTuple):
-    """One source file to encode: its path relative to the input folder, its split, its
-    output file relative to the output folder, and its manifest entry from an earlier run."""
+    """One source file to encode: its path as the manifest records it (relative to the
+    input folder, after the folder's name when there are several), the file, its split, its
+    output file relative to the output folder, its manifest entry from an earlier run, and
+    its group."""
 
     path: str
+    source: Path
     split: str
     output: str
     previous: dict | None
@@ -146,7 +148,7 @@ def hash_splits(groups: dict[str, str], val_share: float,
     return {p: of_group[g] for p, g in groups.items()}, warnings
 
 
-METADATA = "metadata.csv"
+_METADATA = "metadata.csv"  # in the input folder: which piece each file performs
 _PIECE_COLUMNS = ("piece", "folder", "title")  # what GROUP_BY auto takes, in this order
 
 
@@ -154,18 +156,19 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
     """Relative path -> group (the piece it performs) by ``group_by`` (see GROUP_BY).
 
     A metadata.csv in ``root`` names each file in some column (the one whose values cover
-    the most of ``paths``); its group is that row's piece column. Files it does not list
-    fall back to their folder; a file at the top of ``root`` is a group of its own."""
+    the most of ``paths``, also as paths below an extra leading folder); its group is that
+    row's piece column. Files it does not list fall back to their folder; a file at the
+    top of ``root`` is a group of its own."""
     folder = {p: p.rsplit("/", 1)[0] if "/" in p else p for p in paths}  # top level: alone
     if group_by == "file":
         return {p: p for p in paths}
-    if group_by == "folder" or (group_by == "auto" and not (root / METADATA).is_file()):
+    if group_by == "folder" or (group_by == "auto" and not (root / _METADATA).is_file()):
         return folder
     try:
-        with open(root / METADATA, newline="", encoding="utf-8") as f:
+        with open(root / _METADATA, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, ValueError, csv.Error) as exc:
-        fail(f"{root / METADATA}: not a readable CSV file ({exc})")
+        fail(f"{root / _METADATA}: not a readable CSV file ({exc})")
     columns = list(rows[0]) if rows else []
     if group_by == "auto":
         column = next((c for c in _PIECE_COLUMNS if c in columns), None)
@@ -175,11 +178,19 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
         column = group_by
     else:
         fail(f"--group_by {group_by!r}: not auto, folder, file or a column of "
-             f"{root / METADATA} ({', '.join(columns) or 'none'})")
+             f"{root / _METADATA} ({', '.join(columns) or 'none'})")
     wanted = set(paths)
-    path_column = max(columns, key=lambda c: sum(r.get(c) in wanted for r in rows))
-    listed = {r[path_column]: r[column] for r in rows if r.get(path_column) in wanted
-              and r.get(column)}
+
+    def named(value: str | None) -> str | None:
+        """The file a metadata path names: itself, or itself without leading folders that
+        the input folder lacks ("midis/Bach/a.mid" names "Bach/a.mid")."""
+        parts = (value or "").replace("\\", "/").split("/")
+        return next((p for i in range(len(parts)) if (p := "/".join(parts[i:])) in wanted),
+                    None)
+
+    path_column = max(columns, key=lambda c: sum(named(r.get(c)) is not None for r in rows))
+    listed = {named(r[path_column]): r[column] for r in rows
+              if named(r.get(path_column)) is not None and r.get(column)}
     return {p: f"{column}:{listed[p]}" if p in listed else folder[p] for p in paths}
 
 
@@ -197,6 +208,42 @@ def find_sources(root: Path, val_share: float, test_share: float,
     groups = file_groups(root, paths, group_by)
     splits, warnings = hash_splits(groups, val_share, test_share)
     return splits, groups, warnings
+
+
+def input_folders(spec: str) -> dict[str, Path]:
+    """The input folders of ``--input`` (comma-separated, unless the whole text names a
+    folder) by the name their files are recorded under: "" for a single folder, else each
+    folder's own name (with "-2", "-3"... when two share one). Fails on a missing folder."""
+    parts = [spec] if Path(spec).is_dir() else [p for p in spec.split(",") if p.strip()]
+    if not parts:
+        fail("--input names no folder")
+    folders: dict[str, Path] = {}
+    for part in parts:
+        root = Path(part.strip())
+        if not root.is_dir():
+            fail(f"input folder not found: {root}")
+        name = root.resolve().name or "input"
+        label, n = name, 1
+        while label in folders:
+            n += 1
+            label = f"{name}-{n}"
+        folders[label] = root
+    return {"": folders.popitem()[1]} if len(folders) == 1 else folders
+
+
+def gather_sources(folders: dict[str, Path], val_share: float, test_share: float,
+                   group_by: str) -> tuple[dict[str, tuple[Path, str, str]], list[str]]:
+    """Recorded path -> (file, split, group) of every source file of ``folders`` (see
+    `input_folders`), each folder split by `find_sources` as if it were alone; and
+    warnings."""
+    out, warnings = {}, []
+    for label, root in folders.items():
+        splits, groups, notes = find_sources(root, val_share, test_share, group_by)
+        prefix = f"{label}/" if label else ""
+        out.update({prefix + p: (root / p, split, prefix + groups[p])
+                    for p, split in splits.items()})
+        warnings += [f"{root}: {line}" if prefix else line for line in notes]
+    return out, warnings
 
 
 def output_names(paths: Iterable[str]) -> dict[str, str]:
@@ -235,7 +282,7 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple[dict, str]:
+def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
     """Encode one source file into its pickle. Returns its manifest entry and the outcome:
     "encoded", "unchanged" (same bytes and output as the earlier entry: nothing written) or
     "failed" (the entry's error says why). Never raises for bad input."""
@@ -252,7 +299,7 @@ def encode_file(job: Job, root: Path, output: Path, max_seconds: float) -> tuple
         "output": None,
     }
     try:
-        data = (root / job.path).read_bytes()
+        data = job.source.read_bytes()
     except OSError as exc:
         entry["error"] = one_line(f"cannot read file ({exc.strerror or exc})")
         return entry, "failed"
@@ -354,19 +401,17 @@ def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: 
 def main(argv: list[str] | None = None) -> None:
     """Encode the input folder into the output folder (see the module docstring)."""
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0], argv)
-    root, output = Path(args.input), Path(args.output)
-    if not root.is_dir():
-        fail(f"input folder not found: {root}")
+    folders, output = input_folders(args.input), Path(args.output)
     if args.workers < 1:
         fail(f"--workers must be at least 1, not {args.workers}")
     if min(args.val_share, args.test_share) < 0 or args.val_share + args.test_share > 1:
         fail("--val_share and --test_share must be >= 0 and add up to at most 1")
     if not args.max_seconds > 0:
         fail(f"--max_seconds must be positive, not {args.max_seconds}")
-    sources, groups, warnings = find_sources(root, args.val_share, args.test_share,
-                                             args.group_by)
+    sources, warnings = gather_sources(folders, args.val_share, args.test_share,
+                                       args.group_by)
     if not sources:
-        fail(f"no MIDI files (.mid, .midi) found in {root}")
+        fail(f"no MIDI files (.mid, .midi) found in {', '.join(map(str, folders.values()))}")
 
     for split in _SPLITS:
         (output / split).mkdir(parents=True, exist_ok=True)
@@ -374,9 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     recorded = load_manifest(manifest)
     previous = {} if args.force else recorded
     names = output_names(sources)
-    jobs = [Job(p, s, f"{s}/{names[p]}", previous.get(p), groups[p])
-            for p, s in sorted(sources.items())]
-    work = partial(encode_file, root=root, output=output, max_seconds=args.max_seconds)
+    jobs = [Job(p, source, s, f"{s}/{names[p]}", previous.get(p), group)
+            for p, (source, s, group) in sorted(sources.items())]
+    work = partial(encode_file, output=output, max_seconds=args.max_seconds)
 
     start, done, outcomes = time.perf_counter(), {}, Counter()
     try:

@@ -313,6 +313,24 @@ def test_help_lists_every_constant() -> None:
     for option in ("--input", "--output", "--workers", "--val_share", "--test_share"):
         assert option in proc.stdout
     assert "--max_seconds" in proc.stdout and "--force" in proc.stdout
+    assert "--group_by" in proc.stdout and "metadata.csv column" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["prep.py", "train.py", "generate.py", "evaluate.py",
+                                    "app.py"])
+def test_every_option_says_what_it_does(script: str) -> None:
+    """Each constant a script offers as an option (a number, text or switch) carries its
+    help, the trailing comment that --help shows."""
+    import ast
+
+    from perceiver_music.cli import script_constants
+
+    helps = script_constants(ROOT / script)
+    options = [node.targets[0].id for node in ast.parse((ROOT / script).read_text()).body
+               if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+               and node.targets[0].id in helps and not isinstance(
+                   node.value, ast.Tuple | ast.Dict | ast.List | ast.Set)]
+    assert options and not [name for name in options if not helps[name]]
 
 
 def test_awkward_file_names_are_encoded(tmp_path: Path) -> None:
@@ -425,3 +443,39 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
     assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
     bad = run_prep("--input", src, "--output", tmp_path / "x", "--group_by", "nonsense")
     assert bad.returncode == 1 and "not auto, folder, file or a column" in bad.stderr
+
+
+def test_several_input_folders_are_each_split_as_alone(tmp_path: Path) -> None:
+    """``--input a,b``: files are recorded under their folder's name, each folder is split
+    exactly as it would be alone, and a metadata.csv whose paths carry an extra leading
+    folder (piano-midi-de's "midis/Composer/x.mid") still names each file's piece."""
+    pmd, solo = tmp_path / "pmd", tmp_path / "solo"
+    rows = []
+    for i in range(10):
+        path = f"Comp{i % 2}/piece{i}.mid"
+        write(pmd / path, REAL_FILES[i % len(REAL_FILES)].read_bytes())
+        rows.append({"composer": f"Comp{i % 2}", "title": f"Piece {i // 2}",
+                     "midi": f"midis/{path}"})  # pieces 0-1, 2-3, ...: two files each
+    with open(pmd / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for i in range(6):
+        write(tmp_path / "other" / "pmd" / f"set{i % 3}" / f"x{i}.mid",
+              REAL_FILES[i % len(REAL_FILES)].read_bytes())
+    shares = ("--val_share", "0.2", "--test_share", "0.2")
+    ok_run("--input", pmd, "--output", solo, *shares)
+    alone = manifest(solo)
+    assert {e["group"] for e in alone.values()} == {f"title:Piece {i}" for i in range(5)}
+    out = tmp_path / "both"
+    ok_run("--input", f"{pmd},{tmp_path / 'other' / 'pmd'}", "--output", out, *shares)
+    both = manifest(out)
+    assert len(both) == 16
+    for path, e in alone.items():
+        assert both[f"pmd/{path}"]["split"] == e["split"]
+        assert both[f"pmd/{path}"]["group"] == f"pmd/{e['group']}"
+        assert tokens_of(out / both[f"pmd/{path}"]["output"]) == tokens_of(solo / e["output"])
+    assert {e["group"] for p, e in both.items() if p.startswith("pmd-2/")} == {
+        f"pmd-2/set{i}" for i in range(3)}  # the same folder name twice: told apart
+    r = run_prep("--input", f"{pmd},{tmp_path / 'missing'}", "--output", tmp_path / "x")
+    one_error_line(r, f"input folder not found: {tmp_path / 'missing'}")
