@@ -37,6 +37,9 @@ DATA_DIR = "data"  # prep.py output: holds train/ and val/
 OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
 PRESET = "auto"  # auto (CPU: demo, GPU: ctx2048), demo, ctx2048, ctx4096, ctx8192, ctx16384
 LATENTS = 0  # number of latents (0: the preset's)
+DIM = 0  # model width (0: the preset's)
+DEPTH = 0  # self-attention layers after the cross-attention one (0: the preset's)
+HEADS = 0  # attention heads of 64 dimensions each (0: the preset's)
 WINDOW = 0  # training window in tokens, <= the preset's context (0: the full context)
 DROPOUT = 0.1  # dropout inside the model
 PREFIX_DROPOUT = 0.5  # share of prefix positions dropped in cross-attention (paper: 0.5)
@@ -161,6 +164,12 @@ def model_config(args):
         if args.latents >= context:
             fail(f"--latents {args.latents} must be smaller than the context {context}")
         overrides["num_latents"] = args.latents
+    for name in ("dim", "depth", "heads"):
+        value = getattr(args, name)
+        if value < 0:
+            fail(f"--{name} must be positive (0: the preset's), not {value}")
+        if value:
+            overrides[name] = value
     try:
         return preset(args.preset, **overrides)
     except ValueError as exc:

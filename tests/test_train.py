@@ -4,6 +4,7 @@ refuses bad settings with one line."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
 import shutil
@@ -211,6 +212,18 @@ def test_max_minutes_stops_and_saves_last(data_dir, tmp_path):
     assert "the schedule is complete" in text and "--resume" not in text  # nothing to resume
 
 
+def test_width_depth_and_heads_override_the_preset(data_dir, tmp_path):
+    """A size sweep's way: --dim/--depth/--heads change the preset's shape, and the
+    checkpoint describes the shape it has."""
+    out = tmp_path / "run"
+    r = run(["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "2",
+             "--dim", "48", "--depth", "1", "--heads", "3"])
+    assert r.returncode == 0, r.stderr
+    model = json.loads((out / "last" / "config.json").read_text())["model"]
+    assert (model["dim"], model["depth"], model["heads"]) == (48, 1, 3)
+    assert model["max_seq_len"] == 64  # the rest is the preset's
+
+
 def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     out = tmp_path / "ddp"
     launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
@@ -238,6 +251,7 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
         (["--latents", "64"], "must be smaller than the context"),
         (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--mixed_precision", "fp8"], "--mixed_precision"),
+        (["--depth", "-2"], "--depth must be positive"),
     ],
 )
 def test_bad_settings_get_one_clear_line(data_dir, tmp_path, extra, message):
