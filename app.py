@@ -11,13 +11,18 @@ over rests). While it generates, a progress bar counts tokens and seconds of mus
 take then plays in the page with its piano roll, and its MIDI and WAV files can be
 downloaded. "Extend" continues the selected take; the session's takes are listed and can
 be played again. Generations wait in a bounded queue, so one user's request never blocks
-another's page.
+another's page. Each of the CONCURRENCY generations that run at once decodes in a process
+of its own (`Workers`): threads of one process would share its interpreter lock.
 """
 
 import math
+import multiprocessing
 import os
+import queue
 import secrets
+import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,7 @@ PRIMER = "samples/primers/mz_570_3_opening.mid"  # the bundled primer offered on
 HOST = "127.0.0.1"  # address to listen on (0.0.0.0: every network interface)
 PORT = 7860  # port to listen on
 OUT_DIR = "output/app"  # where each session's takes are written
-CONCURRENCY = 1  # generations that run at once (more share the CPU or GPU)
+CONCURRENCY = 1  # generations that run at once, each in a process with the model
 QUEUE_SIZE = 16  # generations that may wait; more are refused with a message
 MAX_UPLOAD_MB = 5.0  # largest primer file accepted (a long piano piece is about 0.1 MB)
 MAX_SECONDS = 120.0  # longest continuation a request may ask for
@@ -84,17 +89,146 @@ def check_settings(settings: dict) -> dict:
     return out
 
 
+@dataclass
+class Progress:
+    """How far a generation has come: what the page's progress bar shows."""
+
+    step: int
+    seconds: float
+
+
+def _serve(conn, ckpt: str, device: str | None, dtype: str, threads: int | None) -> None:
+    """A generation process: load the model once, say "ready" (or why it cannot), then run
+    each job ``(fn, job)`` sent on ``conn`` as ``fn(model, job, on_progress)`` and send
+    back its progress (a few times a second), then ("done", result) or ("error", exc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    import torch
+
+    from perceiver_music.api import PerceiverMusic
+
+    if threads:  # all of its work on its share: a wider team would wait on the other's
+        torch.set_num_threads(threads)
+
+    try:
+        model = PerceiverMusic.from_pretrained(ckpt, device=device, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 (the server reports it as one line)
+        conn.send(("error", exc))
+        return
+    conn.send(("ready", (model.config, str(model.device))))
+    shown = [0.0]
+
+    def on_progress(info) -> None:
+        now = time.perf_counter()
+        if now - shown[0] > 0.1:
+            shown[0] = now
+            conn.send(("progress", Progress(info.step, info.seconds)))
+
+    while True:
+        try:
+            fn, job = conn.recv()
+        except (EOFError, OSError):  # the server has gone
+            return
+        try:
+            conn.send(("done", fn(model, job, on_progress, threads)))
+        except Exception as exc:  # noqa: BLE001 (ValueError and MidiError are the user's)
+            conn.send(("error", exc))
+
+
+class Workers:
+    """``count`` processes that each hold the model and run one generation at a time.
+
+    Generations in threads of one process would share its interpreter lock: two at once
+    decoded about 250 tokens/s each on the 2-core VM, against 300 each in two processes
+    and 310 for one alone (bench/threads.py). On a CPU each process of several decodes on
+    its share of the cores; one alone chooses by timing its steps."""
+
+    def __init__(self, ckpt: str, device: str | None, dtype: str, count: int) -> None:
+        threads = None if count == 1 else max(1, (os.cpu_count() or 1) // count)
+        self.args = (ckpt, device, dtype, threads)
+        self.conns: list = [None] * count
+        self.procs: list = [None] * count
+        for i in range(count):  # they load the model at the same time
+            self._start(i)
+        self.idle: queue.Queue[int] = queue.Queue()
+        for i in range(count):
+            kind, value = self._receive(i)
+            if kind != "ready":
+                self.close()
+                raise value
+            self.config, self.device = value
+            self.idle.put(i)
+
+    def _start(self, i: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # the server has threads: no fork
+        here, there = ctx.Pipe()
+        self.procs[i] = ctx.Process(target=_serve, args=(there, *self.args), daemon=True)
+        self.procs[i].start()
+        there.close()
+        self.conns[i] = here
+
+    def _receive(self, i: int) -> tuple[str, object]:
+        try:
+            return self.conns[i].recv()
+        except (EOFError, OSError):
+            code = self.procs[i].exitcode
+            return "error", RuntimeError(f"the generation process stopped (exit code {code})")
+
+    def run(self, fn: Callable, job: dict, on_progress: Callable[[Progress], object]):
+        """``fn(model, job, on_progress, threads)`` in the first idle process, passing its
+        progress to ``on_progress``; returns its result or raises its exception (a
+        RuntimeError when the process dies during the job: killed, out of memory). A
+        process found dead is replaced before it gets a job."""
+        i = self.idle.get()
+        try:
+            if not self.procs[i].is_alive():  # died since its last job: a new one
+                self._start(i)
+                kind, value = self._receive(i)
+                if kind != "ready":
+                    raise value
+            self.conns[i].send((fn, job))
+            while True:
+                kind, value = self._receive(i)
+                if kind == "progress":
+                    on_progress(value)
+                elif kind == "done":
+                    return value
+                else:
+                    raise value
+        finally:
+            self.idle.put(i)
+
+    def close(self) -> None:
+        """Stop every process."""
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.join()
+
+
+def make_take(model, job: dict, on_progress: Callable, threads: int | None) -> dict:
+    """In a generation process: generate, write the take's files to ``job["folder"]`` and
+    return what the page shows of it."""
+    take = model.generate(job["primer"], **job["generate"], decode_threads=threads,
+                          progress=on_progress)
+    take.extra["primer_name"] = job["primer_name"]
+    problems = take.save(job["folder"], soundfont=job["soundfont"], renderer=job["renderer"],
+                         report={"app_settings": job["settings"]})
+    return {"tokens": take.tokens(0), "seconds": take.seconds[0],
+            "new_tokens": len(take.continuations[0]), "samples": len(take.continuations),
+            "generate_s": take.generate_s, "seed": take.seed, "primer_note": take.primer_note,
+            "primer_seconds": take.primer_seconds, "problems": problems}
+
+
 class Studio:
-    """The model and the session logic, apart from the page (tested without a browser)."""
+    """The generation processes and the session logic, apart from the page (tested
+    without a browser)."""
 
     def __init__(self, args) -> None:
-        from perceiver_music.api import PerceiverMusic
-
         self.args = args
         self.out = Path(args.out_dir)
-        device = "cpu" if args.cpu else None
-        self.model = PerceiverMusic.from_pretrained(args.ckpt, device=device,
-                                                    dtype=args.dtype)
+        self.workers = Workers(args.ckpt, "cpu" if args.cpu else None, args.dtype,
+                               args.concurrency)
+        self.config, self.device = self.workers.config, self.workers.device
         self.name = Path(args.ckpt).name
 
     def session_folder(self, history: list[Take]) -> Path:
@@ -127,31 +261,31 @@ class Studio:
                 if size > self.args.max_upload_mb * 2**20:
                     raise MidiError(f"{primer.name}: {size / 2**20:.1f} MB is larger than the "
                                     f"{self.args.max_upload_mb:g} MB this page accepts")
-        take = self.model.generate(
-            primer, seconds=s["seconds"], prime_seconds=prime_seconds,
-            num_samples=s["num_samples"], temperature=max(s["temperature"], 1e-6),
-            top_k=s["top_k"] or None, top_p=s["top_p"] or None,
-            min_p=s["min_p"] or None, greedy=s["greedy"], creativity=s["creativity"],
-            num_beams=s["beams"], seed=None if s["seed"] < 0 else s["seed"],
-            stop_at_end=s["stop_at_end"], cross_attn_seq_len=s["prefix_len"] or None,
-            precision="int8" if s.get("int8") else "float32", progress=on_progress)
         number = len(history) + 1
-        take.extra["primer_name"] = (f"take {extend.number}" if extend is not None
-                                     else s.get("primer_name", "from scratch"))
         folder = self.session_folder(history) / f"take-{number}"
-        problems = take.save(folder, soundfont=self.args.soundfont or None,
-                             renderer=self.args.renderer, report={"app_settings": s})
-        summary = (f"{take.seconds[0]:.1f} s of new music ({len(take.continuations[0])} "
-                   f"tokens) in {take.generate_s:.1f} s, seed {take.seed}")
+        job = {"primer": primer, "folder": folder, "settings": s,
+               "soundfont": self.args.soundfont or None, "renderer": self.args.renderer,
+               "primer_name": (f"take {extend.number}" if extend is not None
+                               else s.get("primer_name", "from scratch")),
+               "generate": dict(
+                   seconds=s["seconds"], prime_seconds=prime_seconds,
+                   num_samples=s["num_samples"], temperature=max(s["temperature"], 1e-6),
+                   top_k=s["top_k"] or None, top_p=s["top_p"] or None,
+                   min_p=s["min_p"] or None, greedy=s["greedy"], creativity=s["creativity"],
+                   num_beams=s["beams"], seed=None if s["seed"] < 0 else s["seed"],
+                   stop_at_end=s["stop_at_end"], cross_attn_seq_len=s["prefix_len"] or None,
+                   precision="int8" if s.get("int8") else "float32")}
+        t = self.workers.run(make_take, job, on_progress or (lambda info: None))
+        summary = (f"{t['seconds']:.1f} s of new music ({t['new_tokens']} tokens) in "
+                   f"{t['generate_s']:.1f} s, seed {t['seed']}")
         summary = (f"take {extend.number} extended by {summary}" if extend is not None
-                   else f"{take.primer_note}; {summary}")
-        result = Take(number, f"take {number}: {take.primer_seconds + take.seconds[0]:.0f} s, "
-                      f"seed {take.seed}", folder, take.tokens(0),
-                      take.primer_seconds + take.seconds[0], summary,
-                      "_1" if len(take.continuations) > 1 else "")
-        line = summary + (f" (no audio: {problems[0]})" if problems else "")
-        if len(take.continuations) > 1:
-            line += f"; showing sample 1 of {len(take.continuations)} (all in the download)"
+                   else f"{t['primer_note']}; {summary}")
+        total = t["primer_seconds"] + t["seconds"]
+        result = Take(number, f"take {number}: {total:.0f} s, seed {t['seed']}", folder,
+                      t["tokens"], total, summary, "_1" if t["samples"] > 1 else "")
+        line = summary + (f" (no audio: {t['problems'][0]})" if t["problems"] else "")
+        if t["samples"] > 1:
+            line += f"; showing sample 1 of {t['samples']} (all in the download)"
         return result, line
 
     @staticmethod
@@ -174,8 +308,8 @@ def build_page(studio: Studio, args):
     setting_names = ["prime_seconds", "seconds", "temperature", "top_k", "top_p", "min_p",
                      "greedy", "beams", "num_samples", "seed", "prefix_len", "creativity",
                      "stop_at_end", "int8"]
-    cfg = studio.model.config
-    on_cpu = studio.model.device.type == "cpu"
+    cfg = studio.config
+    on_cpu = studio.device == "cpu"
 
     with gr.Blocks(title="Perceiver AR piano continuations", analytics_enabled=False) as page:
         history = gr.State([])
@@ -256,7 +390,7 @@ def build_page(studio: Studio, args):
                     s["primer_name"] = primer.name
                 take, line = studio.generate(s, primer, takes, on_progress,
                                              base if extend else None)
-            except (ValueError, MidiError) as exc:
+            except (ValueError, MidiError, RuntimeError) as exc:  # RuntimeError: a died process
                 problem = str(exc)  # name an upload as the user knows it, not Gradio's copy
                 if source_name == SOURCES[1] and upload_path:
                     problem = problem.replace(str(upload_path), Path(upload_path).name)
@@ -314,7 +448,7 @@ def main() -> None:
 
     try:
         studio = Studio(args)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, RuntimeError) as exc:
         fail(str(exc))
     page = build_page(studio, args)
     try:

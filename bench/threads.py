@@ -10,8 +10,9 @@ and the default
 ("auto": what the toolkit picks when nothing is set). Settings take turns within each
 load, so drifts of the machine hit all alike; the median of the rounds is printed, as
 beside busy processes one run can be 40 % faster than the next. First, on the quiet
-machine, two generations decode at once in two threads (as app.py --concurrency 2 runs
-them), each against one generation alone on one thread. Figures only.
+machine, two generations decode at once in app.py's two generation processes (as
+--concurrency 2 runs them) and in two threads of one process, each against one generation
+alone on one thread. Figures only.
 
     python -m bench.threads [--loads 0,1,2] [--decode_tokens 800] [--train_steps 40]
 """
@@ -29,6 +30,7 @@ import torch
 
 from midi_processor.vocab import PAD
 from perceiver_music.api import DEMO_PRIMER, PerceiverMusic
+from perceiver_music.cli import bundled
 from perceiver_music.config import preset
 from perceiver_music.model import build_model, loss_fn, use_fast_forward
 from perceiver_music.threads import ThreadTuner
@@ -46,21 +48,29 @@ def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int) -> floa
     return tokens / take.generate_s
 
 
-def concurrent_decode_rates(music: PerceiverMusic, tokens: int) -> list[float]:
-    """Tokens/s of each of two generations decoding at once in two threads of this
-    process, as app.py --concurrency 2 runs them (default thread choice)."""
+def _decode_job(music: PerceiverMusic, tokens: int, on_progress, threads: int | None) -> float:
+    return decode_rate(music, threads, tokens)
+
+
+def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict[str, list]:
+    """Tokens/s of each of two generations decoding at once: in app.py's two generation
+    processes (``workers``, as ``--concurrency 2`` runs them) and, for comparison, in two
+    threads of this process (as the app did before)."""
     import threading
 
-    rates: list[float] = []
+    rates: dict[str, list[float]] = {"processes": [], "threads": []}
 
-    def one() -> None:
-        rates.append(decode_rate(music, None, tokens))
+    def one(kind: str) -> None:
+        rates[kind].append(
+            workers.run(_decode_job, tokens, lambda info: None) if kind == "processes"
+            else decode_rate(music, None, tokens))
 
-    workers = [threading.Thread(target=one) for _ in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    for kind in rates:
+        pair = [threading.Thread(target=one, args=(kind,)) for _ in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join()
     return rates
 
 
@@ -100,13 +110,22 @@ def main() -> None:
     print(f"{cores} cores; tokens/s, median of {args.rounds} rounds")
     print(f"{'load':>5} {'what':7} " + " ".join(f"{name:>15}" for name in settings))
     ctx = multiprocessing.get_context("spawn")
-    alone = statistics.median(decode_rate(music, 1, args.decode_tokens)
-                              for _ in range(args.rounds))
-    both = [concurrent_decode_rates(music, args.decode_tokens) for _ in range(args.rounds)]
-    print(f"two generations at once (app.py --concurrency 2), quiet: "
-          f"{statistics.median(min(r) for r in both):.0f} and "
-          f"{statistics.median(max(r) for r in both):.0f} tokens/s (slower and faster, "
-          f"median of {args.rounds}); one alone on 1 thread: {alone:.0f}")
+    from app import Workers
+
+    workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
+    for _ in range(2):
+        workers.run(_decode_job, 50, lambda info: None)  # warm-up
+    alone, both = [], []
+    for _ in range(args.rounds):
+        alone.append(decode_rate(music, 1, args.decode_tokens))
+        both.append(concurrent_decode_rates(music, workers, args.decode_tokens))
+    workers.close()
+    print(f"one generation alone on 1 thread, quiet: {statistics.median(alone):.0f}")
+    for kind in ("processes", "threads"):
+        print(f"two at once in two {kind}" + (" (app.py --concurrency 2)" if kind ==
+              "processes" else " of one process") + ": "
+              f"{statistics.median(min(r[kind]) for r in both):.0f} and "
+              f"{statistics.median(max(r[kind]) for r in both):.0f} (slower and faster)")
     for load in (int(v) for v in args.loads.split(",")):
         workers = [ctx.Process(target=_busy, daemon=True) for _ in range(load)]
         for w in workers:

@@ -314,3 +314,64 @@ def test_no_client_input_becomes_a_path(app_url, app_out, tmp_path):
                               ({"k": float("inf")}, "top k must be")]:
         line = api_call(app_url, "x", **settings)
         assert line.startswith("**Could not generate:**") and message in line, line
+
+
+def studio_of(tmp_path: Path, *argv: str):
+    """app.py's Studio (its generation processes and session logic) with these options."""
+    import app
+
+    args = app.parse_constants(app.__file__, vars(app), "", ["--cpu", "--out_dir",
+                                                             str(tmp_path), *argv])
+    args.ckpt, args.primer = app.bundled(args.ckpt), app.bundled(args.primer)
+    return app, app.Studio(args)
+
+
+SHORT = dict(prime_seconds=4, seconds=3, temperature=1.0, top_k=0, top_p=0, min_p=0,
+             greedy=False, beams=1, num_samples=1, seed=3, prefix_len=0, creativity=0,
+             stop_at_end=False, int8=False)
+
+
+def test_two_generations_decode_at_once_in_two_processes(tmp_path):
+    """--concurrency 2: two requests decode at the same time, each in its own process
+    (threads of one process would share its interpreter lock), and give the same take
+    as one generation alone with the same seed."""
+    import threading
+
+    app, studio = studio_of(tmp_path, "--concurrency", "2")
+    try:
+        pids = {proc.pid for proc in studio.workers.procs}
+        assert len(pids) == 2 and os.getpid() not in pids
+        events: list[tuple[int, str]] = []
+        takes: dict[int, object] = {}
+
+        def one(i: int) -> None:
+            take, _ = studio.generate(SHORT, DATA / "scn15_4.mid", [],
+                                      lambda info: events.append((i, "step")))
+            events.append((i, "done"))
+            takes[i] = take
+
+        pair = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join()
+        first_done = next(k for k, (_, what) in enumerate(events) if what == "done")
+        assert {i for i, what in events[:first_done] if what == "step"} == {0, 1}  # overlap
+        alone, _ = studio.generate(SHORT, DATA / "scn15_4.mid", [])
+        assert takes[0].tokens == takes[1].tokens == alone.tokens
+        # a generation process that dies during a take is named; one found dead is replaced
+        started = threading.Event()
+
+        def kill_when_started(info) -> None:
+            if not started.is_set():
+                started.set()
+                for proc in studio.workers.procs:
+                    proc.kill()
+
+        with pytest.raises(RuntimeError, match="the generation process stopped"):
+            studio.generate({**SHORT, "seconds": 60}, DATA / "scn15_4.mid", [],
+                            kill_when_started)
+        for _ in range(2):
+            assert studio.generate(SHORT, DATA / "scn15_4.mid", [])[0].tokens == alone.tokens
+    finally:
+        studio.workers.close()
