@@ -180,12 +180,15 @@ class Workers:
         process found dead is replaced before it gets a job."""
         i = self.idle.get()
         try:
-            if not self.procs[i].is_alive():  # died since its last job: a new one
+            try:
+                self.conns[i].send((fn, job))
+            except OSError:  # it died since its last job: a new one
+                self.procs[i].join()
                 self._start(i)
                 kind, value = self._receive(i)
                 if kind != "ready":
-                    raise value
-            self.conns[i].send((fn, job))
+                    raise value from None
+                self.conns[i].send((fn, job))
             while True:
                 kind, value = self._receive(i)
                 if kind == "progress":

@@ -371,6 +371,8 @@ def test_two_generations_decode_at_once_in_two_processes(tmp_path):
         with pytest.raises(RuntimeError, match="the generation process stopped"):
             studio.generate({**SHORT, "seconds": 60}, DATA / "scn15_4.mid", [],
                             kill_when_started)
+        for proc in studio.workers.procs:
+            proc.join()
         for _ in range(2):
             assert studio.generate(SHORT, DATA / "scn15_4.mid", [])[0].tokens == alone.tokens
     finally:
