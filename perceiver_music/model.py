@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from perceiver_ar_pytorch import PerceiverAR
 from perceiver_ar_pytorch.perceiver_ar_pytorch import CausalAttention, CausalPrefixAttention
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from midi_processor.vocab import PAD
 
@@ -531,9 +530,8 @@ def _prefix_attention(
         kv_cache[1][:, :, : m + n] = v
 
     # Latent i sees every prefix position and latents 0..i: causal, aligned bottom-right.
-    # Without a prefix mask that is a CausalBias, which CUDA runs with flash kernels.
     if prefix_mask is None:
-        mask = causal_lower_right(n, m + n)
+        mask = lower_right_causal(n, m + n, x.device)
     else:
         causal = torch.ones(n, m + n, dtype=torch.bool, device=x.device).tril(m)
         mask = causal & _key_mask(prefix_mask, m + n)
@@ -576,6 +574,18 @@ def _norm(norm: nn.LayerNorm) -> Callable[[Tensor], Tensor]:
 
 def _linear_gelu(layer: nn.Linear, x: Tensor) -> Tensor:
     return F.gelu(layer(x))
+
+
+def lower_right_causal(rows: int, keys: int, device: torch.device) -> Tensor | object:
+    """The mask of ``rows`` queries that see all ``keys`` but the last rows-1-i (causal,
+    aligned bottom-right). On an accelerator a CausalBias, which CUDA runs with flash
+    kernels; on a CPU, which would only materialise it, the boolean mask itself (the
+    CausalBias module imports torch._dynamo: 1.4 s at the start of every script)."""
+    if device.type == "cpu":
+        return torch.ones(rows, keys, dtype=torch.bool, device=device).tril(keys - rows)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(rows, keys)
 
 
 def _key_mask(prefix_mask: Tensor, length: int) -> Tensor:

@@ -405,9 +405,9 @@ def test_checkpoint_missing_tensor(saved):
 
 def test_training_batches_without_padding_reach_sdpa_as_a_causal_bias(monkeypatch):
     """train.py's batches go through `to_device`: where every prefix position is real the
-    mask is dropped, so the cross-attention asks SDPA for a causal bias alone (which flash
-    kernels run) instead of a dense mask, with the same logits; a padded batch keeps its
-    mask."""
+    mask is dropped, so the cross-attention asks SDPA for a causal mask alone (on an
+    accelerator a CausalBias, which flash kernels run) instead of the prefix mask, with
+    the same logits; a padded batch keeps its mask."""
     from torch.nn.attention.bias import CausalBias
 
     import perceiver_music.model as model_module
@@ -435,7 +435,10 @@ def test_training_batches_without_padding_reach_sdpa_as_a_causal_bias(monkeypatc
     assert mask is None
     with torch.no_grad():
         free = model_module.forward(model, x, mask)
-        assert isinstance(asked[0], CausalBias)
+        n = model.max_seq_len - m
+        assert torch.equal(asked[0], torch.ones(n, m + n, dtype=torch.bool).tril(m))
+        assert isinstance(model_module.lower_right_causal(n, m + n, torch.device("cuda")),
+                          CausalBias)  # what an accelerator gets (made without one)
         asked.clear()
         masked = model_module.forward(model, tokens, full)
         assert isinstance(asked[0], torch.Tensor) and asked[0].dtype == torch.bool
