@@ -22,7 +22,7 @@ import queue
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +41,112 @@ RENDERER = "midirenderer"  # audio: midirenderer (pip) or fluidsynth (the system
 SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one of pretty_midi)
 CPU = False  # run on the CPU even if an accelerator is present
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
+STREAM_SECONDS = 1.0  # a take plays while it is generated, in chunks of this much music
 
 SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
 # The downloads are read-only: Gradio's file list would still offer to remove each file.
-CSS = '#downloads button[aria-label="Remove this file"] { display: none; }'
+CSS = """#downloads button[aria-label="Remove this file"] { display: none; }
+.pm-hidden { display: none !important; }
+#live-roll canvas { width: 100%; height: 260px; background: #fff; }"""
+# The take's player: each chunk of audio the server sends (the #live JSON: the take's id,
+# its chunks so far, its notes so far) is fetched, decoded and scheduled right after the
+# one before in one Web Audio clock, so the chunks play without a gap while the rest is
+# generated; the canvas draws the notes up to what is playing. window.pmStats records
+# the time from the click on Generate to the first sound, and every underrun (a chunk
+# that came after its turn: the sound stopped for a moment).
+PLAYER_JS = """
+<script>
+window.pmLive = (() => {
+  let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [];
+  let notes = [], primer = 0, chain = Promise.resolve(), drawing = false, halted = false;
+  const colour = (p, v) => p ? `rgba(230,126,34,${0.35 + v / 200})`
+                             : `rgba(41,128,185,${0.35 + v / 200})`;
+  function reset(newId) {
+    sources.forEach(s => { try { s.stop(); } catch (e) {} });
+    sources = []; id = newId; queued = 0; notes = []; chain = Promise.resolve();
+    halted = false;
+    window.pmStats = {clicked: window.pmClicked || performance.now(), first: null,
+                      underruns: 0, gaps: [], chunks: 0, until: 0};
+  }
+  async function play(chunk) {
+    const data = await (await fetch(chunk.url)).arrayBuffer();
+    const buffer = await ctx.decodeAudioData(data);
+    if (halted) return;  // Stop came while it was on its way
+    const stats = window.pmStats, now = ctx.currentTime;
+    if (stats.first === null || next < now + 0.005) {
+      if (stats.first !== null) { stats.underruns += 1; stats.gaps.push(now - next); }
+      next = now + 0.05;  // (re)start just ahead of the clock
+      offset = next - chunk.start;  // clock time of the take's 0 s
+      if (stats.first === null) stats.first = performance.now() + 50;
+    }
+    const source = ctx.createBufferSource();
+    source.buffer = buffer; source.connect(ctx.destination); source.start(next);
+    sources.push(source); next += buffer.duration;
+    stats.chunks += 1; stats.until = next - offset;
+    if (!drawing) { drawing = true; requestAnimationFrame(draw); }
+  }
+  function position() {
+    return ctx && window.pmStats && window.pmStats.first !== null
+      ? Math.max(0, Math.min(ctx.currentTime - offset, window.pmStats.until)) : 0;
+  }
+  function draw() {
+    const canvas = document.querySelector('#live-roll canvas');
+    if (!canvas) { drawing = false; return; }
+    const g = canvas.getContext('2d'), w = canvas.width, h = canvas.height;
+    const t = position(), span = Math.max(10, t), left = 40, bottom = 20;
+    g.clearRect(0, 0, w, h);
+    const shown = notes.filter(n => n[0] <= t);
+    const pitches = shown.map(n => n[2]);
+    const lo = Math.min(...pitches, 60) - 2, hi = Math.max(...pitches, 72) + 2;
+    const x = s => left + (w - left - 10) * s / span;
+    const y = p => (h - bottom) * (hi - p) / (hi - lo);
+    for (const [s, e, p, v] of shown) {
+      g.fillStyle = colour(s >= primer, v);
+      g.fillRect(x(s), y(p + 0.5), Math.max(1, x(Math.min(e, t)) - x(s)),
+                 (h - bottom) / (hi - lo));
+    }
+    g.fillStyle = '#333'; g.font = '12px sans-serif';
+    for (let s = 0; s <= span; s += span > 60 ? 10 : 5) g.fillText(`${s} s`, x(s) - 8, h - 5);
+    for (let p = Math.ceil(lo / 12) * 12; p <= hi; p += 12) {
+      g.fillText(`C${p / 12 - 1}`, 2, y(p) + 4);
+    }
+    if (primer > 0) {
+      g.strokeStyle = '#c0392b'; g.beginPath(); g.moveTo(x(primer), 0);
+      g.lineTo(x(primer), h - bottom); g.stroke();
+    }
+    g.strokeStyle = '#000'; g.beginPath(); g.moveTo(x(t), 0);
+    g.lineTo(x(t), h - bottom); g.stroke();
+    const label = document.querySelector('#live-clock');
+    const until = window.pmStats.until.toFixed(1);
+    if (label) label.textContent = `playing ${t.toFixed(1)} s of ${until} s`;
+    if (ctx.currentTime < next + 0.5) requestAnimationFrame(draw); else drawing = false;
+  }
+  return {
+    update(v) {
+      if (!v || !v.id) return;
+      if (!ctx) ctx = new AudioContext();
+      ctx.resume();
+      if (v.id !== id) reset(v.id);
+      notes = v.notes || []; primer = v.primer || 0;
+      for (const chunk of (v.chunks || []).slice(queued)) { chain = chain.then(() => play(chunk)); }
+      queued = (v.chunks || []).length;
+    },
+    stop() {
+      const heard = position();
+      halted = true;
+      sources.forEach(s => { try { s.stop(); } catch (e) {} });
+      sources = []; if (window.pmStats) window.pmStats.until = heard;
+      return heard;
+    },
+    position,
+    sent: () => queued,  // chunks the server has sent for this take
+  };
+})();
+document.addEventListener('click', e => {
+  if (e.target.closest('#generate, #extend')) window.pmClicked = performance.now();
+}, true);
+</script>
+"""
 
 
 @dataclass
@@ -97,10 +199,38 @@ class Progress:
     seconds: float
 
 
-def _serve(conn, ckpt: str, device: str | None, dtype: str, threads: int | None) -> None:
+class Link:
+    """What a job in a generation process reaches the server by: ``send`` a message
+    (progress, a chunk of the stream), ``progress`` (a few times a second at most),
+    ``stopped`` (the server asked it to stop: `Workers.stop`), ``played`` (how many
+    seconds of the take the listener had heard then: what a stopped take keeps;
+    infinite: all of it), and its thread count."""
+
+    def __init__(self, conn, stop, threads: int | None) -> None:
+        self.conn, self.stop, self.threads = conn, stop, threads
+        self.shown = 0.0
+
+    def send(self, kind: str, value: object) -> None:
+        self.conn.send((kind, value))
+
+    def progress(self, info) -> None:
+        now = time.perf_counter()
+        if now - self.shown > 0.1:
+            self.shown = now
+            self.send("progress", Progress(info.step, info.seconds))
+
+    def stopped(self) -> bool:
+        return self.stop.value >= 0
+
+    def played(self) -> float:
+        return self.stop.value
+
+
+def _serve(conn, stop, ckpt: str, device: str | None, dtype: str,
+           threads: int | None) -> None:
     """A generation process: load the model once, say "ready" (or why it cannot), then run
-    each job ``(fn, job)`` sent on ``conn`` as ``fn(model, job, on_progress)`` and send
-    back its progress (a few times a second), then ("done", result) or ("error", exc)."""
+    each job ``(fn, job)`` sent on ``conn`` as ``fn(model, job, link)`` (a `Link` back to
+    the server), then send ("done", result) or ("error", exc)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     import torch
 
@@ -115,21 +245,13 @@ def _serve(conn, ckpt: str, device: str | None, dtype: str, threads: int | None)
         conn.send(("error", exc))
         return
     conn.send(("ready", (model.config, str(model.device))))
-    shown = [0.0]
-
-    def on_progress(info) -> None:
-        now = time.perf_counter()
-        if now - shown[0] > 0.1:
-            shown[0] = now
-            conn.send(("progress", Progress(info.step, info.seconds)))
-
     while True:
         try:
             fn, job = conn.recv()
         except (EOFError, OSError):  # the server has gone
             return
         try:
-            conn.send(("done", fn(model, job, on_progress, threads)))
+            conn.send(("done", fn(model, job, Link(conn, stop, threads))))
         except Exception as exc:  # noqa: BLE001 (ValueError and MidiError are the user's)
             conn.send(("error", exc))
 
@@ -147,6 +269,8 @@ class Workers:
         self.args = (ckpt, device, dtype, threads)
         self.conns: list = [None] * count
         self.procs: list = [None] * count
+        self.stops: list = [None] * count
+        self.running: dict[str, int] = {}  # job id -> the process running it
         for i in range(count):  # they load the model at the same time
             self._start(i)
         self.idle: queue.Queue[int] = queue.Queue()
@@ -161,7 +285,9 @@ class Workers:
     def _start(self, i: int) -> None:
         ctx = multiprocessing.get_context("spawn")  # the server has threads: no fork
         here, there = ctx.Pipe()
-        self.procs[i] = ctx.Process(target=_serve, args=(there, *self.args), daemon=True)
+        self.stops[i] = ctx.Value("d", -1.0)
+        self.procs[i] = ctx.Process(target=_serve, args=(there, self.stops[i], *self.args),
+                                    daemon=True)
         self.procs[i].start()
         there.close()
         self.conns[i] = here
@@ -173,13 +299,16 @@ class Workers:
             code = self.procs[i].exitcode
             return "error", RuntimeError(f"the generation process stopped (exit code {code})")
 
-    def run(self, fn: Callable, job: dict, on_progress: Callable[[Progress], object]):
-        """``fn(model, job, on_progress, threads)`` in the first idle process, passing its
-        progress to ``on_progress``; returns its result or raises its exception (a
-        RuntimeError when the process dies during the job: killed, out of memory). A
-        process found dead is replaced before it gets a job."""
+    def run(self, fn: Callable, job: dict, job_id: str = "") -> Iterator[tuple[str, object]]:
+        """``fn(model, job, link)`` in the first idle process: yields its messages
+        (("progress", Progress), ("chunk", ...)), then ("done", its result), or raises its
+        exception (a RuntimeError when the process dies during the job: killed, out of
+        memory). A process found dead is replaced before it gets a job. ``job_id`` names
+        the job for `stop`. Leaving the loop early stops the job and waits for its end."""
         i = self.idle.get()
+        done = False
         try:
+            self.stops[i].value = -1.0
             try:
                 self.conns[i].send((fn, job))
             except OSError:  # it died since its last job: a new one
@@ -189,16 +318,30 @@ class Workers:
                 if kind != "ready":
                     raise value from None
                 self.conns[i].send((fn, job))
-            while True:
+            self.running[job_id] = i
+            while not done:
                 kind, value = self._receive(i)
-                if kind == "progress":
-                    on_progress(value)
-                elif kind == "done":
-                    return value
-                else:
+                if kind == "error":
+                    done = True
                     raise value
+                done = kind == "done"
+                yield kind, value
         finally:
+            self.running.pop(job_id, None)
+            if not done:  # the caller left: stop the job, and take its messages to the end
+                self.stops[i].value = math.inf
+                while self._receive(i)[0] not in ("done", "error"):
+                    pass
             self.idle.put(i)
+
+    def stop(self, job_id: str, played: float = math.inf) -> bool:
+        """Ask the job ``job_id`` to end, keeping the first ``played`` seconds of its take
+        (what the listener has heard); False when no such job runs."""
+        i = self.running.get(job_id)
+        if i is None:
+            return False
+        self.stops[i].value = max(0.0, played)
+        return True
 
     def close(self) -> None:
         """Stop every process."""
@@ -208,18 +351,78 @@ class Workers:
             proc.join()
 
 
-def make_take(model, job: dict, on_progress: Callable, threads: int | None) -> dict:
-    """In a generation process: generate, write the take's files to ``job["folder"]`` and
-    return what the page shows of it."""
-    take = model.generate(job["primer"], **job["generate"], decode_threads=threads,
-                          progress=on_progress)
+def _stream_audio(chunk, start: float, end: float, job: dict, live: Path, index: int,
+                  gain: list[float]) -> dict | None:
+    """Render ``start``..``end`` s of a streamed take into ``live``/chunk-``index``.wav, at
+    the gain of the first chunk (a stream cannot know the whole take's loudness); returns
+    what the page's player needs of it, or None when there is nothing to render."""
+    from midi_processor import write_atomic
+    from perceiver_music.render import AudioError, normalise, render_span, wav_bytes
+
+    if end - start < 0.01:
+        return None
+    now = chunk.primer_seconds + chunk.seconds
+    notes = [n if n.end < now or chunk.take is not None else
+             type(n)(n.velocity, n.pitch, n.start, now + 30.0) for n in chunk.notes]
+    try:
+        samples, rate = render_span(notes, start, end, job["soundfont"], job["renderer"])
+    except AudioError:
+        return None  # the take's own render will say why
+    if not gain:
+        gain.append(min(normalise(samples)[1], 30.0))
+    path = live / f"chunk-{index}.wav"
+    write_atomic(path, wav_bytes(samples * 10 ** (gain[0] / 20), rate))
+    return {"url": f"gradio_api/file={path.resolve()}", "start": round(start, 3),
+            "end": round(end, 3)}
+
+
+def make_take(model, job: dict, link: Link) -> dict:
+    """In a generation process: generate the take, streaming it (each second of music
+    rendered to a chunk of audio in ``job["live"]`` and sent with the notes so far; beam
+    search, which picks its sequence only at the end, does not stream); if stopped, keep
+    the music the listener had heard; write the take's files to ``job["folder"]``; return
+    what the page shows of it."""
+    import dataclasses
+
+    from midi_processor import cut_tokens
+
+    settings, live = job["generate"], Path(job["live"])
+    if settings["num_beams"] > 1:
+        take = model.generate(job["primer"], **settings, decode_threads=link.threads,
+                              progress=link.progress, stop=link.stopped)
+    else:
+        live.mkdir(parents=True, exist_ok=True)
+        heard, chunks, gain = 0.0, 0, []
+        for chunk in model.stream(job["primer"], **settings, chunk_seconds=STREAM_SECONDS,
+                                  decode_threads=link.threads, stop=link.stopped):
+            link.send("progress", Progress(len(chunk.tokens), chunk.seconds))
+            take = chunk.take
+            if link.stopped():  # the last chunk, with the take, follows
+                continue
+            # audio up to 0.1 s before the music so far: a synthesiser's block of samples
+            # may already hold an event up to 50 ms later (render_span)
+            end = (max([n.end for n in chunk.notes] + [0.0]) + 1.0 if take is not None
+                   else chunk.primer_seconds + chunk.seconds - 0.1)
+            audio = _stream_audio(chunk, heard, end, job, live, chunks, gain)
+            if audio is not None:
+                heard, chunks = end, chunks + 1
+            link.send("chunk", {"audio": audio, "seconds": chunk.seconds,
+                                "primer_seconds": chunk.primer_seconds,
+                                "notes": [(round(n.start, 3), round(n.end, 3), n.pitch,
+                                           n.velocity) for n in chunk.notes]})
+    if link.stopped() and math.isfinite(link.played()):
+        keep = link.played() - take.primer_seconds  # the new music the listener heard
+        cut = [cut_tokens(c, seconds=keep) if keep > 0 else [] for c in take.continuations]
+        take = dataclasses.replace(take, continuations=cut, stop_reasons=["stopped"] * len(cut),
+                                   seconds=[min(s, max(keep, 0.0)) for s in take.seconds])
     take.extra["primer_name"] = job["primer_name"]
     problems = take.save(job["folder"], soundfont=job["soundfont"], renderer=job["renderer"],
                          report={"app_settings": job["settings"]})
     return {"tokens": take.tokens(0), "seconds": take.seconds[0],
             "new_tokens": len(take.continuations[0]), "samples": len(take.continuations),
             "generate_s": take.generate_s, "seed": take.seed, "primer_note": take.primer_note,
-            "primer_seconds": take.primer_seconds, "problems": problems}
+            "primer_seconds": take.primer_seconds, "problems": problems,
+            "stopped": take.stop_reasons[0] == "stopped"}
 
 
 class Studio:
@@ -245,8 +448,23 @@ class Studio:
 
     def generate(self, settings: dict, primer, history: list[Take], on_progress=None,
                  extend: Take | None = None) -> tuple[Take, str]:
-        """Generate a take (or extend ``extend``) and write its files; returns the take and
-        a line for the page. Raises ValueError (bad settings) or MidiError (bad primer)."""
+        """`stream` to the end: the take and its line (``on_progress`` gets each
+        `Progress`)."""
+        for kind, value in self.stream(settings, primer, history, extend):
+            if kind == "progress" and on_progress is not None:
+                on_progress(value)
+            elif kind == "take":
+                return value
+        raise RuntimeError("the generation ended without a take")
+
+    def stream(self, settings: dict, primer, history: list[Take], extend: Take | None = None,
+               job_id: str = "") -> Iterator[tuple[str, object]]:
+        """Generate a take (or extend ``extend``) in a generation process: yields
+        ("progress", `Progress`) and ("chunk", what the page's player needs of each chunk
+        of audio as the take grows), then ("take", (the `Take`, a line for the page)) once
+        its files are written. ``job_id`` lets `Workers.stop` end it early. Raises
+        ValueError (bad settings), MidiError (bad primer) or RuntimeError (the generation
+        process died)."""
         from midi_processor import MidiError
 
         s = check_settings(settings)
@@ -267,6 +485,7 @@ class Studio:
         number = len(history) + 1
         folder = self.session_folder(history) / f"take-{number}"
         job = {"primer": primer, "folder": folder, "settings": s,
+               "live": folder.parent / f".{folder.name}-stream",
                "soundfont": self.args.soundfont or None, "renderer": self.args.renderer,
                "primer_name": (f"take {extend.number}" if extend is not None
                                else s.get("primer_name", "from scratch")),
@@ -278,7 +497,9 @@ class Studio:
                    num_beams=s["beams"], seed=None if s["seed"] < 0 else s["seed"],
                    stop_at_end=s["stop_at_end"], cross_attn_seq_len=s["prefix_len"] or None,
                    precision="int8" if s.get("int8") else "float32")}
-        t = self.workers.run(make_take, job, on_progress or (lambda info: None))
+        for kind, t in self.workers.run(make_take, job, job_id):
+            if kind != "done":
+                yield kind, t
         summary = (f"{t['seconds']:.1f} s of new music ({t['new_tokens']} tokens) in "
                    f"{t['generate_s']:.1f} s, seed {t['seed']}")
         summary = (f"take {extend.number} extended by {summary}" if extend is not None
@@ -289,7 +510,9 @@ class Studio:
         line = summary + (f" (no audio: {t['problems'][0]})" if t["problems"] else "")
         if t["samples"] > 1:
             line += f"; showing sample 1 of {t['samples']} (all in the download)"
-        return result, line
+        if t["stopped"]:
+            line += "; stopped where you stopped listening"
+        yield "take", (result, line)
 
     @staticmethod
     def files(take: Take) -> tuple[str | None, str, list[str]]:
@@ -349,8 +572,15 @@ def build_page(studio: Studio, args):
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     more = gr.Button("Extend", elem_id="extend")
+                    stop = gr.Button("Stop", elem_id="stop")
             with gr.Column(scale=2):
                 status = gr.Markdown("Ready.", elem_id="status")
+                # the take as it is generated: heard at once, drawn as it plays (PLAYER_JS)
+                gr.HTML('<canvas width="1200" height="260"></canvas><div id="live-clock">'
+                        "</div>", elem_id="live-roll", label="now playing")
+                live = gr.JSON(None, elem_id="live", elem_classes=["pm-hidden"])
+                heard = gr.Number(0, elem_classes=["pm-hidden"])  # Stop sends where it was
+                job = gr.State("")
                 audio = gr.Audio(label="listen", type="filepath", interactive=False,
                                  elem_id="audio")
                 roll = gr.Image(label="piano roll", type="filepath", interactive=False,
@@ -362,22 +592,21 @@ def build_page(studio: Studio, args):
 
         settings = [prime_seconds, seconds, temperature, top_k, top_p, min_p, greedy, beams,
                     num_samples, seed, prefix_len, creativity, stop_at_end, int8]
-        outputs = [status, audio, roll, downloads, history, chosen]
+        outputs = [status, audio, roll, downloads, history, chosen, live, job]
 
         def respond(values, source_name, upload_path, takes, selected, extend, request,
                     progress):
-            """Generate or extend a take; errors become a line on the page."""
+            """Generate or extend a take, streaming it to the page's player as it grows;
+            errors become a line on the page."""
             s = dict(zip(setting_names, values, strict=True))
-
+            job_id = secrets.token_hex(16)  # what Stop names (kept in the session's state)
             shown = [0.0]
-
-            def on_progress(info) -> None:
-                now = time.perf_counter()  # a few updates a second are enough for the bar
-                if now - shown[0] > 0.2:
-                    shown[0] = now
-                    progress(min(info.seconds / s["seconds"], 1.0),
-                             desc=f"{info.step + 1} tokens, {info.seconds:.1f} s of music")
-
+            stream = {"id": job_id, "chunks": [], "notes": [], "primer": 0.0}
+            keep = gr.update()
+            # the previous take's player, roll and downloads go: what stayed would look
+            # like the result of this request (earlier takes stay in the list of takes)
+            yield ("Generating: the take plays as it grows.", None, None, None, takes, keep,
+                   stream, job_id)
             base = next((t for t in takes if t.label == selected), takes[-1] if takes else None)
             try:
                 primer = None
@@ -391,20 +620,34 @@ def build_page(studio: Studio, args):
                     primer = Path(args.primer)
                 if primer is not None:
                     s["primer_name"] = primer.name
-                take, line = studio.generate(s, primer, takes, on_progress,
-                                             base if extend else None)
+                for kind, value in studio.stream(s, primer, takes, base if extend else None,
+                                                 job_id):
+                    if kind == "progress":
+                        now = time.perf_counter()  # a few updates a second are enough
+                        if now - shown[0] > 0.2:
+                            shown[0] = now
+                            progress(min(value.seconds / s["seconds"], 1.0),
+                                     desc=f"{value.step + 1} tokens, {value.seconds:.1f} s "
+                                          "of music")
+                    elif kind == "chunk":
+                        stream = {**stream, "notes": value["notes"],
+                                  "primer": value["primer_seconds"],
+                                  "chunks": stream["chunks"] + [value["audio"]] * bool(
+                                      value["audio"])}
+                        yield (keep, keep, keep, keep, keep, keep, stream, keep)
+                    else:
+                        take, line = value
             except (ValueError, MidiError, RuntimeError) as exc:  # RuntimeError: a died process
                 problem = str(exc)  # name an upload as the user knows it, not Gradio's copy
                 if source_name == SOURCES[1] and upload_path:
                     problem = problem.replace(str(upload_path), Path(upload_path).name)
-                # the player, roll and downloads are cleared: what stayed would look like
-                # the result of this request (earlier takes stay in the list of takes)
-                return (f"**Could not generate:** {problem}", None, None, None, takes,
-                        gr.update(value=None))
+                yield (f"**Could not generate:** {problem}", None, None, None, takes,
+                       gr.update(value=None), None, "")
+                return
             takes = [*takes, take]
             wav, png, files = studio.files(take)
-            return (line, wav, png, files, takes,
-                    gr.update(choices=[t.label for t in takes], value=take.label))
+            yield (line, wav, png, files, takes,
+                   gr.update(choices=[t.label for t in takes], value=take.label), keep, "")
 
         def handler(extend: bool):
             """The event function of Generate (or of Extend): Gradio passes the inputs, the
@@ -415,8 +658,8 @@ def build_page(studio: Studio, args):
                        request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
                 values = [prime_s, length, temp, k, p, min_p_, greedy_, width, samples, seed_,
                           prefix, bias, stop, int8_]
-                return respond(values, source_name, upload_path, takes, selected, extend,
-                               request, progress)
+                yield from respond(values, source_name, upload_path, takes, selected, extend,
+                                   request, progress)
 
             return handle
 
@@ -435,6 +678,12 @@ def build_page(studio: Studio, args):
         more.click(handler(extend=True), inputs, outputs, show_progress_on=[status],
                    api_name="extend")
         chosen.input(show, [history, chosen], [status, audio, roll, downloads])
+        live.change(None, [live], None, js="(v) => { window.pmLive.update(v); }")
+        # Stop: the sound stops at once, and the take keeps what was heard (outside the
+        # queue, which may be full of generations)
+        stop.click(lambda job_id, seconds: studio.workers.stop(job_id, float(seconds or 0))
+                   and None, [job, heard], None, queue=False,
+                   js="(job_id) => [job_id, window.pmLive.stop()]")
     page.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return page
 
@@ -456,6 +705,7 @@ def main() -> None:
     page = build_page(studio, args)
     try:
         page.launch(server_name=args.host, server_port=args.port, quiet=True, css=CSS,
+                    head=PLAYER_JS,
                     max_file_size=int(args.max_upload_mb * 2**20),
                     allowed_paths=[str(args.out_dir)], footer_links=[], show_error=True,
                     prevent_thread_lock=True)

@@ -7,6 +7,8 @@
     take.midi()                     # pretty_midi.PrettyMIDI: primer + continuation
     take.audio("take.wav")          # a normalised WAV file
     take.save("output/take1")       # MIDI, audio, piano roll and generation.json
+    for chunk in model.stream("primer.mid", seconds=60):   # the same, a chunk at a time
+        print(chunk.seconds, len(chunk.notes))
     model.save_pretrained("ckpt/mine")
 
 generate.py, app.py and evaluate.py are built on this module, so the Python API and the
@@ -15,10 +17,14 @@ scripts write the same files and accept the same settings.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,8 @@ from midi_processor import (
     encode_midi,
     piece_seconds,
 )
-from midi_processor.vocab import END, PAD, VELOCITY, VOCAB_SIZE
+from midi_processor.core import shift_steps
+from midi_processor.vocab import END, NOTE_OFF, PAD, STEPS_PER_SECOND, VELOCITY, VOCAB_SIZE
 
 from .checkpoint import atomic_folder, load_checkpoint, save_checkpoint
 from .config import ModelConfig
@@ -216,8 +223,31 @@ class Generation:
         return f"{name}, continued by {Path(self.checkpoint).name}, seed {self.seed}{sample}"
 
 
+@dataclass
+class Chunk:
+    """A streamed generation so far (`PerceiverMusic.stream`; its first sample).
+
+    ``tokens`` are its new tokens so far and ``seconds`` their music; ``notes`` are the
+    notes of primer and continuation so far, sorted, times from the start of the primer
+    (a note still sounding ends at ``primer_seconds + seconds``, where the music is). The
+    last chunk carries ``take``: the finished `Generation`, the same as `generate`
+    returns for the same arguments."""
+
+    tokens: list[int]
+    seconds: float
+    notes: list[pretty_midi.Note]
+    primer_seconds: float
+    take: Generation | None = None
+
+
+def notes_so_far(tokens: Sequence[int]) -> list[pretty_midi.Note]:
+    """The notes of ``tokens``, sorted, those still sounding at its end ending there."""
+    closed = [*tokens, *range(NOTE_OFF, NOTE_OFF + 128)]  # stray note-offs are ignored
+    return sorted(decode_midi(closed).instruments[0].notes, key=lambda n: (n.start, n.pitch))
+
+
 class PerceiverMusic:
-    """A Perceiver AR checkpoint, ready to continue music (`generate`)."""
+    """A Perceiver AR checkpoint, ready to continue music (`generate`, `stream`)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
                  source: str = "") -> None:
@@ -292,6 +322,7 @@ class PerceiverMusic:
         cuda_graphs: bool = True,
         decode_threads: int | None = None,
         progress: Callable[[StepInfo], object] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Generation:
         """Continue ``primer`` (see `primer_tokens`: a path, bytes, PrettyMIDI, token ids
         or None) for ``seconds`` of music (None: until END or ``max_new_tokens``).
@@ -308,8 +339,9 @@ class PerceiverMusic:
         On a CPU ``decode_threads`` fixes the thread count of decoding steps (None: chosen
         by timing them, which keeps decoding fast beside other busy processes).
         ``progress`` receives each step's `StepInfo` (its ``step`` and ``seconds`` tell
-        how far the slowest sample has come). Raises ValueError for impossible settings
-        and MidiError for an unreadable primer.
+        how far the slowest sample has come). ``stop`` is asked after every step: True
+        ends the take there (stop reason "stopped"). Raises ValueError for impossible
+        settings and MidiError for an unreadable primer.
         """
         if seconds is not None and not seconds > 0:
             raise ValueError(f"seconds must be positive (or None for no limit), got {seconds}")
@@ -318,7 +350,7 @@ class PerceiverMusic:
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
         settings = {k: v for k, v in locals().items()
-                    if k not in ("self", "primer", "progress", "tokens", "note")}
+                    if k not in ("self", "primer", "progress", "stop", "tokens", "note")}
         sampling = None
         if num_beams == 1:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -329,7 +361,7 @@ class PerceiverMusic:
                           max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
                           seed=seed, cross_attn_seq_len=cross_attn_seq_len, precision=precision,
                           cuda_graphs=cuda_graphs, decode_threads=decode_threads,
-                          on_step=progress)
+                          on_step=progress, stop=stop)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
         return Generation(
@@ -339,3 +371,76 @@ class PerceiverMusic:
             primer_note=note, extra={"primer_name": name,
                                      "scores": result.scores,
                                      "model": asdict(self.config), "dtype": self.dtype})
+
+    def stream(self, primer: Primer = None, *, chunk_seconds: float = 1.0,
+               **settings: Any) -> Iterator[Chunk]:
+        """`generate` a chunk at a time: yields a first `Chunk` at once (no new tokens: the
+        primer, so that a player can start), another each time the first sample's music
+        has grown by ``chunk_seconds``, while decoding goes on in a thread, and a last one
+        holding the finished take (the same as `generate` with the same
+        arguments and seed). Leaving the loop early stops the generation; a ``stop`` that
+        returns True ends the take there and still yields it. Takes every argument of
+        `generate` but ``progress``; beam search, which picks its sequence only at the
+        end, cannot stream."""
+        if not chunk_seconds > 0:
+            raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
+        if settings.get("num_beams", 1) != 1:
+            raise ValueError("beam search cannot stream: it picks its sequence at the end")
+        if "progress" in settings:
+            raise TypeError("stream() takes no progress argument: each chunk is progress")
+        asked = settings.pop("stop", None) or (lambda: False)
+        cut = {name: settings.get(name, param.default) for name, param in
+               inspect.signature(self.generate).parameters.items() if name.startswith("prime_")}
+        prime = primer_tokens(primer, seconds=cut["prime_seconds"], count=cut["prime_tokens"],
+                              from_end=cut["prime_from_end"])[0]
+        start = piece_seconds(prime)
+        shifts = shift_steps(range(VOCAB_SIZE)).tolist()
+        events: queue.Queue = queue.Queue(maxsize=64)
+        stopping = threading.Event()
+        made: list[int] = []
+        state = {"steps": 0, "shown": 0.0, "ended": False}
+
+        def on_step(info: StepInfo) -> None:  # in the decoding thread
+            token = int(info.tokens[0])
+            if state["ended"] or token == PAD:
+                return
+            made.append(token)
+            state["steps"] += shifts[token]
+            state["ended"] = token == END
+            seconds = state["steps"] / STEPS_PER_SECOND
+            if seconds - state["shown"] >= chunk_seconds:
+                state["shown"] = seconds
+                chunk = Chunk(list(made), seconds, notes_so_far(prime + made), start)
+                while not stopping.is_set():  # a slow reader holds the decoding back
+                    try:
+                        events.put(chunk, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+
+        def run() -> None:
+            try:
+                take = self.generate(primer, **settings, progress=on_step,
+                                     stop=lambda: stopping.is_set() or asked())
+                events.put(Chunk(take.continuations[0], take.seconds[0],
+                                 take._sorted_notes(0), start, take))
+            except BaseException as exc:  # noqa: BLE001 (raised again in the reader)
+                events.put(exc)
+
+        worker = threading.Thread(target=run, name="perceiver-music-stream", daemon=True)
+        worker.start()
+        try:
+            yield Chunk([], 0.0, notes_so_far(prime), start)
+            while True:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.take is not None:
+                    return
+        finally:
+            stopping.set()
+            while worker.is_alive():  # let a blocked put go on to the end
+                with contextlib.suppress(queue.Empty):
+                    events.get(timeout=0.1)
+            worker.join()

@@ -48,6 +48,7 @@ from .threads import ThreadTuner
 STOP_END = "end"
 STOP_SECONDS = "seconds"
 STOP_MAX_TOKENS = "max_tokens"
+STOP_ASKED = "stopped"  # the caller's ``stop`` said so
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def generate(
     cuda_graphs: bool = True,
     on_step: Callable[[StepInfo], object] | None = None,
     progress: Callable[[int], object] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Continue ``primer`` with up to ``max_new_tokens`` tokens per sample.
 
@@ -216,8 +218,10 @@ def generate(
     function either way.
 
     ``on_step`` receives a `StepInfo` after every step; ``progress`` is called with 1
-    after every step (``tqdm.update`` fits). The model runs in eval mode and is put back
-    in its previous mode afterwards.
+    after every step (``tqdm.update`` fits). ``stop`` is asked after every step: when it
+    returns True the samples end there, with the stop reason "stopped" (beam search
+    returns the best sequence so far). The model runs in eval mode and is put back in its
+    previous mode afterwards.
     """
     primer_ids = _check_primer(primer)
     m, max_seq_len = prefix_length(model, cross_attn_seq_len), model.max_seq_len
@@ -239,7 +243,7 @@ def generate(
 
     device = model.token_emb.weight.device
     first = torch.tensor(_primer_window(primer_ids, m, max_seq_len), device=device)
-    limits = _Limits(max_new_tokens, max_seconds, stop_on_end)
+    limits = _Limits(max_new_tokens, max_seconds, stop_on_end, stop)
     was_training = model.training
     model.eval()
     window = None
@@ -398,6 +402,7 @@ class _Limits:
     max_new_tokens: int
     max_seconds: float | None
     stop_on_end: bool
+    stop: Callable[[], bool] | None = None
 
     def reason(self, token: int, steps: int, count: int) -> str | None:
         """Why a sample that just emitted ``token`` stops (None: it goes on). ``steps`` is
@@ -445,6 +450,8 @@ def _sample(
                              window.prefix_len))
         if progress is not None:
             progress(1)
+        if limits.stop is not None and limits.stop():
+            reasons = [r or STOP_ASKED for r in reasons]
         if all(r is not None for r in reasons):
             break
         finished = torch.tensor([r is not None for r in reasons], device=finished.device)
@@ -511,6 +518,11 @@ def _beam_search(
                              window.reencoded, music, window.prefix_len))
         if progress is not None:
             progress(1)
+        if parents and limits.stop is not None and limits.stop():
+            finished += [(score, window.generated(parent) + [token], STOP_ASKED, music)
+                         for score, parent, token, music in zip(
+                             live_scores, parents, tokens, live_steps, strict=True)]
+            break
         if not parents:
             break
         if length_penalty == 0.0 and finished and (

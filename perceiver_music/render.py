@@ -6,6 +6,7 @@
 - `render_audio` turns MIDI into a WAV file with a pip-only synthesiser (midirenderer, a
   SoundFont renderer) and the small General MIDI SoundFont that pretty_midi ships, or with
   the FluidSynth program when asked; the result is normalised to a common loudness.
+  `render_span` renders a stretch of it for a stream, at the cost of its own length.
 
 Neither needs torch; generate.py, app.py and evaluate.py share them.
 """
@@ -13,6 +14,7 @@ Neither needs torch; generate.py, app.py and evaluate.py share them.
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -177,6 +179,47 @@ def render_audio(
     write_atomic(path, wav_bytes(samples, rate))
     return AudioInfo(len(samples) / rate, rate, gain_db, float(np.abs(samples).max(initial=0)),
                      renderer)
+
+
+def render_span(notes: Sequence[pretty_midi.Note], start: float, end: float,
+                soundfont: str | os.PathLike | None = None, renderer: str = "midirenderer",
+                tail: float = 4.0, longest: float = 30.0) -> tuple[np.ndarray, int]:
+    """The audio of ``notes`` from ``start`` to ``end`` seconds, unnormalised (frames x
+    channels, and the sample rate), rendering only from where the notes sounding at
+    ``start`` began (at least ``tail`` seconds before it, for the release of notes that
+    ended just before): a stream's chunk costs about its own length, not the piece's.
+
+    The samples are the same as in a render of the whole piece, unless a note sounding
+    at ``start`` began more than ``longest`` seconds before it (it is struck again there,
+    by then faded much as it would have) or a release outlasts ``tail``. A synthesiser
+    applies events at the start of its block of samples, so the audio up to ``end`` also
+    depends on events up to 50 ms after it: a stream renders up to 0.1 s before the
+    music it has, with notes still sounding held past that. The render starts on a 50 ms
+    grid, where 120 bpm at 480 ticks per beat puts a whole tick, so the notes land on the
+    same samples as in the whole piece's render."""
+    sounding = [n.start for n in notes if n.start < start < n.end]
+    origin = max(min([start - tail, *sounding]), start - longest, 0.0)
+    origin = max(0.0, math.floor(origin * 20) / 20)
+    pm = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    piano.notes = [pretty_midi.Note(n.velocity, n.pitch, max(n.start, origin) - origin,
+                                    n.end - origin)
+                   for n in notes if n.end > origin and n.start < end + 0.1]
+    pm.instruments.append(piano)
+    buf = io.BytesIO()
+    pm.write(buf)
+    font = Path(soundfont) if soundfont else default_soundfont()
+    if renderer == "fluidsynth":
+        samples, rate = _fluidsynth(buf.getvalue(), font)
+    elif renderer == "midirenderer":
+        samples, rate = _midirenderer(buf.getvalue(), font)
+    else:
+        raise AudioError(f"unknown renderer {renderer!r}; choose {' or '.join(RENDERERS)}")
+    first, last = round((start - origin) * rate), round((end - origin) * rate)
+    out = np.zeros((last - first, samples.shape[1] if samples.ndim == 2 else 2), np.float32)
+    got = samples[first:last]
+    out[: len(got)] = got
+    return out, rate
 
 
 def normalise(samples: np.ndarray) -> tuple[np.ndarray, float]:

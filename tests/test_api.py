@@ -163,3 +163,77 @@ def test_bfloat16_weights_stay_close_to_float32_and_generate():
     assert math.isfinite(kl.max().item())
     with pytest.raises(ValueError, match="dtype must be one of"):
         PerceiverMusic.from_pretrained(device="cpu", dtype="float16")
+
+
+def test_stream_yields_the_take_as_it_grows_and_ends_as_generate_does(tiny):
+    """`stream`: the primer at once, then chunks whose tokens are the start of the final
+    take's (notes so far included, a sounding one ending where the music is), and a last
+    chunk holding exactly what `generate` returns with the same seed; leaving early or
+    a ``stop`` ends the decoding, and the stopped take is still delivered."""
+    settings = dict(seconds=6, prime_seconds=4, seed=5, stop_at_end=False, top_k=40)
+    chunks = list(tiny.stream(str(PRIMER), chunk_seconds=1.5, **settings))
+    alone = tiny.generate(str(PRIMER), **settings)
+    first, last = chunks[0], chunks[-1]
+    assert first.tokens == [] and first.seconds == 0 and 0 < first.primer_seconds <= 4
+    assert max(n.end for n in first.notes) <= first.primer_seconds + 1e-9
+    assert last.take is not None and last.take.continuations == alone.continuations
+    assert last.take.settings == alone.settings and last.take.seed == alone.seed
+    assert [c.take for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    seconds = [c.seconds for c in chunks]
+    assert seconds == sorted(seconds) and len(chunks) >= 4
+    for chunk in chunks[1:-1]:
+        assert chunk.tokens == alone.continuations[0][:len(chunk.tokens)]
+        now = chunk.primer_seconds + chunk.seconds
+        assert chunk.seconds >= 1.5 and max(n.end for n in chunk.notes) <= now + 1e-9
+    # leaving the loop stops the decoding thread
+    stream = tiny.stream(str(PRIMER), chunk_seconds=0.5, seconds=120, seed=5,
+                         stop_at_end=False)
+    next(stream)
+    next(stream)
+    stream.close()
+    assert not [t for t in __import__("threading").enumerate()
+                if t.name == "perceiver-music-stream"]
+    # a stop: the take ends there, and comes
+    asked = []
+    stopped = [c for c in tiny.stream(str(PRIMER), chunk_seconds=0.5, seconds=120, seed=5,
+                                      stop_at_end=False, stop=lambda: len(asked) > 3)
+               if asked.append(1) is None]
+    take = stopped[-1].take
+    assert take.stop_reasons == ["stopped"] and take.seconds[0] < 120
+    with pytest.raises(ValueError, match="beam search cannot stream"):
+        next(tiny.stream(str(PRIMER), num_beams=2))
+    with pytest.raises(TypeError, match="no progress argument"):
+        next(tiny.stream(str(PRIMER), progress=print))
+
+
+def test_a_stop_ends_sampling_and_beam_search_with_the_music_so_far(tiny):
+    steps = []
+    for beams in (1, 3):
+        take = tiny.generate(str(PRIMER), seconds=None, max_new_tokens=200, num_beams=beams,
+                             stop_at_end=False, progress=steps.append,
+                             stop=lambda: len(steps) >= 5)
+        assert take.stop_reasons == ["stopped"] and 1 <= len(take.continuations[0]) <= 6
+        steps.clear()
+
+
+def test_a_span_renders_the_same_samples_as_the_whole_piece():
+    """`render_span`, a stream's chunk: on the bundled primer every 2 s span equals the
+    whole render's samples (within one 16-bit step)."""
+    import io
+
+    import numpy as np
+
+    from midi_processor import decode_midi
+    from perceiver_music.api import DEMO_PRIMER, notes_so_far
+    from perceiver_music.render import _midirenderer, default_soundfont, render_span
+
+    tokens = list(encode_midi(DEMO_PRIMER))
+    buf = io.BytesIO()
+    decode_midi(tokens).write(buf)
+    whole, rate = _midirenderer(buf.getvalue(), default_soundfont())
+    notes = notes_so_far(tokens)
+    for start in np.arange(0.0, 10.0, 2.0):
+        span, span_rate = render_span(notes, start, start + 2)
+        assert span_rate == rate and len(span) == 2 * rate
+        reference = whole[round(start * rate):round((start + 2) * rate)]
+        assert np.abs(span - reference).max() <= 2 / 32768, start

@@ -10,6 +10,8 @@ README's picture comes from there).
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import os
 import re
 import shutil
@@ -248,9 +250,47 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     third.locator("#generate").click()
     third.get_by_text("This application is currently busy").wait_for()
     wait_status(first, r"s of new music")
+    stream = stream_stats(first)  # the 60 s take played while it was generated
+    print(f"60 s take: first sound {stream['first'] - stream['clicked']:.0f} ms after the "
+          f"click, {stream['chunks']} chunks, {stream['underruns']} underruns")
+    assert stream["underruns"] == 0, stream["gaps"]  # no gap in the sound
+    assert stream["until"] >= 60 and stream["first"] > stream["clicked"]
+    if os.environ.get("APP_STREAM_STATS"):
+        Path(os.environ["APP_STREAM_STATS"]).write_text(json.dumps(stream))
     wait_status(second, r"s of new music")
     refused = third.locator("#status").inner_text()  # marked as an error, no take
     assert "Ready." in refused and "new music" not in refused, refused
+
+
+def stream_stats(page) -> dict:
+    """The page's player figures (PLAYER_JS) once the take is done and every chunk it was
+    sent is scheduled: after that no underrun can happen."""
+    page.wait_for_function("() => window.pmStats && window.pmStats.first !== null && "
+                           "window.pmStats.chunks === window.pmLive.sent()")
+    return page.evaluate("() => window.pmStats")
+
+
+def test_stop_keeps_what_was_heard(app_url, browser, app_out):
+    """Stop while a take plays: the sound stops at once and the take keeps the music
+    heard up to then (its files say so), not what was generated beyond it."""
+    page = open_page(browser, app_url)
+    set_number(page, "prime-seconds", 4)
+    set_number(page, "seconds", 60)
+    page.get_by_text("sampling").click()
+    page.get_by_label("stop when the model ends the piece").uncheck()
+    page.locator("#generate").click()
+    page.wait_for_function("() => window.pmLive.position() > 6")  # 4 s of primer + new
+    page.locator("#stop").click()
+    line = wait_status(page, r"stopped where you stopped listening")
+    heard = page.evaluate("() => window.pmStats.until")
+    new = float(re.search(r"([\d.]+) s of new music", line).group(1))
+    assert 6 <= heard < 40 and abs(new - (heard - 4)) < 0.5, (heard, line)
+    take = max(app_out.glob("*/take-*"), key=lambda p: p.stat().st_mtime)
+    report = json.loads((take / "generation.json").read_text())
+    assert report["samples"][0]["stop_reason"] == "stopped"
+    notes = pretty_midi.PrettyMIDI(str(take / "continuation.mid")).instruments[0].notes
+    assert notes and max(n.start for n in notes) <= new  # nothing after what was heard
+    assert "Generating" not in page.locator("#status").inner_text()
 
 
 def test_bad_options_get_one_line(tmp_path):
@@ -377,3 +417,30 @@ def test_two_generations_decode_at_once_in_two_processes(tmp_path):
             assert studio.generate(SHORT, DATA / "scn15_4.mid", [])[0].tokens == alone.tokens
     finally:
         studio.workers.close()
+
+
+def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
+    """A take streams to the page as it grows (chunks of audio, the notes so far); its
+    files are the same as the API's `generate` + `save` with the same settings write."""
+    from perceiver_music.api import PerceiverMusic
+
+    app, studio = studio_of(tmp_path / "app")
+    try:
+        settings = {**SHORT, "seconds": 4, "greedy": True}
+        messages = list(studio.stream(settings, DATA / "scn15_4.mid", []))
+    finally:
+        studio.workers.close()
+    chunks = [value for kind, value in messages if kind == "chunk"]
+    take, line = messages[-1][1]
+    assert messages[-1][0] == "take" and "s of new music" in line
+    audio = [c["audio"] for c in chunks if c["audio"]]
+    assert len(audio) >= 4 and audio[0]["start"] == 0  # the primer plays at once
+    assert all(a["end"] == b["start"] for a, b in itertools.pairwise(audio))  # no gap
+    assert chunks[-1]["seconds"] == take.seconds - 4.0 >= 4.0  # after the 4 s primer
+    assert len(chunks[-1]["notes"]) > len(chunks[0]["notes"]) > 0
+    whole = PerceiverMusic.from_pretrained(app.bundled("ckpt/demo"), device="cpu").generate(
+        DATA / "scn15_4.mid", seconds=4, prime_seconds=4, greedy=True, seed=3,
+        stop_at_end=False)
+    whole.save(tmp_path / "whole")
+    for name in ("full.mid", "continuation.mid", "audio.wav"):
+        assert (take.folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
