@@ -42,6 +42,8 @@ SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one o
 CPU = False  # run on the CPU even if an accelerator is present
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 STREAM_SECONDS = 1.0  # a take plays while it is generated, in chunks of this much music
+DATA_DIR = "data"  # prep.py output folder shown in the Data tab
+RUNS_DIR = "ckpt"  # training runs in this folder (or below) are shown in the Runs tab
 
 SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
 # The downloads are read-only: Gradio's file list would still offer to remove each file.
@@ -525,6 +527,171 @@ class Studio:
                 downloads)
 
 
+class Browser:
+    """The Data and Runs tabs' server side: the data folder indexed once (at the first
+    look, by one request while others wait), pieces opened into files under the output
+    folder, and the runs read afresh each time. What a client sends names a piece or a run
+    only as a key into what the server found itself: never a path."""
+
+    PER_PAGE = 50
+
+    def __init__(self, args) -> None:
+        import threading
+
+        self.data, self.runs_root = Path(args.data_dir), Path(args.runs_dir)
+        self.files = Path(args.out_dir) / "browse"
+        self.soundfont, self.renderer = args.soundfont or None, args.renderer
+        self.index = self.drawn = None
+        self.lock = threading.Lock()
+
+    def data_index(self, progress=None):
+        """The data folder's `DataIndex` (BrowseError when there is none)."""
+        from perceiver_music.browse import index_data
+
+        with self.lock:
+            if self.index is None:
+                self.index = index_data(self.data, progress)
+            return self.index
+
+    def table(self, split: str, query: str, page: float) -> tuple[list, str]:
+        """A page of pieces and a line saying which."""
+        index = self.data_index()
+        last = max(0, math.ceil(index.table(split, query, 0, 10**9)[1] / self.PER_PAGE) - 1)
+        page = min(max(0, int(page or 1) - 1), last)
+        rows, total = index.table(split, query, page, self.PER_PAGE)
+        return rows, (f"{total} file(s) match; page {page + 1} of {last + 1} "
+                      f"({self.PER_PAGE} a page). Choose a row to open the piece.")
+
+    def open_piece(self, path: str) -> tuple[str, str, str, str]:
+        """(a line about it, its piano roll PNG, a 20 s audio excerpt, its first 300
+        tokens as text) of the piece recorded as ``path``, files made once."""
+        from midi_processor import decode_midi
+        from midi_processor.core import tokens_to_text
+        from perceiver_music.render import AudioError, render_audio, save_pianoroll
+
+        entry, tokens = self.data_index().piece(path)
+        stem = self.files / entry["sha256"][:32]
+        self.files.mkdir(parents=True, exist_ok=True)
+        notes = [n for n in decode_midi(tokens).instruments[0].notes if n.start < 30]
+        roll, wav = stem.with_suffix(".png"), stem.with_suffix(".wav")
+        if not roll.exists():
+            save_pianoroll(roll, notes, [], None, f"{entry['path']} (first 30 s)")
+        line = (f"**{entry['composer']}: {entry['title']}** ({entry['split']}): "
+                f"{entry['seconds'] / 60:.1f} min, {entry['notes']:,} notes, "
+                f"{entry['tokens']:,} tokens; group {entry['group']}")
+        if not wav.exists():
+            excerpt = decode_midi(tokens)
+            excerpt.instruments[0].notes = [n for n in excerpt.instruments[0].notes
+                                            if n.start < 20]
+            try:
+                render_audio(excerpt, wav, self.soundfont, self.renderer)
+            except AudioError as exc:
+                line += f" (no audio: {exc})"
+        return (line, str(roll), str(wav) if wav.exists() else None,
+                tokens_to_text(tokens, limit=300))
+
+    def figure(self):
+        """The data's figure (`DataIndex.figure`), drawn once."""
+        with self.lock:
+            if self.drawn is None:
+                self.drawn = self.index.figure()
+            return self.drawn
+
+    def runs(self) -> list:
+        from perceiver_music.browse import find_runs
+
+        return find_runs(self.runs_root) if self.runs_root.is_dir() else []
+
+    def run_table(self) -> tuple[list[list], list[str]]:
+        """The runs table and the runs' names."""
+        from perceiver_music.browse import run_summary
+
+        runs = self.runs()
+        rows = [run_summary(r, self.runs_root) for r in runs]
+        return rows, [row[0] for row in rows]
+
+    def curves(self, names: list[str]):
+        """The loss curves of the runs named (names the server listed; others ignored)."""
+        from perceiver_music.browse import curves_figure
+
+        chosen = [r for r, row in zip(self.runs(), self.run_table()[1], strict=True)
+                  if row in (names or [])]
+        return curves_figure(chosen, self.runs_root)
+
+
+def browse_tabs(browser: Browser, page) -> None:
+    """The Data tab (the data folder's pieces, figures, and one piece opened) and the Runs
+    tab (training runs, their curves on one plot, refreshed while the page is open)."""
+    import gradio as gr
+
+    from perceiver_music.browse import COLUMNS, BrowseError
+
+    with gr.Tab("Data", elem_id="data-tab"):
+        gr.Markdown(f"What prep.py made in `{browser.data}`: every file, its split and "
+                    "piece; the figures; a piece opened (`--data_dir` chooses the folder).")
+        with gr.Row():
+            split = gr.Dropdown(["all", "train", "val", "test", "failed"], value="all",
+                                label="split", elem_id="data-split", scale=1)
+            query = gr.Textbox(label="search (composer, title, file)", elem_id="data-query",
+                               scale=2)
+            number = gr.Number(1, label="page", precision=0, minimum=1, elem_id="data-page",
+                               scale=1)
+        counts = gr.Markdown(elem_id="data-counts")
+        table = gr.Dataframe(headers=list(COLUMNS), interactive=False, elem_id="data-table",
+                             wrap=True)
+        with gr.Row():
+            piece_line = gr.Markdown(elem_id="piece-line")
+        with gr.Row():
+            piece_roll = gr.Image(type="filepath", interactive=False, show_label=False,
+                                  elem_id="piece-roll", scale=2)
+            with gr.Column(scale=1):
+                piece_audio = gr.Audio(label="the first 20 s", type="filepath",
+                                       interactive=False, elem_id="piece-audio")
+                piece_text = gr.Textbox(label="first tokens", lines=8, elem_id="piece-tokens")
+        overview = gr.Plot(label="the data", elem_id="data-plot")
+
+        def show(split_name, text, number, progress=gr.Progress()):  # noqa: B008
+            try:
+                browser.data_index(lambda done, total: progress(done / total,
+                                                                desc="indexing the data"))
+                rows, line = browser.table(split_name, text or "", number)
+            except BrowseError as exc:
+                return [], f"**No data to show:** {exc}", None
+            return rows, line, browser.figure()
+
+        def pick(rows, evt: gr.SelectData):
+            try:
+                path = rows.iloc[evt.index[0]]["file"]
+                return browser.open_piece(str(path))
+            except (BrowseError, IndexError, KeyError, TypeError) as exc:
+                return f"**Cannot open it:** {exc}", None, None, ""
+
+        for trigger in (split.change, query.submit, number.submit):
+            trigger(lambda a, b, c: show(a, b, c)[:2], [split, query, number], [table, counts])
+        table.select(pick, [table], [piece_line, piece_roll, piece_audio, piece_text])
+
+    with gr.Tab("Runs", elem_id="runs-tab"):
+        gr.Markdown(f"Training runs in `{browser.runs_root}` (`--runs_dir`): best validation "
+                    "loss, evaluate.py's report when there is one, and the loss curves of the "
+                    "runs you tick, refreshed every 10 s.")
+        runs_table = gr.Dataframe(headers=["run", "steps", "best validation loss",
+                                           "last training loss", "minutes", "updated",
+                                           "evaluate.py loss"],
+                                  interactive=False, elem_id="runs-table")
+        chosen = gr.CheckboxGroup([], label="plot these runs", elem_id="runs-chosen")
+        curves = gr.Plot(label="loss curves", elem_id="runs-plot")
+
+        def refresh(names):
+            rows, all_names = browser.run_table()
+            names = [n for n in (names or []) if n in all_names] or all_names[:3]
+            return rows, gr.update(choices=all_names, value=names), browser.curves(names)
+
+        gr.Timer(10).tick(refresh, [chosen], [runs_table, chosen, curves])
+        chosen.input(lambda names: browser.curves(names), [chosen], [curves])
+    page.load(show, [split, query, number], [table, counts, overview])
+    page.load(refresh, [chosen], [runs_table, chosen, curves])
+
+
 def build_page(studio: Studio, args):
     """The Gradio page, its events and queue."""
     import gradio as gr
@@ -542,53 +709,56 @@ def build_page(studio: Studio, args):
         gr.Markdown(f"## Perceiver AR piano continuations\nModel **{studio.name}** "
                     f"({cfg.max_seq_len}-token context, {cfg.num_latents} latents). Choose "
                     "a primer, generate, listen; extend a take to continue it.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                source = gr.Radio(list(SOURCES), value=SOURCES[0], label="primer",
-                                  elem_id="source")
-                upload = gr.File(label="MIDI primer (.mid, .midi)", file_types=[".mid", ".midi"],
-                                 type="filepath", visible=False, elem_id="upload")
-                prime_seconds = gr.Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
-                                          label="seconds of the primer to use (0: all)")
-                seconds = gr.Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",
-                                    label="seconds of music to generate")
-                creativity = gr.Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
-                                       label="creativity (more notes, fewer rests)")
-                with gr.Accordion("sampling", open=False):
-                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
-                    top_k = gr.Number(0, label="top-k (0: off)", step=1, minimum=0)
-                    top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
-                    min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
-                    greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
-                    beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
-                    num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
-                    seed = gr.Number(-1, label="seed (-1: random)", step=1)
-                    prefix_len = gr.Number(0, step=1, minimum=0,
-                                           label=f"prefix length at generation (0: the "
-                                                 f"model's {cfg.cross_attn_seq_len})")
-                    stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
-                    int8 = gr.Checkbox(False, label="int8 weights: about 1.7x faster on a CPU, "
-                                       "slightly different odds", visible=on_cpu)
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    more = gr.Button("Extend", elem_id="extend")
-                    stop = gr.Button("Stop", elem_id="stop")
-            with gr.Column(scale=2):
-                status = gr.Markdown("Ready.", elem_id="status")
-                # the take as it is generated: heard at once, drawn as it plays (PLAYER_JS)
-                gr.HTML('<canvas width="1200" height="260"></canvas><div id="live-clock">'
-                        "</div>", elem_id="live-roll", label="now playing")
-                live = gr.JSON(None, elem_id="live", elem_classes=["pm-hidden"])
-                heard = gr.Number(0, elem_classes=["pm-hidden"])  # Stop sends where it was
-                job = gr.State("")
-                audio = gr.Audio(label="listen", type="filepath", interactive=False,
-                                 elem_id="audio")
-                roll = gr.Image(label="piano roll", type="filepath", interactive=False,
-                                show_label=False, elem_id="roll")  # the figure has a title
-                downloads = gr.File(label="save: MIDI and WAV", file_count="multiple",
-                                    interactive=False, elem_id="downloads")
-                chosen = gr.Dropdown([], label="this session's takes", elem_id="takes",
-                                     interactive=True)
+        with gr.Tabs():
+            with gr.Tab("Generate"), gr.Row():
+                with gr.Column(scale=1):
+                    source = gr.Radio(list(SOURCES), value=SOURCES[0], label="primer",
+                                      elem_id="source")
+                    upload = gr.File(label="MIDI primer (.mid, .midi)", type="filepath",
+                                     file_types=[".mid", ".midi"], visible=False,
+                                     elem_id="upload")
+                    prime_seconds = gr.Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
+                                              label="seconds of the primer to use (0: all)")
+                    seconds = gr.Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",
+                                        label="seconds of music to generate")
+                    creativity = gr.Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
+                                           label="creativity (more notes, fewer rests)")
+                    with gr.Accordion("sampling", open=False):
+                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
+                        top_k = gr.Number(0, label="top-k (0: off)", step=1, minimum=0)
+                        top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
+                        min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
+                        greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
+                        beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
+                        num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
+                        seed = gr.Number(-1, label="seed (-1: random)", step=1)
+                        prefix_len = gr.Number(0, step=1, minimum=0,
+                                               label=f"prefix length at generation (0: the "
+                                                     f"model's {cfg.cross_attn_seq_len})")
+                        stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
+                        int8 = gr.Checkbox(False, label="int8 weights: about 1.7x faster on a CPU, "
+                                           "slightly different odds", visible=on_cpu)
+                    with gr.Row():
+                        go = gr.Button("Generate", variant="primary", elem_id="generate")
+                        more = gr.Button("Extend", elem_id="extend")
+                        stop = gr.Button("Stop", elem_id="stop")
+                with gr.Column(scale=2):
+                    status = gr.Markdown("Ready.", elem_id="status")
+                    # the take as it is generated: heard at once, drawn as it plays (PLAYER_JS)
+                    gr.HTML('<canvas width="1200" height="260"></canvas><div id="live-clock">'
+                            "</div>", elem_id="live-roll", label="now playing")
+                    live = gr.JSON(None, elem_id="live", elem_classes=["pm-hidden"])
+                    heard = gr.Number(0, elem_classes=["pm-hidden"])  # Stop sends where it was
+                    job = gr.State("")
+                    audio = gr.Audio(label="listen", type="filepath", interactive=False,
+                                     elem_id="audio")
+                    roll = gr.Image(label="piano roll", type="filepath", interactive=False,
+                                    show_label=False, elem_id="roll")  # the figure has a title
+                    downloads = gr.File(label="save: MIDI and WAV", file_count="multiple",
+                                        interactive=False, elem_id="downloads")
+                    chosen = gr.Dropdown([], label="this session's takes", elem_id="takes",
+                                         interactive=True)
+            browse_tabs(Browser(args), page)
 
         settings = [prime_seconds, seconds, temperature, top_k, top_p, min_p, greedy, beams,
                     num_samples, seed, prefix_len, creativity, stop_at_end, int8]

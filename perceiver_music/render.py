@@ -62,12 +62,13 @@ def default_soundfont() -> Path:
 def pianoroll_figure(
     primer: Sequence[pretty_midi.Note],
     continuation: Sequence[pretty_midi.Note],
-    boundary_s: float,
+    boundary_s: float | None,
     title: str = "",
 ) -> Any:
     """A matplotlib Figure of the notes: primer and continuation in two colours (the shade
     follows the velocity), the boundary as a vertical line, a legend, time in seconds on
-    the x axis and note names on the y axis. Uses the Agg backend (no display needed)."""
+    the x axis and note names on the y axis. With ``boundary_s`` None the notes are one
+    piece (``primer``): no boundary. Uses the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +80,7 @@ def pianoroll_figure(
     fig = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     notes = list(primer) + list(continuation)
-    end = max([n.end for n in notes] + [boundary_s, 1.0])
+    end = max([n.end for n in notes] + [boundary_s or 0.0, 1.0])
     low = min((n.pitch for n in notes), default=60) - 2
     high = max((n.pitch for n in notes), default=72) + 2
     for group, cmap in ((primer, PRIMER_COLOUR), (continuation, CONTINUATION_COLOUR)):
@@ -94,7 +95,8 @@ def pianoroll_figure(
     for pitch in range(low + 1, high):
         if pitch % 12 in (1, 3, 6, 8, 10):  # black keys: a faint band, as on a keyboard
             ax.axhspan(pitch - 0.5, pitch + 0.5, color="0.95", zorder=0, lw=0)
-    ax.axvline(boundary_s, color=BOUNDARY_COLOUR, lw=1.5)
+    if boundary_s is not None:
+        ax.axvline(boundary_s, color=BOUNDARY_COLOUR, lw=1.5)
     ax.set_xlim(0, end * 1.01)
     ax.set_ylim(low, high)
     cs = [p for p in range(low, high + 1) if p % 12 == 0]
@@ -108,14 +110,15 @@ def pianoroll_figure(
     if title:
         ax.set_title(title, loc="left", fontsize=11)
     shade = matplotlib.colormaps
-    ax.legend(
-        handles=[Patch(color=shade[PRIMER_COLOUR](0.8), label=f"primer ({len(primer)} notes)"),
-                 Patch(color=shade[CONTINUATION_COLOUR](0.8),
-                       label=f"continuation ({len(continuation)} notes)"),
-                 Line2D([], [], color=BOUNDARY_COLOUR, lw=1.5,
-                        label=f"continuation starts ({boundary_s:.1f} s)"),
-                 Patch(color="none", label="darker = louder (velocity)")],
-        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    handles = [Patch(color=shade[PRIMER_COLOUR](0.8), label=f"notes ({len(primer)})")]
+    if boundary_s is not None:
+        handles = [Patch(color=shade[PRIMER_COLOUR](0.8), label=f"primer ({len(primer)} notes)"),
+                   Patch(color=shade[CONTINUATION_COLOUR](0.8),
+                         label=f"continuation ({len(continuation)} notes)"),
+                   Line2D([], [], color=BOUNDARY_COLOUR, lw=1.5,
+                          label=f"continuation starts ({boundary_s:.1f} s)")]
+    ax.legend(handles=[*handles, Patch(color="none", label="darker = louder (velocity)")],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
     return fig
 
 
@@ -123,7 +126,7 @@ def save_pianoroll(
     path: str | os.PathLike,
     primer: Sequence[pretty_midi.Note],
     continuation: Sequence[pretty_midi.Note],
-    boundary_s: float,
+    boundary_s: float | None,
     title: str = "",
 ) -> None:
     """Draw `pianoroll_figure` and write it to ``path`` as PNG (atomically)."""

@@ -3,8 +3,8 @@ a real headless Chromium (the system package, driven by Playwright) uploads a pr
 generates, listens, downloads, extends, and tries bad files and a full queue.
 
 Without Chromium or Playwright these tests are skipped, unless REQUIRE_BROWSER=1 (CI sets
-it) makes that a failure. APP_SCREENSHOT=path saves the page after the first take (the
-README's picture comes from there).
+it) makes that a failure. APP_SCREENSHOT_DIR=folder saves the README's pictures there:
+app.png (after the first take), app-data.png and app-runs.png (the other two tabs).
 """
 
 from __future__ import annotations
@@ -47,12 +47,34 @@ def app_out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(app_out):
-    """The app on a free port: uploads up to 50 KB, one generation at a time, one waiting."""
+def browse_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """What the Data and Runs tabs show: prep.py's output for the bundled pieces and a
+    file that is not MIDI, and a folder holding one short training run on it."""
+    src, data = tmp_path_factory.mktemp("midi"), tmp_path_factory.mktemp("browse") / "data"
+    for f in DATA.glob("*.mid"):
+        shutil.copy(f, src / f.name)
+    (src / "broken.mid").write_bytes(b"MThd but not MIDI")
+    runs = data.parent / "runs"
+    for cmd in (["prep.py", "--input", src, "--output", data, "--val_share", "0.2",
+                 "--test_share", "0.2"],
+                ["train.py", "--data_dir", data, "--out_dir", runs / "tiny-run", "--preset",
+                 "tiny", "--max_steps", "20", "--eval_interval", "10", "--log_interval", "5",
+                 "--no-tensorboard"]):
+        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    return data, runs
+
+
+@pytest.fixture(scope="module")
+def app_url(app_out, browse_dirs):
+    """The app on a free port: uploads up to 50 KB, one generation at a time, one waiting;
+    the Data and Runs tabs on `browse_dirs`."""
     out = app_out
     port = free_port()
     cmd = [sys.executable, "app.py", "--port", str(port), "--out_dir", str(out), "--cpu",
-           "--max_upload_mb", "0.05", "--queue_size", "1", "--max_seconds", "60"]
+           "--max_upload_mb", "0.05", "--queue_size", "1", "--max_seconds", "60",
+           "--data_dir", str(browse_dirs[0]), "--runs_dir", str(browse_dirs[1])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -162,8 +184,9 @@ def test_upload_generate_listen_download_extend(app_url, browser, tmp_path):
     # The piano roll is a real, decoded picture.
     width = page.locator("#roll img").evaluate("img => img.complete ? img.naturalWidth : 0")
     assert width >= 1000, width
-    if os.environ.get("APP_SCREENSHOT"):
-        page.screenshot(path=os.environ["APP_SCREENSHOT"], full_page=True)
+    if os.environ.get("APP_SCREENSHOT_DIR"):
+        page.screenshot(path=Path(os.environ["APP_SCREENSHOT_DIR"]) / "app.png",
+                        full_page=True)
 
     names = page.locator("#downloads a[download]").evaluate_all(
         "links => links.map(a => a.getAttribute('download'))")
@@ -260,6 +283,51 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     wait_status(second, r"s of new music")
     refused = third.locator("#status").inner_text()  # marked as an error, no take
     assert "Ready." in refused and "new music" not in refused, refused
+
+
+def test_data_and_runs_tabs(app_url, browser, browse_dirs):
+    """The Data tab lists what prep.py made (the failed file with its reason), filters
+    and pages it, draws the data, and opens a piece (piano roll, audio, tokens); the Runs
+    tab lists the run with its best validation loss and curves, and follows it as it
+    grows."""
+    page = open_page(browser, app_url)
+    page.get_by_role("tab", name="Data").click()
+    assert "6 file(s) match" in page.locator("#data-counts").filter(
+        has_text="match").inner_text()
+    page.locator("#data-plot img, #data-plot canvas").first.wait_for()
+    page.locator("#data-split input").click()
+    page.get_by_role("option", name="failed").click()
+    page.locator("#data-counts").filter(has_text="1 file(s) match").wait_for()
+    assert "broken.mid" in page.locator("#data-table").inner_text()
+    assert "failed: truncated MIDI header" in page.locator("#data-table").inner_text()
+    page.locator("#data-split input").click()
+    page.get_by_role("option", name="all").click()
+    box = page.locator("#data-query textarea, #data-query input").first
+    box.fill("scn15")
+    box.press("Enter")
+    page.locator("#data-counts").filter(has_text="1 file(s) match").wait_for()
+    page.locator("#data-table [data-testid=cell-0-4]").click()
+    line = page.locator("#piece-line").filter(has_text="tokens").inner_text()
+    assert "scn15" in line and "notes" in line, line
+    width = page.locator("#piece-roll img").evaluate("i => i.complete ? i.naturalWidth : 0")
+    assert width >= 1000
+    page.locator("#piece-audio audio[src]").wait_for(state="attached")
+    assert "NOTE_ON" in page.locator("#piece-tokens textarea").input_value()
+    if os.environ.get("APP_SCREENSHOT_DIR"):
+        page.screenshot(path=Path(os.environ["APP_SCREENSHOT_DIR"]) / "app-data.png",
+                        full_page=True)
+
+    page.get_by_role("tab", name="Runs").click()
+    table = page.locator("#runs-table")
+    table.filter(has_text="tiny-run").wait_for()
+    page.locator("#runs-plot img, #runs-plot canvas").first.wait_for()
+    metrics = browse_dirs[1] / "tiny-run" / "metrics.csv"
+    with open(metrics, "a") as f:  # the run goes on: a new, better validation
+        f.write("30,1.5,1.25,1e-4,1000,99.0\n")
+    table.filter(has_text="1.250 (step 30)").wait_for(timeout=30_000)  # refreshed
+    if os.environ.get("APP_SCREENSHOT_DIR"):
+        page.screenshot(path=Path(os.environ["APP_SCREENSHOT_DIR"]) / "app-runs.png",
+                        full_page=True)
 
 
 def stream_stats(page) -> dict:
