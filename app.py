@@ -667,8 +667,10 @@ def browse_tabs(browser: Browser, page) -> None:
                 return f"**Cannot open it:** {exc}", None, None, ""
 
         for trigger in (split.change, query.submit, number.submit):
-            trigger(lambda a, b, c: show(a, b, c)[:2], [split, query, number], [table, counts])
-        table.select(pick, [table], [piece_line, piece_roll, piece_audio, piece_text])
+            trigger(lambda a, b, c: show(a, b, c)[:2], [split, query, number], [table, counts],
+                    concurrency_limit=None)
+        table.select(pick, [table], [piece_line, piece_roll, piece_audio, piece_text],
+                     concurrency_limit=None)
 
     with gr.Tab("Runs", elem_id="runs-tab"):
         gr.Markdown(f"Training runs in `{browser.runs_root}` (`--runs_dir`): best validation "
@@ -686,10 +688,13 @@ def browse_tabs(browser: Browser, page) -> None:
             names = [n for n in (names or []) if n in all_names] or all_names[:3]
             return rows, gr.update(choices=all_names, value=names), browser.curves(names)
 
-        gr.Timer(10).tick(refresh, [chosen], [runs_table, chosen, curves])
-        chosen.input(lambda names: browser.curves(names), [chosen], [curves])
-    page.load(show, [split, query, number], [table, counts, overview])
-    page.load(refresh, [chosen], [runs_table, chosen, curves])
+        gr.Timer(10).tick(refresh, [chosen], [runs_table, chosen, curves],
+                          concurrency_limit=None, show_progress="hidden")
+        chosen.input(lambda names: browser.curves(names), [chosen], [curves],
+                     concurrency_limit=None)
+    # (none of these waits behind the generations in the queue)
+    page.load(show, [split, query, number], [table, counts, overview], concurrency_limit=None)
+    page.load(refresh, [chosen], [runs_table, chosen, curves], concurrency_limit=None)
 
 
 def build_page(studio: Studio, args):
