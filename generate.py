@@ -11,10 +11,18 @@ together), audio.wav (full.mid rendered with a General MIDI SoundFont, loudness-
 pianoroll.png (a labelled piano roll: primer and continuation in two colours, velocity as
 shade, the boundary marked) and generation.json (settings, checkpoint, seed, timings).
 With several samples, each file but the primer gets a suffix _1, _2...
+
+With --stream the music also goes to standard output as it is generated, for front ends
+that play or draw it: one JSON line per second of new music (first sample),
+{"seconds": music so far, "tokens": the new token ids, "notes": the notes that have ended
+since the line before, [start, end, pitch, velocity] in seconds from the primer's start},
+each note once, and a last line {"done": true, "folder": ..., "seconds": ..., "tokens": N}
+once the files are written (the progress bar and messages stay on standard error).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -57,6 +65,7 @@ CPU = False  # run on the CPU even if an accelerator is present
 INT8 = False  # CPU: decode with int8 weights (about 1.7x faster, near-identical odds)
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 CUDA_GRAPHS = True  # GPU: replay each decoding step as one captured CUDA graph
+STREAM = False  # print the music as it grows, a JSON line a second on stdout (see above)
 
 def check_settings(args) -> None:
     """Refuse impossible settings before any work, with one line each."""
@@ -79,6 +88,8 @@ def check_settings(args) -> None:
         fail(f"--min_p must be below 1, got {args.min_p}")
     if args.beams < 1:
         fail(f"--beams must be at least 1, got {args.beams}")
+    if args.stream and args.beams > 1:
+        fail("--stream needs sampling: beam search picks its sequence only at the end")
     if args.beams > 1 and args.num_samples > 1:
         fail("beam search returns one continuation: use --num_samples 1 with --beams")
     if args.renderer not in ("midirenderer", "fluidsynth"):
@@ -123,6 +134,25 @@ def output_folder(args) -> Path:
             exc.errno, exc.strerror, str(final.parent))
         fail(f"cannot write the output: {os_error_message(folder)}")
     return final
+
+
+def stream_lines(model, primer: list[int], settings: dict, bar, by_seconds: bool,
+                 seconds: float):
+    """`PerceiverMusic.stream` to standard output, a JSON line per chunk (the module
+    docstring says what each holds); returns the finished take."""
+    sent, told = 0, set()
+    for chunk in model.stream(primer, **settings, chunk_seconds=1.0):
+        now = chunk.primer_seconds + chunk.seconds
+        final = chunk.take is not None
+        ended = [n for n in chunk.notes if (final or n.end < now) and n.start >=
+                 chunk.primer_seconds and (n.start, n.pitch) not in told]
+        told.update((n.start, n.pitch) for n in ended)
+        print(json.dumps({"seconds": round(chunk.seconds, 2), "tokens": chunk.tokens[sent:],
+                          "notes": [[round(n.start, 2), round(n.end, 2), n.pitch, n.velocity]
+                                    for n in ended]}), flush=True)
+        sent = len(chunk.tokens)
+        bar.update((min(chunk.seconds, seconds) if by_seconds else sent) - bar.n)
+    return chunk.take
 
 
 def main() -> None:
@@ -178,15 +208,18 @@ def main() -> None:
                 bar.update(1)
                 bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
-        take = model.generate(
-            primer, seconds=args.seconds or None, max_new_tokens=args.new_tokens,
+        settings = dict(
+            seconds=args.seconds or None, max_new_tokens=args.new_tokens,
             prime_seconds=0, num_samples=args.num_samples, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p or None, min_p=args.min_p or None,
             greedy=args.greedy, creativity=args.creativity, num_beams=args.beams,
             seed=None if args.seed < 0 else args.seed, stop_at_end=args.stop_at_end,
             cross_attn_seq_len=prefix, stride=args.stride or None,
-            precision="int8" if args.int8 else "float32", cuda_graphs=args.cuda_graphs,
-            progress=on_step)
+            precision="int8" if args.int8 else "float32", cuda_graphs=args.cuda_graphs)
+        if args.stream:
+            take = stream_lines(model, primer, settings, bar, by_seconds, args.seconds)
+        else:
+            take = model.generate(primer, **settings, progress=on_step)
     take.extra["primer_name"] = Path(args.primer).name or "from scratch"
     report = {"settings": vars(args), "model": cfg.to_dict(),
               "checkpoint_step": model.meta.get("step"), "device": str(state.device),
@@ -200,8 +233,11 @@ def main() -> None:
     print(
         f"wrote {final}: {total} tokens, "
         f"{', '.join(f'{s:.1f}' for s in take.seconds)} s of music in {take.generate_s:.1f} s "
-        f"({total / take.generate_s:.0f} tokens/s), seed {take.seed}"
-    )
+        f"({total / take.generate_s:.0f} tokens/s), seed {take.seed}",
+        file=sys.stderr if args.stream else sys.stdout)
+    if args.stream:
+        print(json.dumps({"done": True, "folder": str(final), "seconds": take.seconds[0],
+                          "tokens": len(take.continuations[0])}), flush=True)
     state.wait_for_everyone()
 
 

@@ -307,3 +307,27 @@ def test_the_bar_counts_seconds_of_music_when_a_length_in_seconds_is_set(ckpt, t
     assert "100%" in bars[-1] and "/5000" not in r.stderr
     tokens = gen(ckpt, tmp_path, "--name", "t")  # no length in seconds: tokens, as before
     assert "40/40" in tokens.stderr
+
+
+def test_stream_prints_the_music_as_it_grows(ckpt, tmp_path):
+    """--stream: JSON lines on stdout, a line a second of music, whose new tokens add up
+    to the take that is written, each finished note once; then a line naming the folder.
+    The same seed without --stream writes the same take."""
+    r = gen(ckpt, tmp_path, "--name", "s", "--stream", "--seconds", "4", "--new_tokens",
+            "400", "--no-stop_at_end", "--prime_seconds", "4")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    done = lines.pop()
+    assert done["done"] and Path(done["folder"]) == tmp_path / "s"
+    assert lines[0] == {"seconds": 0.0, "tokens": [], "notes": []} and len(lines) >= 4
+    tokens = [t for line in lines for t in line["tokens"]]
+    assert tokens == report(tmp_path / "s")["samples"][0]["token_ids"]
+    assert done["tokens"] == len(tokens)
+    notes = [tuple(n) for line in lines for n in line["notes"]]
+    assert len(notes) == len(set(notes)) > 0 and all(n[0] >= 4 - 1e-6 for n in notes)
+    whole = gen(ckpt, tmp_path, "--name", "w", "--seconds", "4", "--new_tokens", "400",
+                "--no-stop_at_end", "--prime_seconds", "4")
+    assert whole.returncode == 0 and "wrote" in whole.stdout
+    assert report(tmp_path / "w")["samples"][0]["token_ids"] == tokens
+    beams = gen(ckpt, tmp_path, "--stream", "--beams", "2")
+    assert beams.returncode == 1 and "--stream needs sampling" in beams.stderr
