@@ -47,7 +47,7 @@ RUNS_DIR = "ckpt"  # training runs in this folder (or below) are shown in the Ru
 
 SOURCES = ("bundled primer", "upload a MIDI file", "from scratch")
 # The downloads are read-only: Gradio's file list would still offer to remove each file.
-CSS = """#downloads button[aria-label="Remove this file"] { display: none; }
+_CSS = """#downloads button[aria-label="Remove this file"] { display: none; }
 .pm-hidden { display: none !important; }
 #live-roll canvas { width: 100%; height: 260px; background: #fff; }"""
 # The take's player: each chunk of audio the server sends (the #live JSON: the take's id,
@@ -56,7 +56,7 @@ CSS = """#downloads button[aria-label="Remove this file"] { display: none; }
 # generated; the canvas draws the notes up to what is playing. window.pmStats records
 # the time from the click on Generate to the first sound, and every underrun (a chunk
 # that came after its turn: the sound stopped for a moment).
-PLAYER_JS = """
+_PLAYER_JS = """
 <script>
 window.pmLive = (() => {
   let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [];
@@ -619,14 +619,15 @@ class Browser:
         return curves_figure(chosen, self.runs_root)
 
 
-def browse_tabs(browser: Browser, page) -> None:
+def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
     """The Data tab (the data folder's pieces, figures, and one piece opened) and the Runs
-    tab (training runs, their curves on one plot, refreshed while the page is open)."""
+    tab (training runs, their curves on one plot, refreshed every 10 s while it is shown;
+    ``others``: the page's other tabs)."""
     import gradio as gr
 
     from perceiver_music.browse import COLUMNS, BrowseError
 
-    with gr.Tab("Data", elem_id="data-tab"):
+    with gr.Tab("Data", elem_id="data-tab") as data_tab:
         gr.Markdown(f"What prep.py made in `{browser.data}`: every file, its split and "
                     "piece; the figures; a piece opened (`--data_dir` chooses the folder).")
         with gr.Row():
@@ -650,10 +651,8 @@ def browse_tabs(browser: Browser, page) -> None:
                 piece_text = gr.Textbox(label="first tokens", lines=8, elem_id="piece-tokens")
         overview = gr.Plot(label="the data", elem_id="data-plot")
 
-        def show(split_name, text, number, progress=gr.Progress()):  # noqa: B008
+        def show(split_name, text, number):
             try:
-                browser.data_index(lambda done, total: progress(done / total,
-                                                                desc="indexing the data"))
                 rows, line = browser.table(split_name, text or "", number)
             except BrowseError as exc:
                 return [], f"**No data to show:** {exc}", None
@@ -668,11 +667,11 @@ def browse_tabs(browser: Browser, page) -> None:
 
         for trigger in (split.change, query.submit, number.submit):
             trigger(lambda a, b, c: show(a, b, c)[:2], [split, query, number], [table, counts],
-                    concurrency_limit=None)
+                    queue=False)
         table.select(pick, [table], [piece_line, piece_roll, piece_audio, piece_text],
-                     concurrency_limit=None)
+                     queue=False)
 
-    with gr.Tab("Runs", elem_id="runs-tab"):
+    with gr.Tab("Runs", elem_id="runs-tab") as runs_tab:
         gr.Markdown(f"Training runs in `{browser.runs_root}` (`--runs_dir`): best validation "
                     "loss, evaluate.py's report when there is one, and the loss curves of the "
                     "runs you tick, refreshed every 10 s.")
@@ -688,13 +687,16 @@ def browse_tabs(browser: Browser, page) -> None:
             names = [n for n in (names or []) if n in all_names] or all_names[:3]
             return rows, gr.update(choices=all_names, value=names), browser.curves(names)
 
-        gr.Timer(10).tick(refresh, [chosen], [runs_table, chosen, curves],
-                          concurrency_limit=None, show_progress="hidden")
-        chosen.input(lambda names: browser.curves(names), [chosen], [curves],
-                     concurrency_limit=None)
-    # (none of these waits behind the generations in the queue)
-    page.load(show, [split, query, number], [table, counts, overview], concurrency_limit=None)
-    page.load(refresh, [chosen], [runs_table, chosen, curves], concurrency_limit=None)
+        timer = gr.Timer(10, active=False)  # ticks while the Runs tab is shown
+        timer.tick(refresh, [chosen], [runs_table, chosen, curves], queue=False,
+                   show_progress="hidden")
+        chosen.input(lambda names: browser.curves(names), [chosen], [curves], queue=False)
+    # none of these waits in the queue of generations (or fills it)
+    page.load(show, [split, query, number], [table, counts, overview], queue=False)
+    runs_tab.select(lambda names: (*refresh(names), gr.Timer(active=True)), [chosen],
+                    [runs_table, chosen, curves, timer], queue=False)
+    for other in (data_tab, *others):
+        other.select(lambda: gr.Timer(active=False), None, timer, queue=False)
 
 
 def build_page(studio: Studio, args):
@@ -715,7 +717,7 @@ def build_page(studio: Studio, args):
                     f"({cfg.max_seq_len}-token context, {cfg.num_latents} latents). Choose "
                     "a primer, generate, listen; extend a take to continue it.")
         with gr.Tabs():
-            with gr.Tab("Generate"), gr.Row():
+            with gr.Tab("Generate") as generate_tab, gr.Row():
                 with gr.Column(scale=1):
                     source = gr.Radio(list(SOURCES), value=SOURCES[0], label="primer",
                                       elem_id="source")
@@ -749,7 +751,7 @@ def build_page(studio: Studio, args):
                         stop = gr.Button("Stop", elem_id="stop")
                 with gr.Column(scale=2):
                     status = gr.Markdown("Ready.", elem_id="status")
-                    # the take as it is generated: heard at once, drawn as it plays (PLAYER_JS)
+                    # the take as it is generated: heard at once, drawn as it plays (_PLAYER_JS)
                     gr.HTML('<canvas width="1200" height="260"></canvas><div id="live-clock">'
                             "</div>", elem_id="live-roll", label="now playing")
                     live = gr.JSON(None, elem_id="live", elem_classes=["pm-hidden"])
@@ -763,7 +765,7 @@ def build_page(studio: Studio, args):
                                         interactive=False, elem_id="downloads")
                     chosen = gr.Dropdown([], label="this session's takes", elem_id="takes",
                                          interactive=True)
-            browse_tabs(Browser(args), page)
+            browse_tabs(Browser(args), page, (generate_tab,))
 
         settings = [prime_seconds, seconds, temperature, top_k, top_p, min_p, greedy, beams,
                     num_samples, seed, prefix_len, creativity, stop_at_end, int8]
@@ -846,13 +848,14 @@ def build_page(studio: Studio, args):
             return f"{take.label}: {take.summary}", wav, png, files
 
         inputs = [source, upload, history, chosen, *settings]
-        source.change(lambda s: gr.update(visible=s == SOURCES[1]), source, upload)
+        source.change(lambda s: gr.update(visible=s == SOURCES[1]), source, upload,
+                      queue=False)
         # one progress bar, where the status line is (it says what is happening)
         go.click(handler(extend=False), inputs, outputs, show_progress_on=[status],
                  api_name="generate")
         more.click(handler(extend=True), inputs, outputs, show_progress_on=[status],
                    api_name="extend")
-        chosen.input(show, [history, chosen], [status, audio, roll, downloads])
+        chosen.input(show, [history, chosen], [status, audio, roll, downloads], queue=False)
         live.change(None, [live], None, js="(v) => { window.pmLive.update(v); }")
         # Stop: the sound stops at once, and the take keeps what was heard (outside the
         # queue, which may be full of generations)
@@ -879,8 +882,8 @@ def main() -> None:
         fail(str(exc))
     page = build_page(studio, args)
     try:
-        page.launch(server_name=args.host, server_port=args.port, quiet=True, css=CSS,
-                    head=PLAYER_JS,
+        page.launch(server_name=args.host, server_port=args.port, quiet=True, css=_CSS,
+                    head=_PLAYER_JS,
                     max_file_size=int(args.max_upload_mb * 2**20),
                     allowed_paths=[str(args.out_dir)], footer_links=[], show_error=True,
                     prevent_thread_lock=True)
