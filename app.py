@@ -395,7 +395,7 @@ def make_take(model, job: dict, link: Link) -> dict:
     else:
         live.mkdir(parents=True, exist_ok=True)
         heard, chunks, gain = 0.0, 0, []
-        for chunk in model.stream(job["primer"], **settings, chunk_seconds=STREAM_SECONDS,
+        for chunk in model.stream(job["primer"], **settings, chunk_seconds=job["chunk_seconds"],
                                   decode_threads=link.threads, stop=link.stopped):
             link.send("progress", Progress(len(chunk.tokens), chunk.seconds))
             take = chunk.take
@@ -488,6 +488,7 @@ class Studio:
         folder = self.session_folder(history) / f"take-{number}"
         job = {"primer": primer, "folder": folder, "settings": s,
                "live": folder.parent / f".{folder.name}-stream",
+               "chunk_seconds": self.args.stream_seconds,
                "soundfont": self.args.soundfont or None, "renderer": self.args.renderer,
                "primer_name": (f"take {extend.number}" if extend is not None
                                else s.get("primer_name", "from scratch")),
@@ -873,6 +874,8 @@ def main() -> None:
         fail("--concurrency and --queue_size must be at least 1")
     if not 0 < args.max_upload_mb <= 100 or not 0 < args.max_seconds <= 3600:
         fail("--max_upload_mb must be in (0, 100] and --max_seconds in (0, 3600]")
+    if not 0.1 <= args.stream_seconds <= 10:
+        fail(f"--stream_seconds must be from 0.1 to 10, got {args.stream_seconds:g}")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from perceiver_music.checkpoint import CheckpointError
 

@@ -376,7 +376,8 @@ def test_bad_options_get_one_line(tmp_path):
     port = str(busy.getsockname()[1])
     cases = [(["--ckpt", str(tmp_path / "missing")], "does not exist"),
              (["--port", port, "--out_dir", str(tmp_path)], f"cannot serve on 127.0.0.1:{port}"),
-             (["--queue_size", "0"], "--queue_size must be at least 1")]
+             (["--queue_size", "0"], "--queue_size must be at least 1"),
+             (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10")]
     with busy:
         for args, message in cases:
             r = subprocess.run([sys.executable, "app.py", "--cpu", *args], cwd=ROOT,
