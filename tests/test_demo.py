@@ -29,7 +29,8 @@ def test_shipped_checkpoint_describes_itself():
     assert meta["step"] > 0 and meta["val_loss"] > 0
     assert (DEMO / "model.safetensors").stat().st_size <= 25 * 2**20
     card = (DEMO / "README.md").read_text()
-    assert "CC BY-SA 3.0 DE" in card and "Bernd Krueger" in card
+    assert "CC BY-SA 3.0 DE" in card and "Bernd Krueger" in card  # piano-midi.de
+    assert "CC BY-NC-SA 4.0" in card  # ASAP: the weights carry its licence
 
 
 def test_loss_on_the_bundled_primer_is_below_its_unigram_entropy():
