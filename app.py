@@ -121,7 +121,8 @@ window.pmLive = (() => {
     const label = document.querySelector('#live-clock');
     const until = window.pmStats.until.toFixed(1);
     if (label) label.textContent = `playing ${t.toFixed(1)} s of ${until} s`;
-    if (ctx.currentTime < next + 0.5) requestAnimationFrame(draw); else drawing = false;
+    // ten frames a second are smooth enough, and leave the CPU to the generation
+    if (ctx.currentTime < next + 0.5) setTimeout(draw, 100); else drawing = false;
   }
   return {
     update(v) {
