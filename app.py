@@ -557,10 +557,10 @@ class Browser:
 
     def table(self, split: str, query: str, page: float) -> tuple[list, str]:
         """A page of pieces and a line saying which."""
-        index = self.data_index()
-        last = max(0, math.ceil(index.table(split, query, 0, 10**9)[1] / self.PER_PAGE) - 1)
+        rows, total = self.data_index().table(split, query, 0, 10**9)  # every match
+        last = max(0, math.ceil(total / self.PER_PAGE) - 1)
         page = min(max(0, int(page or 1) - 1), last)
-        rows, total = index.table(split, query, page, self.PER_PAGE)
+        rows = rows[page * self.PER_PAGE:(page + 1) * self.PER_PAGE]
         return rows, (f"{total} file(s) match; page {page + 1} of {last + 1} "
                       f"({self.PER_PAGE} a page). Choose a row to open the piece.")
 
@@ -614,10 +614,9 @@ class Browser:
 
     def curves(self, names: list[str]):
         """The loss curves of the runs named (names the server listed; others ignored)."""
-        from perceiver_music.browse import curves_figure
+        from perceiver_music.browse import curves_figure, run_name
 
-        chosen = [r for r, row in zip(self.runs(), self.run_table()[1], strict=True)
-                  if row in (names or [])]
+        chosen = [r for r in self.runs() if run_name(r, self.runs_root) in (names or [])]
         return curves_figure(chosen, self.runs_root)
 
 

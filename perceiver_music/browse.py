@@ -265,6 +265,11 @@ def read_metrics(run: Path) -> dict[str, np.ndarray]:
     return {key: np.array(values) for key, values in columns.items()}
 
 
+def run_name(run: Path, root: Path) -> str:
+    """How the Runs tab names a run: its path below ``root`` (its own name if it is)."""
+    return str(run.relative_to(root)) if run != root else run.name
+
+
 def run_report(run: Path) -> Path | None:
     """evaluate.py's report.json for this run, if one is in the run folder or its eval/."""
     return next((p for p in (run / "report.json", run / "eval" / "report.json")
@@ -295,9 +300,9 @@ def run_summary(run: Path, root: Path) -> list[Any]:
             report = f"{data.get('split', '')} {report}".strip()
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             report = f"{path} unreadable"
-    name = str(run.relative_to(root)) if run != root else run.name
-    return [name, int(np.nanmax(step)) if np.isfinite(step).any() else 0, best, last_train,
-            minutes, "running" if age < 2 else f"{age:.0f} min ago", report]
+    steps = int(np.nanmax(step)) if np.isfinite(step).any() else 0
+    return [run_name(run, root), steps, best, last_train, minutes,
+            "running" if age < 2 else f"{age:.0f} min ago", report]
 
 
 def curves_figure(runs: Sequence[Path], root: Path) -> Any:
@@ -313,7 +318,7 @@ def curves_figure(runs: Sequence[Path], root: Path) -> Any:
     for k, run in enumerate(runs):
         m = read_metrics(run)
         colour = f"C{k % 10}"
-        name = str(run.relative_to(root)) if run != root else run.name
+        name = run_name(run, root)
         step = m.get("step", np.array([]))
         for key, style in (("train_loss", "-"), ("val_loss", "o-")):
             y = m.get(key, np.array([]))
