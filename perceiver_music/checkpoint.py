@@ -40,7 +40,7 @@ from midi_processor import default_permissions
 from midi_processor.vocab import VOCAB_VERSION
 
 from .config import MAX_PARAMETERS, ModelConfig
-from .model import build_model
+from .model import build_model, model_shapes
 from .safe_pickle import TorchFileError, UnsafePickleError, read_torch_file
 
 CONFIG_NAME = "config.json"
@@ -221,7 +221,7 @@ def load_checkpoint(
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory or file ({_what_is(path)})")
     _check_weights(state, cfg, path, max_parameters)
-    model = build_model(cfg)
+    model = build_model(cfg, initialise=False)  # every tensor is filled from the file
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(map_location).eval(), cfg, meta
 
@@ -232,9 +232,8 @@ def _check_weights(state: Mapping[str, Tensor], cfg: ModelConfig, path: Path,
     shapes come from a model on the meta device (no memory), the parameter budget bounds
     what a config.json can make us allocate, and every tensor must be floating point and
     finite (an integer tensor would be silently cast, a NaN poisons every output)."""
-    with torch.device("meta"):
-        expected = build_model(cfg).state_dict()
-    count = sum(t.numel() for t in expected.values())
+    expected = model_shapes(cfg)
+    count = sum(shape.numel() for shape in expected.values())
     if count > max_parameters:
         raise CheckpointError(f"{path}: the model config describes {count:,} parameters, over "
                               f"the budget of {max_parameters:,}")
@@ -244,12 +243,12 @@ def _check_weights(state: Mapping[str, Tensor], cfg: ModelConfig, path: Path,
         raise CheckpointError(
             f"{path}: weights do not match the model config: "
             f"missing {_some(missing)}; unexpected {_some(unexpected)}")
-    for key, reference in expected.items():
+    for key, shape in expected.items():
         tensor = state[key]
-        if tensor.shape != reference.shape:
+        if tensor.shape != shape:
             raise CheckpointError(
                 f"{path}: tensor {key} has shape {tuple(tensor.shape)} but the model "
-                f"config needs {tuple(reference.shape)}")
+                f"config needs {tuple(shape)}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}; weights "
                                   "must be floating point")

@@ -38,9 +38,40 @@ from midi_processor.vocab import PAD
 from .config import ModelConfig
 
 
-def build_model(cfg: ModelConfig) -> PerceiverAR:
-    """A freshly initialised library model for ``cfg`` (its state dict is the file format)."""
-    return PerceiverAR(**cfg.model_kwargs())
+def build_model(cfg: ModelConfig, initialise: bool = True) -> PerceiverAR:
+    """A library model for ``cfg`` (its state dict is the file format): freshly initialised,
+    or with ``initialise=False`` left unfilled for a state dict to be loaded into."""
+    if initialise:
+        return PerceiverAR(**cfg.model_kwargs())
+    with _Unfilled(meta=False):
+        return PerceiverAR(**cfg.model_kwargs())
+
+
+class _Unfilled(torch.overrides.TorchFunctionMode):
+    """While a model is built: ``torch.nn.init``'s fills are skipped and, with ``meta``,
+    parameters (``torch.empty``) are allocated on the meta device. The rest (the rotary
+    buffer) runs as usual: on the meta device it would run torch's Python references,
+    whose first call imports torch._dynamo, a second at every script start."""
+
+    def __init__(self, meta: bool) -> None:
+        super().__init__()
+        self.meta = meta
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":  # fill(tensor, ...)
+            return args[0] if args else kwargs["tensor"]
+        if self.meta and func is torch.empty:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def model_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """The shape of every state-dict tensor of ``cfg``'s model, without allocating its
+    parameters (they live on the meta device)."""
+    with _Unfilled(meta=True):
+        model = PerceiverAR(**cfg.model_kwargs())
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 PRECISIONS = ("float32", "int8")

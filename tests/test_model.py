@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ import torch.nn.functional as F
 from midi_processor.vocab import PAD, VOCAB_SIZE, VOCAB_VERSION
 from perceiver_music.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from perceiver_music.config import PRESETS, ModelConfig, preset
-from perceiver_music.model import build_model, forward, loss_fn, use_fast_forward
+from perceiver_music.model import build_model, forward, loss_fn, model_shapes, use_fast_forward
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = 1e-4
 
@@ -446,3 +451,23 @@ def test_training_batches_without_padding_reach_sdpa_as_a_causal_bias(monkeypatc
     padded = full.clone()
     padded[0, :3] = False
     assert torch.equal(to_device(tokens, padded, torch.device("cpu"))[1], padded)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_shapes_are_the_built_models(name):
+    """Checkpoint checks compare against `model_shapes`: a model on the meta device whose
+    fills are skipped, shaped exactly as `build_model` makes it."""
+    with torch.device("meta"):
+        built = {k: v.shape for k, v in build_model(preset(name)).state_dict().items()}
+    assert model_shapes(preset(name)) == built
+
+
+def test_loading_a_checkpoint_does_not_import_dynamo(saved):
+    """Reading and checking a checkpoint stays off torch._dynamo, whose import costs every
+    generate.py, evaluate.py and app.py start about a second."""
+    code = ("import sys; from perceiver_music.api import PerceiverMusic; "
+            f"PerceiverMusic.from_pretrained({str(saved)!r}, device='cpu'); "
+            "print('torch._dynamo' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
