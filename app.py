@@ -867,6 +867,25 @@ def build_page(studio: Studio, args):
     return page
 
 
+def _cannot_serve(host: str, port: int, exc: OSError) -> None:
+    fail(f"cannot serve on {host}:{port} ({str(exc).split('. ')[0]}); "
+         "choose another --port or --host")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail at once when the address cannot be bound (in use, or not this machine's), as
+    the server would after loading the model. SO_REUSEADDR as the server binds."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        _cannot_serve(host, port, exc)
+
+
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
@@ -876,6 +895,7 @@ def main() -> None:
         fail("--max_upload_mb must be in (0, 100] and --max_seconds in (0, 3600]")
     if not 0.1 <= args.stream_seconds <= 10:
         fail(f"--stream_seconds must be from 0.1 to 10, got {args.stream_seconds:g}")
+    _check_port(args.host, args.port)  # before seconds of loading, not after
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from perceiver_music.checkpoint import CheckpointError
 
@@ -891,8 +911,7 @@ def main() -> None:
                     allowed_paths=[str(args.out_dir)], footer_links=[], show_error=True,
                     prevent_thread_lock=True)
     except OSError as exc:
-        fail(f"cannot serve on {args.host}:{args.port} ({str(exc).split('. ')[0]}); "
-             "choose another --port or --host")
+        _cannot_serve(args.host, args.port, exc)
     start = time.perf_counter()
     print(f"model {args.ckpt} loaded; serving http://{args.host}:{args.port} (Ctrl-C stops)")
     page.block_thread()
