@@ -334,8 +334,8 @@ def mixed_precision(args) -> dict[str, str]:
     return {"mixed_precision": choice}
 
 
-def main() -> None:
-    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+def check_settings(args) -> None:
+    """One clear line for settings that cannot work, before anything is loaded."""
     if args.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         fail(f"--mixed_precision must be auto, no, fp16 or bf16, not {args.mixed_precision!r}")
     for name in ("batch_size", "grad_accum", "max_steps", "warmup_steps", "eval_interval",
@@ -350,30 +350,13 @@ def main() -> None:
         fail("--init starts a new run from a checkpoint's weights; --resume continues the "
              "run in --out_dir: choose one")
 
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
 
-    from perceiver_music.checkpoint import (
-        CheckpointError,
-        load_checkpoint,
-        load_train_state,
-        save_checkpoint,
-    )
-    from perceiver_music.data import (
-        DataError,
-        WindowSampler,
-        WindowSpec,
-        load_split,
-        to_device,
-        validation_windows,
-    )
-    from perceiver_music.model import build_model, loss_fn, use_fast_forward
-    from perceiver_music.threads import ThreadTuner, cpu_cores
+def starting_point(args, out_dir: Path):
+    """Where the run starts: (model, config, step, best validation loss, training seconds
+    so far). Resumed from ``out_dir/last``, started from --init's weights, or a new model
+    of the preset (model None: it is built once the seed is set)."""
+    from perceiver_music.checkpoint import CheckpointError, load_checkpoint
 
-    out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
-    meta: dict = {}
     try:
         tidy_unfinished_save(out_dir)
     except OSError as exc:
@@ -388,10 +371,16 @@ def main() -> None:
         step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
-    elif args.init:
-        model, cfg = init_from(args)
-    else:
-        cfg = model_config(args)
+        return model, cfg, step, best, previous_s
+    model, cfg = init_from(args) if args.init else (None, model_config(args))
+    return model, cfg, 0, math.inf, 0.0
+
+
+def load_data(args, cfg, data_dir: Path):
+    """(training split, window spec, fixed validation windows) for ``cfg``'s context; one
+    line when the data or the window does not fit."""
+    from perceiver_music.data import DataError, WindowSpec, load_split, validation_windows
+
     window = args.window or cfg.max_seq_len
     if window > cfg.max_seq_len:
         fail(f"--window {window} is longer than the model's context {cfg.max_seq_len}")
@@ -406,6 +395,17 @@ def main() -> None:
         val = validation_windows(val_split, window, cfg.cross_attn_seq_len, args.eval_windows)
     except DataError as exc:
         fail(str(exc))
+    return train_split, spec, val
+
+
+def make_accelerator(args):
+    """The Accelerator (TF32 matrix products on CUDA) and, on a CPU, the thread count:
+    fixed by --threads, else a `ThreadTuner` choosing between one thread and this
+    process's share of the cores (None when there is no choice)."""
+    import torch
+    from accelerate import Accelerator
+
+    from perceiver_music.threads import ThreadTuner, cpu_cores
 
     accelerator = Accelerator(cpu=cpu_only(args.cpu), **mixed_precision(args))
     if accelerator.device.type == "cuda":  # float32 products (where they stay) on TF32 cores
@@ -420,8 +420,253 @@ def main() -> None:
         share = max(1, cpu_cores() // local)
         torch.set_num_threads(args.threads or share)
         tuner = None if args.threads or share == 1 else ThreadTuner((1, share))
+    return accelerator, tuner
+
+
+class RunLog:
+    """What the main process records as the run goes (the other processes record
+    nothing): rows of metrics.csv (a resumed run's file is cut back to its step and
+    continued) and TensorBoard scalars."""
+
+    HEADER = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "seconds"]
+
+    def __init__(self, args, out_dir: Path, step: int, enabled: bool) -> None:
+        self.file = self.rows = self.writer = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        path = out_dir / "metrics.csv"
+        new = not (args.resume and path.exists())
+        if not new:
+            trim_metrics(path, step)
+        self.file = open(path, "w" if new else "a", newline="")  # noqa: SIM115
+        self.rows = csv.writer(self.file)
+        if new:
+            self.rows.writerow(self.HEADER)
+
+    def row(self, step: int, seconds: float, train_loss: str = "", val_loss: str = "",
+            lr: str = "", tokens_per_s: str = "") -> None:
+        if self.rows:
+            self.rows.writerow([step, train_loss, val_loss, lr, tokens_per_s, f"{seconds:.1f}"])
+            self.file.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+class Run:
+    """The training loop and what it carries from step to step (the step, the best
+    validation loss, the time budget, the signal that asks it to stop), so that `loop`
+    reads as its steps: `train_step`, `log_train`, `validate`, `save_last`."""
+
+    def __init__(self, args, accelerator, model, optimizer, sampler, tuner, cfg, val,
+                 out_dir: Path, log: RunLog, step: int, best: float, previous_s: float) -> None:
+        self.args, self.accelerator, self.model = args, accelerator, model
+        self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
+        self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
+        self.step, self.best, self.previous_s = step, best, previous_s
+        self.main = accelerator.is_main_process
+        self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
+        self.val_loss: float | None = None
+        self.signal = 0  # the signal that asked the run to stop (SIGINT, SIGTERM), if any
+        self.started = time.time()
+        self.budget_s = args.max_minutes * 60
+        self.budget = Budget(math.ceil(len(val[0]) / accelerator.num_processes
+                                       / args.batch_size))
+        self.tokens_per_step = (args.batch_size * args.grad_accum * accelerator.num_processes
+                                * sampler.spec.latents)  # the latents' targets
+        self.loss_sum, self.loss_n, self.t_log = 0.0, 0, time.perf_counter()
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGINT/SIGTERM: finish the step, save last/, exit; a second one interrupts."""
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, earlier runs resumed from included."""
+        return self.previous_s + time.time() - self.started
+
+    def meta(self) -> dict:
+        """What a checkpoint of this moment records about the run."""
+        return {"step": self.step, "val_loss": self.val_loss,
+                "best_val_loss": self.best if self.best < math.inf else None,
+                "train_seconds": round(self.elapsed(), 3), "train": self.settings}
+
+    def train_step(self, lr: float) -> None:
+        """One optimizer step of GRAD_ACCUM micro-steps at learning rate ``lr``."""
+        from perceiver_music.data import to_device
+        from perceiver_music.model import loss_fn
+
+        args, accelerator, model, optimizer = (self.args, self.accelerator, self.model,
+                                               self.optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t_step = time.perf_counter()
+        with self.tuner.step() if self.tuner else nullcontext():
+            for micro in range(args.grad_accum):
+                x, mask = to_device(*self.sampler.sample(args.batch_size), accelerator.device)
+                last_micro = micro == args.grad_accum - 1
+                with nullcontext() if last_micro else accelerator.no_sync(model):
+                    loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
+                    accelerator.backward(loss / args.grad_accum)
+                # summed on the device: reading a loss every micro-step would wait for it
+                self.loss_sum, self.loss_n = self.loss_sum + loss.detach(), self.loss_n + 1
+            if args.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.budget.record_step(time.perf_counter() - t_step)
+
+    def log_train(self, lr: float, bar) -> None:
+        """The mean training loss and tokens/s since the last row: bar, metrics.csv, tb."""
+        seconds = time.perf_counter() - self.t_log
+        tps = self.tokens_per_step * (self.loss_n / self.args.grad_accum) / seconds
+        train_loss = float(self.loss_sum) / self.loss_n
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+        self.log.row(self.step, self.elapsed(), f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
+        self.log.scalars(self.step, {"loss/train": train_loss, "lr": lr, "tokens_per_s": tps})
+        self.t_log, self.loss_sum, self.loss_n = time.perf_counter(), 0.0, 0
+
+    def validate(self, lr: float, bar) -> None:
+        """Validation loss on the fixed windows; best/ when it is the lowest so far."""
+        from perceiver_music.checkpoint import save_checkpoint
+
+        t_final = time.perf_counter()
+        # in the training's precision: bf16 validation on a GPU runs on flash too
+        with self.tuner.use() if self.tuner else nullcontext(), self.accelerator.autocast():
+            self.val_loss = evaluate(self.model, self.val, self.accelerator, self.args.batch_size)
+        improved = self.val_loss < self.best
+        self.best = min(self.best, self.val_loss)
+        if self.main:
+            bar.write(f"step {self.step}: validation loss {self.val_loss:.4f} nats/token"
+                      + (" (best)" if improved else ""))
+            self.log.row(self.step, self.elapsed(), "", f"{self.val_loss:.5f}", f"{lr:.3e}")
+            self.log.scalars(self.step, {"loss/val": self.val_loss})
+            if improved:
+                save_checkpoint(self.out_dir / "best", self.accelerator.unwrap_model(self.model),
+                                self.cfg, self.meta())
+        self.accelerator.wait_for_everyone()
+        self.budget.validation_s = time.perf_counter() - t_final
+
+    def save_last(self) -> None:
+        t_final = time.perf_counter()
+        save_last(self.accelerator, self.model, self.optimizer, self.cfg, self.sampler.state,
+                  self.meta(), self.out_dir)
+        self.budget.save_s = time.perf_counter() - t_final
+
+    def agree(self) -> tuple[bool, float]:
+        """(whether any process was signalled, the projected end of the next step averaged
+        over processes): every process stops at the same step and sets the same rate."""
+        import torch
+
+        flags = torch.tensor([bool(self.signal), self.budget.projected(self.elapsed())],
+                             dtype=torch.float32, device=self.accelerator.device)
+        flags = self.accelerator.reduce(flags, "sum")
+        return bool(flags[0] > 0), float(flags[1]) / self.accelerator.num_processes
+
+    def loop(self) -> None:
+        """Train until MAX_STEPS, the time budget (the last step, validation and save fit
+        inside it) or a signal; validate and save on their intervals and at the end."""
+        from tqdm import tqdm
+
+        args, budget_s = self.args, self.budget_s
+        # With a time budget the bar counts its seconds (its ETA is the budget's end), else steps.
+        bar_args = dict(total=budget_s, initial=min(self.previous_s, budget_s), unit="s",
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                                   "{postfix}]") if budget_s else dict(total=args.max_steps,
+                                                                      initial=self.step)
+        with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
+            self.t_log, self.started = time.perf_counter(), time.time()
+            projected = self.previous_s + self.budget.projected(0.0)  # the same everywhere
+            while self.step < args.max_steps:
+                # the last step of a budget runs at the end of the schedule: MIN_LR
+                spent = bool(budget_s) and projected >= budget_s
+                lr = lr_at(self.step, args, projected)
+                self.train_step(lr)
+                bar.update(min(self.elapsed(), budget_s) - bar.n if budget_s else 1)
+                if budget_s:
+                    bar.set_postfix(step=self.step, refresh=False)
+                signalled, projected = self.agree()
+                final = self.step == args.max_steps or spent
+                if self.step % args.log_interval == 0 or final or signalled:
+                    self.log_train(lr, bar)
+                if self.step % args.eval_interval == 0 or final:
+                    self.validate(lr, bar)
+                if self.step % args.save_interval == 0 or final or signalled:
+                    self.save_last()
+                if signalled:
+                    if self.main:
+                        bar.write(f"stopped at step {self.step}; saved {self.out_dir / 'last'}. "
+                                  f"Continue with: python train.py --out_dir {self.out_dir} "
+                                  "--resume")
+                    break
+                if spent:
+                    if self.main:
+                        bar.write(f"time budget of {args.max_minutes:g} min spent at step "
+                                  f"{self.step} ({self.elapsed():.0f} s): the schedule is "
+                                  f"complete (lr {lr:.2e}); best validation loss "
+                                  f"{self.best:.4f} nats/token; checkpoints in {self.out_dir}")
+                    break
+
+
+def check_replicas(accelerator, model) -> None:
+    """Several processes: print whether every process holds the same weights (DDP keeps
+    them equal; three weighted sums prove it cheaply)."""
+    import torch
+
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    ramp = torch.linspace(1, 2, len(flat), dtype=flat.dtype, device=flat.device)
+    sums = torch.stack([flat.sum(), (flat * flat).sum(), (flat * ramp).sum()])
+    every = accelerator.gather(sums[None])
+    if accelerator.is_main_process:
+        same = bool((every == every[0]).all())
+        print(f"weights identical across {accelerator.num_processes} processes: {same}")
+
+
+def describe(args, accelerator, model, cfg, train_split, tuner) -> str:
+    """The run's first line: the model, the data and where it trains."""
+    import torch
+
+    n_params = sum(p.numel() for p in model.parameters())
+    origin = "resumed" if args.resume else f"from {args.init}" if args.init else args.preset
+    threads = (f" (1 or {tuner.candidates[-1]} threads each, chosen by timing steps)" if tuner
+               else f" ({torch.get_num_threads()} threads each)"
+               if accelerator.device.type == "cpu" else "")
+    return (f"model: {origin} {n_params / 1e6:.2f}M parameters, context {cfg.max_seq_len}, "
+            f"{cfg.num_latents} latents; {len(train_split.tokens):,} training tokens; "
+            f"{accelerator.num_processes} process(es) on {accelerator.device}{threads}, "
+            f"mixed precision {accelerator.mixed_precision}")
+
+
+def main() -> None:
+    args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    check_settings(args)
+    from accelerate.utils import set_seed
+
+    from perceiver_music.checkpoint import CheckpointError, load_train_state
+    from perceiver_music.data import DataError, WindowSampler
+    from perceiver_music.model import build_model, use_fast_forward
+
+    out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
+    model, cfg, step, best, previous_s = starting_point(args, out_dir)
+    train_split, spec, val = load_data(args, cfg, data_dir)
+    accelerator, tuner = make_accelerator(args)
     set_seed(args.seed)  # the same initial weights in every process
-    if not args.resume and not args.init:
+    if model is None:
         model = build_model(cfg)
     # then a seed of each process's own, so that processes draw different dropout masks
     # and prefix-dropout positions (a resumed run restores every process's RNG states)
@@ -445,192 +690,24 @@ def main() -> None:
         except (TypeError, ValueError, KeyError) as exc:
             problem = f"cannot resume: {out_dir / 'last' / 'state'}: bad data position ({exc})"
         fail_together(accelerator, problem)
-    else:
-        step, best, previous_s = 0, math.inf, 0.0
-        # checked by the first process alone, before any process writes
+    else:  # checked by the first process alone, before any process writes
         fail_together(accelerator, occupied(out_dir) if accelerator.is_main_process else None)
 
-    main_proc = accelerator.is_main_process
-    settings = {k: v for k, v in vars(args).items() if k != "resume"}
-    writer = None
-    if main_proc:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    log = RunLog(args, out_dir, step, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        print(describe(args, accelerator, model, cfg, train_split, tuner))
+    run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
+              step, best, previous_s)
+    signal.signal(signal.SIGINT, run.request_stop)
+    signal.signal(signal.SIGTERM, run.request_stop)
+    run.loop()
 
-            writer = SummaryWriter(str(out_dir / "tb"))
-        metrics_path = out_dir / "metrics.csv"
-        new_csv = not (args.resume and metrics_path.exists())
-        if not new_csv:
-            trim_metrics(metrics_path, step)
-        metrics = open(metrics_path, "w" if new_csv else "a", newline="")  # noqa: SIM115
-        log = csv.writer(metrics)
-        if new_csv:
-            log.writerow(["step", "train_loss", "val_loss", "lr", "tokens_per_s", "seconds"])
-        n_params = sum(p.numel() for p in model.parameters())
-        origin = "resumed" if args.resume else f"from {args.init}" if args.init else args.preset
-        print(
-            f"model: {origin} {n_params / 1e6:.2f}M "
-            f"parameters, context {cfg.max_seq_len}, {cfg.num_latents} latents; "
-            f"{len(train_split.tokens):,} training tokens; {accelerator.num_processes} "
-            f"process(es) on {accelerator.device}"
-            + (f" (1 or {tuner.candidates[-1]} threads each, chosen by timing steps)"
-               if tuner else f" ({torch.get_num_threads()} threads each)"
-               if accelerator.device.type == "cpu" else "")
-            + f", mixed precision {accelerator.mixed_precision}"
-        )
-
-    stop = {"flag": False, "signal": 0}
-
-    def request_stop(signum, frame):  # finish the step, save last/, exit
-        if stop["flag"]:
-            raise KeyboardInterrupt
-        stop["flag"], stop["signal"] = True, signum
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    def checkpoint_meta(val_loss) -> dict:
-        return {
-            "step": step,
-            "val_loss": val_loss,
-            "best_val_loss": best if best < math.inf else None,
-            "train_seconds": round(elapsed(), 3),
-            "train": settings,
-        }
-
-    def elapsed() -> float:
-        """Training seconds of the whole run, earlier runs resumed from included."""
-        return previous_s + time.time() - started
-
-    def log_row(*values) -> None:
-        if main_proc:
-            log.writerow([step, *values, f"{elapsed():.1f}"])
-            metrics.flush()
-
-    tokens_per_step = (
-        args.batch_size
-        * args.grad_accum
-        * accelerator.num_processes
-        * (window - cfg.cross_attn_seq_len)
-    )
-    budget_s = args.max_minutes * 60
-    budget = Budget(math.ceil(len(val[0]) / accelerator.num_processes / args.batch_size))
-    # With a time budget the bar counts its seconds (its ETA is the budget's end), else steps.
-    bar_args = dict(total=budget_s, initial=min(previous_s, budget_s), unit="s",
-                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
-                               "{postfix}]") if budget_s else dict(total=args.max_steps,
-                                                                  initial=step)
-    with tqdm(disable=not main_proc, dynamic_ncols=True, **bar_args) as bar:
-        t_log, loss_sum, loss_n, started, val_loss = time.perf_counter(), 0.0, 0, time.time(), None
-        projected = previous_s + budget.projected(0.0)  # the same on every process
-        while step < args.max_steps:
-            # the last step of a budget runs at the end of the schedule: MIN_LR
-            ending = bool(budget_s) and projected >= budget_s
-            lr = lr_at(step, args, projected)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t_step = time.perf_counter()
-            with tuner.step() if tuner else nullcontext():
-                for micro in range(args.grad_accum):
-                    x, mask = to_device(*sampler.sample(args.batch_size), accelerator.device)
-                    last_micro = micro == args.grad_accum - 1
-                    with nullcontext() if last_micro else accelerator.no_sync(model):
-                        loss = loss_fn(model(x[:, :-1], mask), x[:, 1:])
-                        accelerator.backward(loss / args.grad_accum)
-                    # summed on the device: reading a loss every micro-step would wait for it
-                    loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
-                if args.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            budget.record_step(time.perf_counter() - t_step)
-            bar.update(min(elapsed(), budget_s) - bar.n if budget_s else 1)
-            if budget_s:
-                bar.set_postfix(step=step, refresh=False)
-
-            # Every process stops at the same step: on a signal to any, or when the time
-            # budget ends with this step (then validation, as at MAX_STEPS). The projected
-            # time is averaged so that every process sets the same learning rate.
-            flags = torch.tensor([stop["flag"], budget.projected(elapsed())],
-                                 dtype=torch.float32, device=accelerator.device)
-            flags = accelerator.reduce(flags, "sum")
-            signalled, spent = bool(flags[0] > 0), ending
-            projected = float(flags[1]) / accelerator.num_processes
-            final = step == args.max_steps or spent
-
-            if step % args.log_interval == 0 or final or signalled:
-                tps = tokens_per_step * (loss_n / args.grad_accum) / (time.perf_counter() - t_log)
-                train_loss = float(loss_sum) / loss_n
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
-                log_row(f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
-                if writer:
-                    writer.add_scalar("loss/train", train_loss, step)
-                    writer.add_scalar("lr", lr, step)
-                    writer.add_scalar("tokens_per_s", tps, step)
-                t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-
-            if step % args.eval_interval == 0 or final:
-                t_final = time.perf_counter()
-                # in the training's precision: bf16 validation on a GPU runs on flash too
-                with tuner.use() if tuner else nullcontext(), accelerator.autocast():
-                    val_loss = evaluate(model, val, accelerator, args.batch_size)
-                improved = val_loss < best
-                best = min(best, val_loss)
-                if main_proc:
-                    bar.write(
-                        f"step {step}: validation loss {val_loss:.4f} nats/token"
-                        + (" (best)" if improved else "")
-                    )
-                    log_row("", f"{val_loss:.5f}", f"{lr:.3e}", "")
-                    if writer:
-                        writer.add_scalar("loss/val", val_loss, step)
-                    if improved:
-                        save_checkpoint(
-                            out_dir / "best",
-                            accelerator.unwrap_model(model),
-                            cfg,
-                            checkpoint_meta(val_loss),
-                        )
-                accelerator.wait_for_everyone()
-                budget.validation_s = time.perf_counter() - t_final
-
-            if step % args.save_interval == 0 or final or signalled:
-                t_final = time.perf_counter()
-                save_last(accelerator, model, optimizer, cfg, sampler.state,
-                          checkpoint_meta(val_loss), out_dir)
-                budget.save_s = time.perf_counter() - t_final
-            if signalled:
-                if main_proc:
-                    bar.write(f"stopped at step {step}; saved {out_dir / 'last'}. Continue "
-                              f"with: python train.py --out_dir {out_dir} --resume")
-                break
-            if spent:
-                if main_proc:
-                    bar.write(f"time budget of {args.max_minutes:g} min spent at step {step} "
-                              f"({elapsed():.0f} s): the schedule is complete (lr {lr:.2e}); "
-                              f"best validation loss {best:.4f} nats/token; checkpoints in "
-                              f"{out_dir}")
-                break
-
-    if accelerator.num_processes > 1:  # DDP keeps replicas equal; prove it cheaply
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        ramp = torch.linspace(1, 2, len(flat), dtype=flat.dtype, device=flat.device)
-        sums = torch.stack([flat.sum(), (flat * flat).sum(), (flat * ramp).sum()])
-        every = accelerator.gather(sums[None])
-        if main_proc:
-            same = bool((every == every[0]).all())
-            print(f"weights identical across {accelerator.num_processes} processes: {same}")
-    if main_proc:
-        metrics.close()
-        if writer:
-            writer.close()
-        if step == args.max_steps:
-            print(
-                f"done: {step} steps, best validation loss {best:.4f} nats/token; "
-                f"checkpoints in {out_dir}"
-            )
+    if accelerator.num_processes > 1:
+        check_replicas(accelerator, model)
+    log.close()
+    if accelerator.is_main_process and run.step == args.max_steps:
+        print(f"done: {run.step} steps, best validation loss {run.best:.4f} nats/token; "
+              f"checkpoints in {out_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     # Stopped by Ctrl-C or SIGTERM: the shell's status for that signal (130, 143), after
@@ -638,7 +715,7 @@ def main() -> None:
     # group, which joins a worker thread that may be waiting for the GIL to free a finished
     # collective (a deadlock seen here at exit); everything is saved and flushed, so
     # exit_all skips that teardown.
-    code = 128 + stop["signal"] if stop["signal"] else 0
+    code = 128 + run.signal if run.signal else 0
     if code or accelerator.num_processes > 1:
         exit_all(accelerator, code)
 
