@@ -19,6 +19,7 @@ real tokens of the L so far.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -160,7 +161,9 @@ def sample_next(logits: Tensor, sampling: SamplingConfig,
                       for row, gen in zip(probs, generators, strict=True)])
 
 
+@functools.cache
 def _pad_index(device: torch.device) -> Tensor:
+    """PAD's index as a tensor on ``device``, made once (not a host copy every step)."""
     return torch.tensor([PAD], device=device)
 
 
@@ -439,11 +442,13 @@ def _sample(
     logits = window.encode()
     for step in range(limits.max_new_tokens):
         tokens = sample_next(logits, sampling, generators).masked_fill(finished, PAD)
+        ended = False
         for row, token in enumerate(tokens.tolist()):
             if reasons[row] is None:
                 outputs[row].append(token)
                 steps[row] += shift[token]
                 reasons[row] = limits.reason(token, steps[row], len(outputs[row]))
+                ended = ended or reasons[row] is not None
         if on_step is not None:
             on_step(StepInfo(step, window.tokens(), window.prefix_mask, logits, tokens, None,
                              window.reencoded, max(steps) / STEPS_PER_SECOND,
@@ -454,7 +459,8 @@ def _sample(
             reasons = [r or STOP_ASKED for r in reasons]
         if all(r is not None for r in reasons):
             break
-        finished = torch.tensor([r is not None for r in reasons], device=finished.device)
+        if ended:  # a host-to-device copy only on the steps where a row ends
+            finished = torch.tensor([r is not None for r in reasons], device=finished.device)
         logits = window.append(tokens)
 
     return GenerationResult(
