@@ -590,7 +590,6 @@ class Run:
                                    "{postfix}]") if budget_s else dict(total=args.max_steps,
                                                                       initial=self.step)
         with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
-            self.t_log, self.started = time.perf_counter(), time.time()
             projected = self.previous_s + self.budget.projected(0.0)  # the same everywhere
             while self.step < args.max_steps:
                 # the last step of a budget runs at the end of the schedule: MIN_LR

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -41,9 +42,7 @@ from .config import ModelConfig
 def build_model(cfg: ModelConfig, initialise: bool = True) -> PerceiverAR:
     """A library model for ``cfg`` (its state dict is the file format): freshly initialised,
     or with ``initialise=False`` left unfilled for a state dict to be loaded into."""
-    if initialise:
-        return PerceiverAR(**cfg.model_kwargs())
-    with _Unfilled(meta=False):
+    with nullcontext() if initialise else _Unfilled():
         return PerceiverAR(**cfg.model_kwargs())
 
 
@@ -53,7 +52,7 @@ class _Unfilled(torch.overrides.TorchFunctionMode):
     buffer) runs as usual: on the meta device it would run torch's Python references,
     whose first call imports torch._dynamo, a second at every script start."""
 
-    def __init__(self, meta: bool) -> None:
+    def __init__(self, meta: bool = False) -> None:
         super().__init__()
         self.meta = meta
 
@@ -70,7 +69,7 @@ def model_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """The shape of every state-dict tensor of ``cfg``'s model, without allocating its
     parameters (they live on the meta device)."""
     with _Unfilled(meta=True):
-        model = PerceiverAR(**cfg.model_kwargs())
+        model = build_model(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
