@@ -120,6 +120,15 @@ def open_page(browser, url: str):
     return page
 
 
+def decoded_width(page, selector: str) -> int:
+    """The natural width of the picture at `selector` once the browser has decoded it (a
+    picture that never loads fails the wait): a real image, not just an <img> element."""
+    page.wait_for_function(
+        "s => { const i = document.querySelector(s);"
+        " return i !== null && i.complete && i.naturalWidth > 0 }", arg=selector)
+    return page.locator(selector).evaluate("i => i.naturalWidth")
+
+
 def set_number(page, elem_id: str, value: float) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
@@ -185,7 +194,7 @@ def test_upload_generate_listen_download_extend(app_url, browser, tmp_path):
     minutes, seconds = shown.inner_text().split(":")
     player_seconds = 60 * int(minutes) + int(seconds)
     # The piano roll is a real, decoded picture.
-    width = page.locator("#roll img").evaluate("img => img.complete ? img.naturalWidth : 0")
+    width = decoded_width(page, "#roll img")
     assert width >= 1000, width
     if os.environ.get("APP_SCREENSHOT_DIR"):
         page.screenshot(path=Path(os.environ["APP_SCREENSHOT_DIR"]) / "app.png",
@@ -319,8 +328,8 @@ def test_data_and_runs_tabs(app_url, browser, browse_dirs):
     page.locator("#data-table [data-testid=cell-0-4]").click()
     line = page.locator("#piece-line").filter(has_text="tokens").inner_text()
     assert "scn15" in line and "notes" in line, line
-    width = page.locator("#piece-roll img").evaluate("i => i.complete ? i.naturalWidth : 0")
-    assert width >= 1000
+    width = decoded_width(page, "#piece-roll img")
+    assert width >= 1000, width
     page.locator("#piece-audio audio[src]").wait_for(state="attached")
     assert "NOTE_ON" in page.locator("#piece-tokens textarea").input_value()
     if os.environ.get("APP_SCREENSHOT_DIR"):
