@@ -9,7 +9,10 @@ NUM_PRIMERS primers taken from the split's pieces (PRIME_SECONDS each, at seeded
 SECONDS long, compared with the pieces' real continuations and with the primers by
 notes per second, polyphony, pitch range and mean, velocity, note durations (median,
 share held over 4 s) and the correlation of their pitch-class histogram with the
-primer's. With --runs, the training curves of those run folders (their metrics.csv).
+primer's; each model's difference from the real continuations comes with its standard
+error (takes paired by primer), so a report of a few takes says what it can resolve. The
+continuations are sampled as generate.py samples by default (its temperature and top-p).
+With --runs, the training curves of those run folders (their metrics.csv).
 
 Writes OUT/report.json, OUT/report.html (tables and plots) and the plots as PNG.
 """
@@ -27,8 +30,8 @@ SPLIT = "test"  # the split to evaluate on (a folder of DATA_DIR)
 NUM_PRIMERS = 8  # continuations per checkpoint, from this many primers of the split
 PRIME_SECONDS = 15.0  # primer length, in seconds of music
 SECONDS = 15.0  # continuation length, compared with as much of the real continuation
-TEMPERATURE = 1.0  # sampling temperature of the continuations
-TOP_P = 0.95  # nucleus sampling of the continuations (0: off)
+TEMPERATURE = 1.0  # sampling temperature of the continuations (generate.py's default)
+TOP_P = 0.0  # nucleus sampling of the continuations (0: off; generate.py's default)
 SEED = 0  # seed of the primer offsets and the sampling
 RUNS = ""  # run folders (with metrics.csv) whose training curves to plot, comma-separated
 OUT = "eval"  # report folder
@@ -96,6 +99,7 @@ def main() -> None:
     from perceiver_music.data import DataError, load_split
     from perceiver_music.evaluation import (
         STATISTICS,
+        difference_errors,
         differences_from_real,
         music_statistics,
         save_figure,
@@ -169,6 +173,7 @@ def main() -> None:
                 report["continuations"][ckpt] = takes
         report["statistics"] = {name: summarise(rows) for name, rows in groups.items()}
         report["difference_from_real"] = differences_from_real(report["statistics"])
+        report["difference_standard_error"] = difference_errors(groups)
         report["statistics_per_take"] = groups
         out.mkdir(parents=True, exist_ok=True)
         save_figure(statistics_figure(groups), out / "statistics.png")
@@ -188,8 +193,9 @@ def main() -> None:
     for name, deltas in report.get("difference_from_real", {}).items():
         for stat, delta in deltas.items():
             label = STATISTICS[stat][0]
+            error = report["difference_standard_error"][name][stat]
             print(printable(f"{name}: {label}: {report['statistics'][name][stat]['mean']:.3g}, "
-                            f"real {real[stat]['mean']:.3g} ({delta:+.3g})"))
+                            f"real {real[stat]['mean']:.3g} ({delta:+.3g} +- {error:.2g})"))
     print(f"wrote {out / 'report.html'} and {out / 'report.json'} "
           f"({report['seconds']:.0f} s)")
 

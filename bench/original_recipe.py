@@ -1,6 +1,7 @@
 """Train a model with the original scripts' recipe, as a reference for train.py's.
 
     python bench/original_recipe.py --data_dir data --preset demo --minutes 45 --out ckpt/orig
+    python bench/original_recipe.py --cpu_minutes 100 --minutes 1000   # equal CPU, busy machine
 
 The recipe the toolkit replaces, on the same model shape and the same fast forward (so
 only the recipe differs): each epoch takes one random crop of context + 1 tokens per file
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--learning_rate", type=float, default=1e-3)
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    ap.add_argument("--cpu_minutes", type=float, default=0.0,
+                    help="CPU-time budget of this process, all its threads (0: none), to\n"
+                         "compare recipes at equal CPU on a machine that does other work")
     ap.add_argument("--out", type=Path, default=Path("ckpt/original_recipe"))
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
@@ -69,9 +73,10 @@ def main() -> None:
         signal.signal(sig, lambda *_: stop.append(True))
 
     def out_of_time() -> bool:
-        return bool(stop) or time.time() - started >= args.minutes * 60
+        return (bool(stop) or time.time() - started >= args.minutes * 60
+                or 0 < args.cpu_minutes * 60 <= time.process_time() - cpu_started)
 
-    started, step, epoch = time.time(), 0, 0
+    started, cpu_started, step, epoch = time.time(), time.process_time(), 0, 0
     while not out_of_time():
         epoch += 1
         for batch in epoch_batches(split, length, args.batch_size, rng):
@@ -84,13 +89,16 @@ def main() -> None:
             step += 1
             if step % 50 == 0:
                 print(f"epoch {epoch} step {step} loss {loss.item():.4f} "
-                      f"{(time.time() - started) / 60:.1f} min", flush=True)
+                      f"{(time.time() - started) / 60:.1f} min "
+                      f"{(time.process_time() - cpu_started) / 60:.1f} CPU-min", flush=True)
             if out_of_time():
                 break
-    minutes = (time.time() - started) / 60
+    minutes, cpu_minutes = (time.time() - started) / 60, (time.process_time() - cpu_started) / 60
     save_checkpoint(args.out, model, cfg, {"step": step, "recipe": "original", "epochs": epoch,
-                                           "minutes": round(minutes, 2)})
-    print(f"done: {step} steps, {epoch} epochs in {minutes:.1f} min; saved {args.out}")
+                                           "minutes": round(minutes, 2),
+                                           "cpu_minutes": round(cpu_minutes, 2)})
+    print(f"done: {step} steps, {epoch} epochs in {minutes:.1f} min ({cpu_minutes:.1f} "
+          f"CPU-min); saved {args.out}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,27 @@ def differences_from_real(stats: Mapping[str, Mapping[str, Mapping[str, float]]]
             for group, values in stats.items() if group not in (real, "primers")}
 
 
+def difference_errors(groups: Mapping[str, Sequence[Mapping[str, float]]],
+                      real: str = "real continuations") -> dict[str, dict[str, float]]:
+    """For each model group of per-take ``groups`` (take k of every group continues primer
+    k): the standard error of each statistic's model-minus-real difference, from the takes'
+    paired differences (std / sqrt(n), pairs with a NaN left out; NaN under two pairs).
+    It says which differences a report of a few takes can resolve: pitch-class correlation
+    varies so much from piece to piece that 16 takes leave about +-0.1."""
+    out = {}
+    for group, rows in groups.items():
+        if group in (real, "primers"):
+            continue
+        out[group] = {}
+        for name in STATISTICS:
+            d = np.array([r[name] - t[name] for r, t in zip(rows, groups[real], strict=True)],
+                         dtype=float)
+            d = d[np.isfinite(d)]
+            out[group][name] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 \
+                else math.nan
+    return out
+
+
 def summarise(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """Mean, standard deviation and count (NaN ignored) of each statistic over ``rows``."""
     out = {}
@@ -249,12 +270,15 @@ def write_report(folder: Path, report: dict[str, Any], images: Sequence[tuple[st
     groups = list(stats)
     head = "".join(f"<th>{html.escape(_short(g))}</th>" for g in groups)
     deltas = report.get("difference_from_real", {})
+    errors = report.get("difference_standard_error", {})
 
     def cell(group: str, name: str) -> str:
         text = f"{_fmt(stats[group][name]['mean'])} &plusmn; {_fmt(stats[group][name]['std'])}"
         if group in deltas:
             delta = deltas[group][name]
-            text += f" <b>({'n/a' if not math.isfinite(delta) else f'{delta:+.3g}'} vs real)</b>"
+            error = errors.get(group, {}).get(name, math.nan)
+            text += (f" <b>({'n/a' if not math.isfinite(delta) else f'{delta:+.3g}'}"
+                     f"{f' &plusmn; {error:.2g}' if math.isfinite(error) else ''} vs real)</b>")
         return f"<td>{text}</td>"
 
     body = "".join(
@@ -276,7 +300,7 @@ figcaption{{color:#555}}</style></head><body>
 <table id="loss"><tr><th>model</th><th>nats per token</th><th>target tokens</th></tr>
 {"".join(rows)}</table>
 <h2>Music statistics (mean &plusmn; standard deviation; in bold, a model's mean minus the
-real continuations')</h2>
+real continuations' &plusmn; its standard error, from the takes paired by primer)</h2>
 <table id="statistics"><tr><th>statistic</th>{head}</tr>{body}</table>
 {figures}
 <h2>Settings</h2><pre>{settings}</pre>

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pretty_midi
 import pytest
 import torch
@@ -18,6 +19,7 @@ from perceiver_music.checkpoint import save_checkpoint
 from perceiver_music.config import preset
 from perceiver_music.evaluation import (
     STATISTICS,
+    difference_errors,
     music_statistics,
     statistics_figure,
     training_curves_figure,
@@ -75,12 +77,48 @@ def test_report_with_two_checkpoints_and_training_curves(setup):
     delta = report["difference_from_real"][str(setup / "tiny0")]["notes_per_s"]
     assert delta == pytest.approx(groups[str(setup / "tiny0")]["notes_per_s"]["mean"]
                                   - groups["real continuations"]["notes_per_s"]["mean"])
+    errors = report["difference_standard_error"][str(setup / "tiny0")]
+    assert set(errors) == set(STATISTICS) and errors["notes_per_s"] > 0
     assert "vs real)" in (out / "report.html").read_text()
     assert "notes on the most frequent pitch:" in r.stdout
+    assert f"+- {errors['notes_per_s']:.2g})" in r.stdout
     page = (out / "report.html").read_text()
     assert 'src="statistics.png"' in page and 'src="training_curves.png"' in page
     assert (out / "statistics.png").stat().st_size > 10_000
     assert (out / "training_curves.png").stat().st_size > 10_000
+
+
+def test_difference_errors_pair_the_takes_by_primer():
+    """The standard error is of the paired differences: a model that is real + 1 on every
+    take has error 0 however much the takes vary; NaN pairs are left out."""
+    real = [dict.fromkeys(STATISTICS, v) for v in (0.0, 10.0, 20.0, math.nan)]
+    shifted = [{k: v + 1 for k, v in row.items()} for row in real]
+    noisy = [dict.fromkeys(STATISTICS, v) for v in (1.0, 9.0, 22.0, 5.0)]
+    errors = difference_errors({"primers": real, "real continuations": real,
+                                "shifted": shifted, "noisy": noisy})
+    assert set(errors) == {"shifted", "noisy"}
+    assert errors["shifted"]["notes_per_s"] == 0.0
+    d = [1.0, -1.0, 2.0]  # the NaN pair is left out
+    assert errors["noisy"]["velocity"] == pytest.approx(
+        float(np.std(d, ddof=1)) / math.sqrt(3))
+    one = difference_errors({"real continuations": real[:1], "m": noisy[:1]})
+    assert math.isnan(one["m"]["velocity"])
+
+
+def test_evaluate_samples_as_generate_does_by_default():
+    """The report measures what a user hears: evaluate.py's sampling defaults are
+    generate.py's, which are the Python API's."""
+    import inspect
+
+    import evaluate
+    import generate
+    from perceiver_music.api import PerceiverMusic
+
+    api = inspect.signature(PerceiverMusic.generate).parameters
+    assert evaluate.TEMPERATURE == generate.TEMPERATURE == api["temperature"].default
+    assert evaluate.TOP_P == generate.TOP_P and api["top_p"].default in (None, generate.TOP_P)
+    assert not generate.TOP_K and api["top_k"].default is None
+    assert not generate.MIN_P and api["min_p"].default is None
 
 
 def test_bad_settings_are_one_line(setup, tmp_path):
