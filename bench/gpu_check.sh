@@ -19,9 +19,9 @@ if [ "${1:-}" = "prepare" ]; then
     set -e
     grep -qx "/data-gpu/" .git/info/exclude 2>/dev/null || echo "/data-gpu/" >> .git/info/exclude
     rm -rf .whl && mkdir -p .whl
-    for platform in 2_28 2_27 2_17; do plats+=(--platform "manylinux_${platform}_x86_64"); done
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp "${plats[@]}" --platform manylinux2014_x86_64 -d .whl \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         perceiver-ar-pytorch==0.0.10 pretty_midi mido "symusic>=0.5,<0.7" pySmartDL \
         platformdirs importlib_resources
     python3 prep.py --input ../shared/data/piano-midi-de --output data-gpu
