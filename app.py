@@ -263,8 +263,8 @@ class Workers:
     """``count`` processes that each hold the model and run one generation at a time.
 
     Generations in threads of one process would share its interpreter lock: two at once
-    decoded about 250 tokens/s each on the 2-core VM, against 300 each in two processes
-    and 310 for one alone (bench/threads.py). On a CPU each process of several decodes on
+    decoded about 280 tokens/s each on the 2-core VM, against 330 each in two processes
+    and 366 for one alone on one thread (bench/threads.py). On a CPU each process of several decodes on
     its share of the cores; one alone chooses by timing its steps."""
 
     def __init__(self, ckpt: str, device: str | None, dtype: str, count: int) -> None:

@@ -48,8 +48,17 @@ def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int) -> floa
     return tokens / take.generate_s
 
 
-def _decode_job(music: PerceiverMusic, tokens: int, on_progress, threads: int | None) -> float:
-    return decode_rate(music, threads, tokens)
+def _decode_job(music: PerceiverMusic, tokens: int, link) -> float:
+    """In an app.py generation process: decode ``tokens`` on that process's threads."""
+    return decode_rate(music, link.threads, tokens)
+
+
+def _in_worker(workers, tokens: int) -> float:
+    """Tokens/s of one decode in the first idle generation process of ``workers``."""
+    for kind, value in workers.run(_decode_job, tokens):
+        if kind == "done":
+            return value
+    raise RuntimeError("the generation process ended without a result")
 
 
 def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict[str, list]:
@@ -62,7 +71,7 @@ def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict
 
     def one(kind: str) -> None:
         rates[kind].append(
-            workers.run(_decode_job, tokens, lambda info: None) if kind == "processes"
+            _in_worker(workers, tokens) if kind == "processes"
             else decode_rate(music, None, tokens))
 
     for kind in rates:
@@ -114,7 +123,7 @@ def main() -> None:
 
     workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
     for _ in range(2):
-        workers.run(_decode_job, 50, lambda info: None)  # warm-up
+        _in_worker(workers, 50)  # warm-up
     alone, both = [], []
     for _ in range(args.rounds):
         alone.append(decode_rate(music, 1, args.decode_tokens))
