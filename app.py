@@ -264,8 +264,8 @@ class Workers:
 
     Generations in threads of one process would share its interpreter lock: two at once
     decoded about 280 tokens/s each on the 2-core VM, against 330 each in two processes
-    and 366 for one alone on one thread (bench/threads.py). On a CPU each process of several decodes on
-    its share of the cores; one alone chooses by timing its steps."""
+    and 366 for one alone on one thread (bench/threads.py). On a CPU each process of
+    several decodes on its share of the cores; one alone chooses by timing its steps."""
 
     def __init__(self, ckpt: str, device: str | None, dtype: str, count: int) -> None:
         threads = None if count == 1 else max(1, (os.cpu_count() or 1) // count)
