@@ -12,7 +12,10 @@ load, so drifts of the machine hit all alike; the median of the rounds is printe
 beside busy processes one run can be 40 % faster than the next. First, on the quiet
 machine, two generations decode at once in app.py's two generation processes (as
 --concurrency 2 runs them) and in two threads of one process, each against one generation
-alone on one thread. Figures only.
+alone on one thread; then, to tell why two at once lose speed, bare one-thread processes
+alone and two at once: decoding with float32 weights, with int8 weights a quarter the
+size (the model's copies), and a pure-Python loop with no memory traffic (the clock).
+Figures only.
 
     python -m bench.threads [--loads 0,1,2] [--decode_tokens 800] [--train_steps 40]
 """
@@ -83,6 +86,45 @@ def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict
     return rates
 
 
+def _decode_process(precision: str, tokens: int, out, start) -> None:
+    """A process that loads the demo, warms up, waits for ``start`` and puts its one-thread
+    decoding tokens/s on ``out``; one thread throughout, as app.py's processes of two."""
+    torch.set_num_threads(1)
+    music = PerceiverMusic.from_pretrained(device="cpu")
+    kwargs = dict(seconds=None, seed=1, stop_at_end=False, decode_threads=1,
+                  precision=precision)
+    music.generate(DEMO_PRIMER, max_new_tokens=50, **kwargs)
+    start.wait()
+    take = music.generate(DEMO_PRIMER, max_new_tokens=tokens, **kwargs)
+    out.put(tokens / take.generate_s)
+
+
+def _loop_process(count: int, out, start) -> None:
+    """A pure-Python loop of ``count`` additions; puts its additions per second on ``out``."""
+    start.wait()
+    began, x = time.perf_counter(), 0
+    for i in range(count):
+        x += i
+    out.put(count / (time.perf_counter() - began))
+
+
+def alone_and_paired(target, args: tuple, rounds: int) -> tuple[float, float]:
+    """Median rate of ``target(*args, out, start)`` in one process alone, and of the slower
+    of two such processes started together, over ``rounds`` rounds."""
+    ctx = multiprocessing.get_context("spawn")
+    alone, paired = [], []
+    for _ in range(rounds):
+        for count, rates in ((1, alone), (2, paired)):
+            out, start = ctx.Queue(), ctx.Barrier(count)
+            procs = [ctx.Process(target=target, args=(*args, out, start)) for _ in range(count)]
+            for proc in procs:
+                proc.start()
+            rates.append(min(out.get() for _ in procs))
+            for proc in procs:
+                proc.join()
+    return statistics.median(alone), statistics.median(paired)
+
+
 def train_rate(threads: int | None, steps: int) -> float:
     """Tokens/s of demo-preset training steps (batch 4, the full window), as train.py."""
     torch.manual_seed(0)
@@ -124,7 +166,7 @@ def main() -> None:
     workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
     for _ in range(2):
         _in_worker(workers, 50)  # warm-up
-    alone, both = [], []
+    alone, both, tokens = [], [], args.decode_tokens
     for _ in range(args.rounds):
         alone.append(decode_rate(music, 1, args.decode_tokens))
         both.append(concurrent_decode_rates(music, workers, args.decode_tokens))
@@ -135,6 +177,15 @@ def main() -> None:
               "processes" else " of one process") + ": "
               f"{statistics.median(min(r[kind]) for r in both):.0f} and "
               f"{statistics.median(max(r[kind]) for r in both):.0f} (slower and faster)")
+    print("why two at once lose speed: one process alone against the slower of two at once")
+    for name, target, target_args in (
+            ("decode, float32 weights (tokens/s)", _decode_process, ("float32", tokens)),
+            ("decode, int8 weights, a quarter the size", _decode_process, ("int8", tokens)),
+            ("pure-Python loop, no memory traffic (M adds/s)", _loop_process, (20_000_000,))):
+        one, two = alone_and_paired(target, target_args, args.rounds)
+        scale = 1e-6 if target is _loop_process else 1
+        print(f"  {name}: {one * scale:.0f} alone, {two * scale:.0f} two at once "
+              f"({two / one:.0%})")
     for load in (int(v) for v in args.loads.split(",")):
         workers = [ctx.Process(target=_busy, daemon=True) for _ in range(load)]
         for w in workers:
