@@ -45,9 +45,10 @@ def _busy() -> None:
         x += 1
 
 
-def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int) -> float:
+def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int,
+                precision: str = "float32") -> float:
     take = music.generate(DEMO_PRIMER, seconds=None, max_new_tokens=tokens, seed=1,
-                          stop_at_end=False, decode_threads=threads)
+                          stop_at_end=False, decode_threads=threads, precision=precision)
     return tokens / take.generate_s
 
 
@@ -91,21 +92,19 @@ def _decode_process(precision: str, tokens: int, out, start) -> None:
     decoding tokens/s on ``out``; one thread throughout, as app.py's processes of two."""
     torch.set_num_threads(1)
     music = PerceiverMusic.from_pretrained(device="cpu")
-    kwargs = dict(seconds=None, seed=1, stop_at_end=False, decode_threads=1,
-                  precision=precision)
-    music.generate(DEMO_PRIMER, max_new_tokens=50, **kwargs)
+    decode_rate(music, 1, 50, precision)  # warm-up
     start.wait()
-    take = music.generate(DEMO_PRIMER, max_new_tokens=tokens, **kwargs)
-    out.put(tokens / take.generate_s)
+    out.put(decode_rate(music, 1, tokens, precision))
 
 
 def _loop_process(count: int, out, start) -> None:
-    """A pure-Python loop of ``count`` additions; puts its additions per second on ``out``."""
+    """A pure-Python loop of ``count`` additions; puts its millions of additions per second
+    on ``out``."""
     start.wait()
     began, x = time.perf_counter(), 0
     for i in range(count):
         x += i
-    out.put(count / (time.perf_counter() - began))
+    out.put(count / 1e6 / (time.perf_counter() - began))
 
 
 def alone_and_paired(target, args: tuple, rounds: int) -> tuple[float, float]:
@@ -166,7 +165,7 @@ def main() -> None:
     workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
     for _ in range(2):
         _in_worker(workers, 50)  # warm-up
-    alone, both, tokens = [], [], args.decode_tokens
+    alone, both = [], []
     for _ in range(args.rounds):
         alone.append(decode_rate(music, 1, args.decode_tokens))
         both.append(concurrent_decode_rates(music, workers, args.decode_tokens))
@@ -179,13 +178,13 @@ def main() -> None:
               f"{statistics.median(max(r[kind]) for r in both):.0f} (slower and faster)")
     print("why two at once lose speed: one process alone against the slower of two at once")
     for name, target, target_args in (
-            ("decode, float32 weights (tokens/s)", _decode_process, ("float32", tokens)),
-            ("decode, int8 weights, a quarter the size", _decode_process, ("int8", tokens)),
+            ("decode, float32 weights (tokens/s)", _decode_process,
+             ("float32", args.decode_tokens)),
+            ("decode, int8 weights, a quarter the size", _decode_process,
+             ("int8", args.decode_tokens)),
             ("pure-Python loop, no memory traffic (M adds/s)", _loop_process, (20_000_000,))):
         one, two = alone_and_paired(target, target_args, args.rounds)
-        scale = 1e-6 if target is _loop_process else 1
-        print(f"  {name}: {one * scale:.0f} alone, {two * scale:.0f} two at once "
-              f"({two / one:.0%})")
+        print(f"  {name}: {one:.0f} alone, {two:.0f} two at once ({two / one:.0%})")
     for load in (int(v) for v in args.loads.split(",")):
         workers = [ctx.Process(target=_busy, daemon=True) for _ in range(load)]
         for w in workers:
