@@ -11,8 +11,9 @@ and the default
 load, so drifts of the machine hit all alike; the median of the rounds is printed, as
 beside busy processes one run can be 40 % faster than the next. First, on the quiet
 machine, two generations decode at once in app.py's two generation processes (as
---concurrency 2 runs them) and in two threads of one process, each against one generation
-alone on one thread; then, to tell why two at once lose speed, bare one-thread processes
+--concurrency 2 runs them), in two threads of one process and batched in one decode
+(num_samples 2, on 1 thread and on every core), each against one generation alone on one
+thread; then, to tell why two at once lose speed, bare one-thread processes
 alone and two at once: decoding with float32 weights, with int8 weights a quarter the
 size (the model's copies), and a pure-Python loop with no memory traffic (the clock).
 Figures only.
@@ -46,9 +47,11 @@ def _busy() -> None:
 
 
 def decode_rate(music: PerceiverMusic, threads: int | None, tokens: int,
-                precision: str = "float32") -> float:
+                precision: str = "float32", samples: int = 1) -> float:
+    """Tokens/s of each of ``samples`` continuations decoded together (one batch)."""
     take = music.generate(DEMO_PRIMER, seconds=None, max_new_tokens=tokens, seed=1,
-                          stop_at_end=False, decode_threads=threads, precision=precision)
+                          stop_at_end=False, decode_threads=threads, precision=precision,
+                          num_samples=samples)
     return tokens / take.generate_s
 
 
@@ -153,6 +156,8 @@ def main() -> None:
     parser.add_argument("--decode_tokens", type=int, default=800)
     parser.add_argument("--train_steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--loop_adds", type=int, default=20_000_000,
+                        help="additions of the pure-Python loop")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     music = PerceiverMusic.from_pretrained(device="cpu")
@@ -165,12 +170,17 @@ def main() -> None:
     workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
     for _ in range(2):
         _in_worker(workers, 50)  # warm-up
-    alone, both = [], []
+    alone, both, batched = [], [], {1: [], cores: []}
     for _ in range(args.rounds):
         alone.append(decode_rate(music, 1, args.decode_tokens))
         both.append(concurrent_decode_rates(music, workers, args.decode_tokens))
+        for threads, rates in batched.items():
+            rates.append(decode_rate(music, threads, args.decode_tokens, samples=2))
     workers.close()
     print(f"one generation alone on 1 thread, quiet: {statistics.median(alone):.0f}")
+    print("two takes batched in one decode (num_samples 2), each: " + ", ".join(
+        f"{statistics.median(rates):.0f} on {threads} thread(s)"
+        for threads, rates in batched.items()))
     for kind in ("processes", "threads"):
         print(f"two at once in two {kind}" + (" (app.py --concurrency 2)" if kind ==
               "processes" else " of one process") + ": "
@@ -182,7 +192,7 @@ def main() -> None:
              ("float32", args.decode_tokens)),
             ("decode, int8 weights, a quarter the size", _decode_process,
              ("int8", args.decode_tokens)),
-            ("pure-Python loop, no memory traffic (M adds/s)", _loop_process, (20_000_000,))):
+            ("pure-Python loop, no memory traffic (M adds/s)", _loop_process, (args.loop_adds,))):
         one, two = alone_and_paired(target, target_args, args.rounds)
         print(f"  {name}: {one:.0f} alone, {two:.0f} two at once ({two / one:.0%})")
     for load in (int(v) for v in args.loads.split(",")):

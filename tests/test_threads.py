@@ -98,10 +98,13 @@ def test_the_thread_bench_runs_its_app_processes_and_prints_its_matrix():
     the load matrix's rows."""
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "bench.threads", "--loads", "0", "--rounds", "1",
-                        "--decode_tokens", "20", "--train_steps", "1"],
+                        "--decode_tokens", "20", "--train_steps", "1",
+                        "--loop_adds", "1000000"],
                        cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"two at once in two processes .*: \d+ and \d+", r.stdout), r.stdout
+    assert re.search(r"batched in one decode .*: \d+ on 1 thread\(s\), \d+ on \d+ thread",
+                     r.stdout), r.stdout
     assert len(re.findall(r"\d+ alone, \d+ two at once \(\d+%\)", r.stdout)) == 3, r.stdout
     for what in ("decode", "train"):
         assert re.search(rf"^\s+0 {what}(\s+\d+){{3}}$", r.stdout, re.M), r.stdout
