@@ -90,41 +90,52 @@ def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict
     return rates
 
 
-def _decode_process(precision: str, tokens: int, out, start) -> None:
-    """A process that loads the demo, warms up, waits for ``start`` and puts its one-thread
-    decoding tokens/s on ``out``; one thread throughout, as app.py's processes of two."""
+CONTROLS = ("decode, float32 weights (tokens/s)", "decode, int8 weights, a quarter the size",
+            "pure-Python loop, no memory traffic (M adds/s)")
+
+
+def _control_process(tokens: int, adds: int, out, start) -> None:
+    """A bare process on one thread, as app.py's processes of two: loads the demo, warms
+    up, then runs each of `CONTROLS` when ``start`` (a barrier) lets it, putting (index,
+    rate) on ``out``: decoding with float32 and with int8 weights (tokens/s), and a
+    pure-Python loop of ``adds`` additions (millions per second)."""
     torch.set_num_threads(1)
     music = PerceiverMusic.from_pretrained(device="cpu")
-    decode_rate(music, 1, 50, precision)  # warm-up
-    start.wait()
-    out.put(decode_rate(music, 1, tokens, precision))
-
-
-def _loop_process(count: int, out, start) -> None:
-    """A pure-Python loop of ``count`` additions; puts its millions of additions per second
-    on ``out``."""
+    for precision in ("float32", "int8"):
+        decode_rate(music, 1, 50, precision)  # warm-up
+    for i, precision in enumerate(("float32", "int8")):
+        start.wait()
+        out.put((i, decode_rate(music, 1, tokens, precision)))
     start.wait()
     began, x = time.perf_counter(), 0
-    for i in range(count):
+    for i in range(adds):
         x += i
-    out.put(count / 1e6 / (time.perf_counter() - began))
+    out.put((2, adds / 1e6 / (time.perf_counter() - began)))
 
 
-def alone_and_paired(target, args: tuple, rounds: int) -> tuple[float, float]:
-    """Median rate of ``target(*args, out, start)`` in one process alone, and of the slower
-    of two such processes started together, over ``rounds`` rounds."""
+def alone_and_paired(tokens: int, adds: int, rounds: int) -> list[tuple[float, float]]:
+    """For each of `CONTROLS`: the median rate of one `_control_process` alone, and of the
+    slower of two started together, over ``rounds`` rounds."""
     ctx = multiprocessing.get_context("spawn")
-    alone, paired = [], []
+    alone: list[list[float]] = [[] for _ in CONTROLS]
+    paired: list[list[float]] = [[] for _ in CONTROLS]
     for _ in range(rounds):
         for count, rates in ((1, alone), (2, paired)):
             out, start = ctx.Queue(), ctx.Barrier(count)
-            procs = [ctx.Process(target=target, args=(*args, out, start)) for _ in range(count)]
+            procs = [ctx.Process(target=_control_process, args=(tokens, adds, out, start))
+                     for _ in range(count)]
             for proc in procs:
                 proc.start()
-            rates.append(min(out.get() for _ in procs))
+            got: list[list[float]] = [[] for _ in CONTROLS]
+            for _ in range(count * len(CONTROLS)):
+                i, rate = out.get()
+                got[i].append(rate)
+            for i, values in enumerate(got):
+                rates[i].append(min(values))
             for proc in procs:
                 proc.join()
-    return statistics.median(alone), statistics.median(paired)
+    return [(statistics.median(a), statistics.median(p))
+            for a, p in zip(alone, paired, strict=True)]
 
 
 def train_rate(threads: int | None, steps: int) -> float:
@@ -187,13 +198,8 @@ def main() -> None:
               f"{statistics.median(min(r[kind]) for r in both):.0f} and "
               f"{statistics.median(max(r[kind]) for r in both):.0f} (slower and faster)")
     print("why two at once lose speed: one process alone against the slower of two at once")
-    for name, target, target_args in (
-            ("decode, float32 weights (tokens/s)", _decode_process,
-             ("float32", args.decode_tokens)),
-            ("decode, int8 weights, a quarter the size", _decode_process,
-             ("int8", args.decode_tokens)),
-            ("pure-Python loop, no memory traffic (M adds/s)", _loop_process, (args.loop_adds,))):
-        one, two = alone_and_paired(target, target_args, args.rounds)
+    for name, (one, two) in zip(CONTROLS, alone_and_paired(args.decode_tokens, args.loop_adds,
+                                                           args.rounds), strict=True):
         print(f"  {name}: {one:.0f} alone, {two:.0f} two at once ({two / one:.0%})")
     for load in (int(v) for v in args.loads.split(",")):
         workers = [ctx.Process(target=_busy, daemon=True) for _ in range(load)]
