@@ -92,6 +92,7 @@ def concurrent_decode_rates(music: PerceiverMusic, workers, tokens: int) -> dict
 
 CONTROLS = ("decode, float32 weights (tokens/s)", "decode, int8 weights, a quarter the size",
             "pure-Python loop, no memory traffic (M adds/s)")
+PRECISIONS = ("float32", "int8")  # the first two controls
 
 
 def _control_process(tokens: int, adds: int, out, start) -> None:
@@ -101,16 +102,16 @@ def _control_process(tokens: int, adds: int, out, start) -> None:
     pure-Python loop of ``adds`` additions (millions per second)."""
     torch.set_num_threads(1)
     music = PerceiverMusic.from_pretrained(device="cpu")
-    for precision in ("float32", "int8"):
+    for precision in PRECISIONS:
         decode_rate(music, 1, 50, precision)  # warm-up
-    for i, precision in enumerate(("float32", "int8")):
+    for i, precision in enumerate(PRECISIONS):
         start.wait()
         out.put((i, decode_rate(music, 1, tokens, precision)))
     start.wait()
     began, x = time.perf_counter(), 0
-    for i in range(adds):
-        x += i
-    out.put((2, adds / 1e6 / (time.perf_counter() - began)))
+    for n in range(adds):
+        x += n
+    out.put((len(PRECISIONS), adds / 1e6 / (time.perf_counter() - began)))
 
 
 def alone_and_paired(tokens: int, adds: int, rounds: int) -> list[tuple[float, float]]:
