@@ -66,12 +66,12 @@ def read_bandwidth() -> float:
 @contextmanager
 def reference_layout() -> Iterator[None]:
     """The engine before oneDNN: every linear as ``x @ W`` with an (in, out)-major copy."""
-    saved = model_module._onednn_works
-    model_module._onednn_works = lambda: False
+    saved = model_module._packed_layout_wins
+    model_module._packed_layout_wins = lambda dtype, batch: False
     try:
         yield
     finally:
-        model_module._onednn_works = saved
+        model_module._packed_layout_wins = saved
 
 
 def step_ms(model, primer: torch.Tensor, steps: int, **kwargs) -> tuple[float, float]:

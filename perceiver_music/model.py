@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
@@ -209,9 +210,11 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
     """``layer`` (then GELU, exact, if asked) as a function of (rows, in_features) tensors,
     its weight laid out for products with a few rows on CPU.
 
-    float32: packed by oneDNN (torch's ``mkldnn`` ops) for ``batch`` rows, which streams
-    the weight at near copy speed with every core, where ``x @ W.T`` through MKL reaches
-    about half of it on AMD CPUs; an (in, out)-major copy where oneDNN is missing. int8:
+    float32 (or the model's dtype): packed by oneDNN (torch's ``mkldnn`` ops) for ``batch``
+    rows, or an (in, out)-major copy multiplied through BLAS, whichever this CPU runs faster
+    (`_packed_layout_wins`): on an AVX-512 VM (Zen 4) the packed weights streamed at near
+    copy speed with every core where BLAS reached about half of it; on an AVX2 one (Zen 3)
+    BLAS decodes the demo 18 % faster. int8:
     ``round(W / s)`` with s = max |row| / 127 per output, multiplied in bfloat16 by torch's
     weight-only int8 kernel (the one gpt-fast uses), the result returned as float32. A
     decode step makes 37 of these calls for this model size, so each is one closure
@@ -234,7 +237,7 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
         return lambda x: finish(torch.ops.aten._weight_int8pack_mm(
             F.pad(x, (0, pad)).to(torch.bfloat16) if pad else x.to(torch.bfloat16),
             quantised, scale).to(x.dtype))
-    if _onednn_works():
+    if _packed_layout_wins(weight.dtype, batch):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
         attr, algorithm = ("gelu", "none") if gelu else ("none", "")
         linear = torch.ops.mkldnn._linear_pointwise.default
@@ -246,15 +249,60 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
 INT8_K_MULTIPLE = 16  # torch's int8 kernel needs in_features in multiples of this
 
 
+def _packed_layout_wins(dtype: torch.dtype, batch: int) -> bool:
+    """Whether oneDNN's packed weights beat the (in, out)-major copy for products of
+    ``batch`` rows in ``dtype`` on this CPU at the current torch thread count."""
+    return _packed_wins(dtype, batch, torch.get_num_threads())
+
+
+LAYOUT_PROBE = (12, 1024, 256)  # weights, out and in features: 12 MB in float32
+
+
 @functools.cache
-def _onednn_works() -> bool:
-    """Whether this torch build has oneDNN's packed linear ops for float32 on CPU."""
+def _onednn_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU run oneDNN's packed linear ops in ``dtype``
+    (bfloat16 needs AVX-512 or AVX-NE-CONVERT)."""
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3), 1)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), w, None, "none", [], "")
-        return torch.equal(out, torch.full((1, 2), 3.0))
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 3, dtype=dtype), 1)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3, dtype=dtype), w, None,
+                                                 "none", [], "")
+        return torch.equal(out.float(), torch.full((1, 2), 3.0))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def _packed_wins(dtype: torch.dtype, batch: int, threads: int) -> bool:
+    """`_packed_layout_wins`, timed once per process: best of 3 passes over a stack of
+    weights about the demo model's size (`LAYOUT_PROBE`), which streams from the caches as
+    a decode step's weights do; about 50 ms in all. The packed layout must be 10 %
+    faster."""
+    if not _onednn_works(dtype):
+        return False
+    count, out_features, in_features = LAYOUT_PROBE
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out_features, in_features, generator=generator).to(dtype)
+               for _ in range(count)]
+    x = torch.randn(batch, in_features, generator=generator).to(dtype)
+    linear = torch.ops.mkldnn._linear_pointwise.default
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+    transposed = [w.t().contiguous() for w in weights]
+
+    def best_of_3(product: Callable[[Tensor], Tensor], stack: list[Tensor]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for w in stack:
+                product(w)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    with torch.no_grad():
+        packed_s = best_of_3(lambda w: linear(x, w, None, "none", [], ""), packed)
+        plain_s = best_of_3(lambda w: x @ w, transposed)
+    # a clear win only: processes that time a near tie differently would decode with
+    # logits a rounding apart, and a seed would not repeat a take across them
+    return packed_s < 0.9 * plain_s
 
 
 def prefix_length(model: PerceiverAR, prefix_len: int | None = None) -> int:
