@@ -51,40 +51,71 @@ _CSS = """#downloads button[aria-label="Remove this file"] { display: none; }
 .pm-hidden { display: none !important; }
 #live-roll canvas { width: 100%; height: 260px; background: #fff; }"""
 # The take's player: each chunk of audio the server sends (the #live JSON: the take's id,
-# its chunks so far, its notes so far) is fetched, decoded and scheduled right after the
-# one before in one Web Audio clock, so the chunks play without a gap while the rest is
-# generated; the canvas draws the notes up to what is playing. window.pmStats records
-# the time from the click on Generate to the first sound, and every underrun (a chunk
-# that came after its turn: the sound stopped for a moment).
+# its chunks so far, its notes so far, whether it is done) is fetched, decoded and
+# scheduled right after the one before in one Web Audio clock, so the chunks play without
+# a gap while the rest is generated. Where the music comes slower than it plays (a slow or
+# busy machine), it waits until what it holds lasts until the take's end at the pace the
+# music has come so far (less a margin): the first sound comes later and the take plays
+# through, rather than stopping every second. The canvas draws the notes up to what is
+# playing. window.pmStats records the time from the click on Generate to the first sound,
+# and every underrun (a chunk that came after its turn: the sound stopped for a moment).
 _PLAYER_JS = """
 <script>
 window.pmLive = (() => {
-  let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [];
+  const MARGIN = 0.8;  // the music may come this much slower than it has so far
+  let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [], pending = [];
   let notes = [], primer = 0, chain = Promise.resolve(), drawing = false, halted = false;
+  let playing = false, silentFrom = 0, begun = null;  // begun: the chunk it started at
   const colour = (p, v) => p ? `rgba(230,126,34,${0.35 + v / 200})`
                              : `rgba(41,128,185,${0.35 + v / 200})`;
   function reset(newId) {
     sources.forEach(s => { try { s.stop(); } catch (e) {} });
-    sources = []; id = newId; queued = 0; notes = []; chain = Promise.resolve();
-    halted = false;
+    sources = []; pending = []; id = newId; queued = 0; notes = [];
+    chain = Promise.resolve(); halted = false; playing = false; begun = null;
     window.pmStats = {clicked: window.pmClicked || performance.now(), first: null,
-                      underruns: 0, gaps: [], chunks: 0, until: 0};
+                      underruns: 0, gaps: [], slowed: [], chunks: 0, until: 0};
+  }
+  function enough(chunk) {  // what is held plays on until the music that follows comes
+    const held = pending.reduce((sum, p) => sum + p.buffer.duration, 0);
+    const rest = Math.max(0, chunk.until - chunk.end);
+    return !(chunk.rate > 0) ||  // and a chunk more: each comes whole, a moment after
+      held >= rest * (1 / (MARGIN * chunk.rate) - 1) + chunk.step + 0.5;
   }
   async function play(chunk) {
     const data = await (await fetch(chunk.url)).arrayBuffer();
     const buffer = await ctx.decodeAudioData(data);
     if (halted) return;  // Stop came while it was on its way
-    const stats = window.pmStats, now = ctx.currentTime;
-    if (stats.first === null || next < now + 0.005) {
-      if (stats.first !== null) { stats.underruns += 1; stats.gaps.push(now - next); }
-      next = now + 0.05;  // (re)start just ahead of the clock
-      offset = next - chunk.start;  // clock time of the take's 0 s
-      if (stats.first === null) stats.first = performance.now() + 50;
+    pending.push({buffer, start: chunk.start});
+    if (playing && next < ctx.currentTime + 0.005) {  // the sound ran out: an underrun
+      playing = false; silentFrom = next; window.pmStats.underruns += 1;
+      // whether the music came slower since the start than the player allowed for
+      const pace = (chunk.end - begun.end) / Math.max(chunk.wall - begun.wall, 1e-3);
+      window.pmStats.slowed.push(pace < MARGIN * begun.rate);
     }
-    const source = ctx.createBufferSource();
-    source.buffer = buffer; source.connect(ctx.destination); source.start(next);
-    sources.push(source); next += buffer.duration;
-    stats.chunks += 1; stats.until = next - offset;
+    if (playing) flush();
+    else if (enough(chunk)) { begun = chunk; flush(); }
+    else {
+      const label = document.querySelector('#live-clock');
+      if (label) label.textContent = 'buffering: this machine generates the music slower ' +
+                                     'than it plays';
+    }
+  }
+  function flush() {  // schedule every chunk held, after what is playing
+    if (halted || !pending.length) return;
+    const stats = window.pmStats, now = ctx.currentTime;
+    if (!playing) {
+      if (stats.first !== null) stats.gaps.push(now - silentFrom);
+      next = now + 0.05;  // (re)start just ahead of the clock
+      offset = next - pending[0].start;  // clock time of the take's 0 s
+      if (stats.first === null) stats.first = performance.now() + 50;
+      playing = true;
+    }
+    for (const {buffer} of pending) {
+      const source = ctx.createBufferSource();
+      source.buffer = buffer; source.connect(ctx.destination); source.start(next);
+      sources.push(source); next += buffer.duration; stats.chunks += 1;
+    }
+    pending = []; stats.until = next - offset;
     if (!drawing) { drawing = true; requestAnimationFrame(draw); }
   }
   function position() {
@@ -133,6 +164,7 @@ window.pmLive = (() => {
       notes = v.notes || []; primer = v.primer || 0;
       for (const chunk of (v.chunks || []).slice(queued)) { chain = chain.then(() => play(chunk)); }
       queued = (v.chunks || []).length;
+      if (v.done) chain = chain.then(flush);  // nothing more comes: play what is held
     },
     stop() {
       const heard = position();
@@ -143,6 +175,7 @@ window.pmLive = (() => {
     },
     position,
     sent: () => queued,  // chunks the server has sent for this take
+    held: () => pending.length,  // chunks held back until the take can play through
   };
 })();
 document.addEventListener('click', e => {
@@ -395,7 +428,7 @@ def make_take(model, job: dict, link: Link) -> dict:
                               progress=link.progress, stop=link.stopped)
     else:
         live.mkdir(parents=True, exist_ok=True)
-        heard, chunks, gain = 0.0, 0, []
+        heard, chunks, gain, start = 0.0, 0, [], time.perf_counter()
         for chunk in model.stream(job["primer"], **settings, chunk_seconds=job["chunk_seconds"],
                                   decode_threads=link.threads, stop=link.stopped):
             link.send("progress", Progress(len(chunk.tokens), chunk.seconds))
@@ -407,9 +440,14 @@ def make_take(model, job: dict, link: Link) -> dict:
             end = (max([n.end for n in chunk.notes] + [0.0]) + 1.0 if take is not None
                    else chunk.primer_seconds + chunk.seconds - 0.1)
             audio = _stream_audio(chunk, heard, end, job, live, chunks, gain)
-            if audio is not None:
+            if audio is not None:  # the pace so far and the end, for the player's buffer
+                wall = time.perf_counter() - start
+                audio.update(rate=round(chunk.seconds / wall, 3), wall=round(wall, 3),
+                             step=job["chunk_seconds"])
+                audio["until"] = round(end if take is not None else
+                                       chunk.primer_seconds + settings["seconds"], 3)
                 heard, chunks = end, chunks + 1
-            link.send("chunk", {"audio": audio, "seconds": chunk.seconds,
+            link.send("chunk", {"audio": audio, "seconds": chunk.seconds, "done": take is not None,
                                 "primer_seconds": chunk.primer_seconds,
                                 "notes": [(round(n.start, 3), round(n.end, 3), n.pitch,
                                            n.velocity) for n in chunk.notes]})
@@ -809,7 +847,7 @@ def build_page(studio: Studio, args):
                                           "of music")
                     elif kind == "chunk":
                         stream = {**stream, "notes": value["notes"],
-                                  "primer": value["primer_seconds"],
+                                  "primer": value["primer_seconds"], "done": value["done"],
                                   "chunks": stream["chunks"] + [value["audio"]] * bool(
                                       value["audio"])}
                         yield (keep, keep, keep, keep, keep, keep, stream, keep)

@@ -295,7 +295,9 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     stream = stream_stats(first)  # the 30 s take played while it was generated
     print(f"30 s take: first sound {stream['first'] - stream['clicked']:.0f} ms after the "
           f"click, {stream['chunks']} chunks, {stream['underruns']} underruns")
-    assert stream["underruns"] == 0, stream["gaps"]  # no gap in the sound
+    # no gap in the sound, unless the music came slower than the player allowed for when
+    # it started (a machine busier than when the take began)
+    assert all(stream["slowed"]), (stream["gaps"], stream["slowed"])
     assert stream["until"] >= 30 and stream["first"] > stream["clicked"]
     if os.environ.get("APP_STREAM_STATS"):
         Path(os.environ["APP_STREAM_STATS"]).write_text(json.dumps(stream))
@@ -357,6 +359,52 @@ def stream_stats(page) -> dict:
     return page.evaluate("() => window.pmStats")
 
 
+def silent_wav_url(seconds: float = 1.0, rate: int = 8000) -> str:
+    """A data: URL of ``seconds`` of silence as 16-bit mono WAV (the player fetches it)."""
+    import base64
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(2 * int(seconds * rate)))
+    return "data:audio/wav;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def test_the_player_waits_until_a_slow_take_can_play_through(app_url, browser):
+    """Music that comes at half the speed it plays is held until what is held lasts to the
+    take's end at that pace (less the player's 20 % margin), plus a chunk and half a second:
+    the take then plays through; a take that is done plays what is held at once."""
+    page = open_page(browser, app_url)
+    url = silent_wav_url()
+
+    def send(take: str, count: int, rate: float, until: float, done: bool = False) -> dict:
+        chunks = [{"url": url, "start": i, "end": i + 1, "rate": rate, "wall": (i + 1) / rate,
+                   "until": until, "step": 1} for i in range(count)]
+        page.evaluate("v => window.pmLive.update(v)",
+                      {"id": take, "chunks": chunks, "notes": [], "primer": 0, "done": done})
+        page.wait_for_function("n => window.pmStats.chunks + window.pmLive.held() === n",
+                               arg=count)
+        return page.evaluate("() => window.pmStats")
+
+    # rate 0.5, margin 0.8: k chunks held are enough once k >= 1.5 (10 - k) + 1.5, k = 7
+    stats = send("slow", 6, 0.5, 10)
+    assert stats["first"] is None and stats["chunks"] == 0
+    assert "buffering" in page.locator("#live-clock").inner_text()
+    stats = send("slow", 7, 0.5, 10)
+    assert stats["first"] is not None and stats["chunks"] == 7
+    stats = send("slow", 8, 0.5, 10)  # the next comes while the held ones play
+    assert stats["chunks"] == 8 and stats["underruns"] == 0
+    assert stats["until"] == pytest.approx(8, abs=0.01)
+    stats = send("crawl", 2, 0.1, 30)
+    assert stats["first"] is None
+    stats = send("crawl", 2, 0.1, 30, done=True)
+    assert stats["first"] is not None and stats["chunks"] == 2
+
+
 def test_stop_keeps_what_was_heard(app_url, browser, app_out):
     """Stop while a take plays: the sound stops at once and the take keeps the music
     heard up to then (its files say so), not what was generated beyond it."""
@@ -366,7 +414,8 @@ def test_stop_keeps_what_was_heard(app_url, browser, app_out):
     page.get_by_text("sampling").click()
     page.get_by_label("stop when the model ends the piece").uncheck()
     page.locator("#generate").click()
-    page.wait_for_function("() => window.pmLive.position() > 6")  # 4 s of primer + new
+    # 4 s of primer + new (on a busy machine the player first waits until it can play on)
+    page.wait_for_function("() => window.pmLive.position() > 6", timeout=3 * WAIT_MS)
     page.locator("#stop").click()
     line = wait_status(page, r"stopped where you stopped listening")
     heard = page.evaluate("() => window.pmStats.until")
