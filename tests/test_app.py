@@ -111,9 +111,23 @@ def browser():
         b.close()
 
 
+_CONTEXTS: list = []  # the users of the running test, closed after it (`close_users`)
+
+
+@pytest.fixture(autouse=True)
+def close_users():
+    """Close the test's browser pages after it: a Gradio page left open keeps running its
+    scripts, and a dozen of them took a core's share from the later tests."""
+    yield
+    while _CONTEXTS:
+        _CONTEXTS.pop().close()
+
+
 def open_page(browser, url: str):
     """A new user: its own browser context (cookies, session) and a loaded page."""
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    _CONTEXTS.append(context)
+    page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.goto(url)
     page.locator("#generate").wait_for()
@@ -362,8 +376,6 @@ def stream_stats(page) -> dict:
 def silent_wav_url(seconds: float = 1.0, rate: int = 8000) -> str:
     """A data: URL of ``seconds`` of silence as 16-bit mono WAV (the player fetches it)."""
     import base64
-    import io
-    import wave
 
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
