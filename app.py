@@ -78,19 +78,21 @@ window.pmLive = (() => {
   function enough(chunk) {  // what is held plays on until the music that follows comes
     const held = pending.reduce((sum, p) => sum + p.buffer.duration, 0);
     const rest = Math.max(0, chunk.until - chunk.end);
-    return !(chunk.rate > 0) ||  // and a chunk more: each comes whole, a moment after
-      held >= rest * (1 / (MARGIN * chunk.rate) - 1) + chunk.step + 0.5;
+    // a chunk without a pace (the primer alone) waits for one with it, or the take's end;
+    // the rule adds a chunk more: each comes whole, a moment after its music
+    return chunk.rate > 0 && held >= rest * (1 / (MARGIN * chunk.rate) - 1) + chunk.step + 0.5;
   }
   async function play(chunk) {
+    const take = id;
     const data = await (await fetch(chunk.url)).arrayBuffer();
     const buffer = await ctx.decodeAudioData(data);
-    if (halted) return;  // Stop came while it was on its way
+    if (halted || take !== id) return;  // Stop or a new take came while it was on its way
     pending.push({buffer, start: chunk.start});
     if (playing && next < ctx.currentTime + 0.005) {  // the sound ran out: an underrun
       playing = false; silentFrom = next; window.pmStats.underruns += 1;
       // whether the music came slower since the start than the player allowed for
-      const pace = (chunk.end - begun.end) / Math.max(chunk.wall - begun.wall, 1e-3);
-      window.pmStats.slowed.push(pace < MARGIN * begun.rate);
+      const pace = begun && (chunk.end - begun.end) / Math.max(chunk.wall - begun.wall, 1e-3);
+      window.pmStats.slowed.push(begun !== null && pace < MARGIN * begun.rate);
     }
     if (playing) flush();
     else if (enough(chunk)) { begun = chunk; flush(); }

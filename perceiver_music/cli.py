@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,11 +97,18 @@ def fail(message: str, code: int = 1, every_rank: bool = False) -> None:
 
     Under a launcher only rank 0 prints, so that a problem every process meets (a bad
     setting, a missing file) is reported once, not once per process; ``every_rank`` is for
-    problems one process may meet alone.
+    problems one process may meet alone. The other ranks wait up to `FAIL_GRACE_S` before
+    they exit: the launcher stops every process once one has failed, and a rank that got
+    there first would stop rank 0 before it printed the line (seen on a busy 2-core VM).
     """
     if every_rank or launched_rank() == 0:
         print(f"error: {printable(message)}", file=sys.stderr)
+    else:
+        time.sleep(FAIL_GRACE_S)  # ended sooner by the launcher once rank 0 has exited
     raise SystemExit(code)
+
+
+FAIL_GRACE_S = 10.0
 
 
 def printable(text: str) -> str:

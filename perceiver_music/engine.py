@@ -203,9 +203,10 @@ def generate(
 
     On CPU, one-token steps run with ``decode_threads`` torch threads. None (the
     default) chooses by timing the steps (`perceiver_music.threads.ThreadTuner`, full
-    forwards following its choice): on a quiet machine every core wins, as oneDNN's
-    packed weights stream faster with every core (`perceiver_music.model.cpu_linear`),
-    while beside another busy process one thread is several times faster. ``precision="int8"``
+    forwards following its choice): on a quiet machine every core wins, as the weights
+    stream faster with every core (`perceiver_music.model.cpu_linear` lays them out as
+    this CPU multiplies fastest), while beside another busy process one thread is several
+    times faster. ``precision="int8"``
     (CPU only) decodes with int8 weights: about 1.7x as fast, its next-token distribution
     a KL divergence of about 1e-4 nats from float32's on the demo model (bench/decode.py
     measures both); full forwards stay in the model's dtype.
@@ -288,7 +289,8 @@ class _Window:
         self.buf = first.new_full((batch, length + capacity), PAD)
         self.buf[:, :length] = first
         self.start, self.end = 0, length
-        self.cache = DecodeCache(model, batch, prefix_len, precision)
+        with _intra_op_threads(self.decode_threads):  # the weight layout is timed for it
+            self.cache = DecodeCache(model, batch, prefix_len, precision)
         # Captured before the first encode: capture writes warm-up steps into the cache.
         self.graph = (CudaGraphStep(model, self.cache, batch)
                       if cuda_graphs and first.device.type == "cuda" else None)

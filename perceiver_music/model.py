@@ -214,7 +214,7 @@ def cpu_linear(layer: nn.Linear, batch: int, precision: str = "float32",
     rows, or an (in, out)-major copy multiplied through BLAS, whichever this CPU runs faster
     (`_packed_layout_wins`): on an AVX-512 VM (Zen 4) the packed weights streamed at near
     copy speed with every core where BLAS reached about half of it; on an AVX2 one (Zen 3)
-    BLAS decodes the demo 18 % faster. int8:
+    BLAS decodes the demo 15-25 % faster. int8:
     ``round(W / s)`` with s = max |row| / 127 per output, multiplied in bfloat16 by torch's
     weight-only int8 kernel (the one gpt-fast uses), the result returned as float32. A
     decode step makes 37 of these calls for this model size, so each is one closure
@@ -300,8 +300,9 @@ def _packed_wins(dtype: torch.dtype, batch: int, threads: int) -> bool:
     with torch.no_grad():
         packed_s = best_of_3(lambda w: linear(x, w, None, "none", [], ""), packed)
         plain_s = best_of_3(lambda w: x @ w, transposed)
-    # a clear win only: processes that time a near tie differently would decode with
-    # logits a rounding apart, and a seed would not repeat a take across them
+    # a clear win only, so that a near tie goes the same way (BLAS) in most processes:
+    # two processes on different layouts decode with logits a rounding apart, and a seed
+    # may then, rarely, not repeat a take between them
     return packed_s < 0.9 * plain_s
 
 

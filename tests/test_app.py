@@ -9,6 +9,7 @@ app.png (after the first take), app-data.png and app-runs.png (the other two tab
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -120,7 +121,8 @@ def close_users():
     scripts, and a dozen of them took a core's share from the later tests."""
     yield
     while _CONTEXTS:
-        _CONTEXTS.pop().close()
+        with contextlib.suppress(Exception):  # a page that crashed: close the others anyway
+            _CONTEXTS.pop().close()
 
 
 def open_page(browser, url: str):
