@@ -65,7 +65,7 @@ window.pmLive = (() => {
   const MARGIN = 0.8;  // the music may come this much slower than it has so far
   let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [], pending = [];
   let notes = [], primer = 0, chain = Promise.resolve(), drawing = false, halted = false;
-  let playing = false, silentFrom = 0, begun = null;  // begun: the chunk it started at
+  let playing = false, begun = null;  // begun: the chunk it (re)started at
   const colour = (p, v) => p ? `rgba(230,126,34,${0.35 + v / 200})`
                              : `rgba(41,128,185,${0.35 + v / 200})`;
   function reset(newId) {
@@ -89,10 +89,10 @@ window.pmLive = (() => {
     if (halted || take !== id) return;  // Stop or a new take came while it was on its way
     pending.push({buffer, start: chunk.start});
     if (playing && next < ctx.currentTime + 0.005) {  // the sound ran out: an underrun
-      playing = false; silentFrom = next; window.pmStats.underruns += 1;
+      playing = false; window.pmStats.underruns += 1;  // `next`: when the sound stopped
       // whether the music came slower since the start than the player allowed for
-      const pace = begun && (chunk.end - begun.end) / Math.max(chunk.wall - begun.wall, 1e-3);
-      window.pmStats.slowed.push(begun !== null && pace < MARGIN * begun.rate);
+      window.pmStats.slowed.push(begun !== null && (chunk.end - begun.end)
+        / Math.max(chunk.wall - begun.wall, 1e-3) < MARGIN * begun.rate);
     }
     if (playing) flush();
     else if (enough(chunk)) { begun = chunk; flush(); }
@@ -106,7 +106,7 @@ window.pmLive = (() => {
     if (halted || !pending.length) return;
     const stats = window.pmStats, now = ctx.currentTime;
     if (!playing) {
-      if (stats.first !== null) stats.gaps.push(now - silentFrom);
+      if (stats.first !== null) stats.gaps.push(now - next);
       next = now + 0.05;  // (re)start just ahead of the clock
       offset = next - pending[0].start;  // clock time of the take's 0 s
       if (stats.first === null) stats.first = performance.now() + 50;
@@ -444,10 +444,9 @@ def make_take(model, job: dict, link: Link) -> dict:
             audio = _stream_audio(chunk, heard, end, job, live, chunks, gain)
             if audio is not None:  # the pace so far and the end, for the player's buffer
                 wall = time.perf_counter() - start
+                until = end if take is not None else chunk.primer_seconds + settings["seconds"]
                 audio.update(rate=round(chunk.seconds / wall, 3), wall=round(wall, 3),
-                             step=job["chunk_seconds"])
-                audio["until"] = round(end if take is not None else
-                                       chunk.primer_seconds + settings["seconds"], 3)
+                             until=round(until, 3), step=job["chunk_seconds"])
                 heard, chunks = end, chunks + 1
             link.send("chunk", {"audio": audio, "seconds": chunk.seconds, "done": take is not None,
                                 "primer_seconds": chunk.primer_seconds,

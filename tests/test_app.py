@@ -379,13 +379,10 @@ def silent_wav_url(seconds: float = 1.0, rate: int = 8000) -> str:
     """A data: URL of ``seconds`` of silence as 16-bit mono WAV (the player fetches it)."""
     import base64
 
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(bytes(2 * int(seconds * rate)))
-    return "data:audio/wav;base64," + base64.b64encode(out.getvalue()).decode()
+    from perceiver_music.render import wav_bytes
+
+    wav = wav_bytes(np.zeros((int(seconds * rate), 1)), rate)
+    return "data:audio/wav;base64," + base64.b64encode(wav).decode()
 
 
 def test_the_player_waits_until_a_slow_take_can_play_through(app_url, browser):
