@@ -38,20 +38,25 @@ def compare_logits(source, converted, cfg, seed: int = 0) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    from perceiver_music.cli import OneLineParser
+
+    ap = OneLineParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path, help="checkpoint folder, state folder or .pth file")
     ap.add_argument("dest", type=Path, help="folder to write (must not exist, see --force)")
     ap.add_argument("--heads", type=int, default=None,
-                    help="attention heads, when the source has no config (default: 8)")
+                    help="attention heads, when the source has no config (default: the "
+                         "original scripts' 8)")
     ap.add_argument("--prefix", type=int, default=None,
-                    help="prefix length m, when the source has no config (default: 1024)")
+                    help="prefix length m, when the source has no config (default: the "
+                         "original scripts' 1024, or half a context of 1024 or less)")
     ap.add_argument("--force", action="store_true", help="replace an existing DEST")
     args = ap.parse_args(argv)
 
     from perceiver_music.checkpoint import (
         CheckpointError,
         atomic_folder,
+        config_origin,
         load_checkpoint,
         save_checkpoint,
     )
@@ -72,10 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         if not diff <= TOLERANCE:
             fail(f"{args.source}: converted logits differ by {diff:.3g} (> {TOLERANCE}); "
                  "nothing written")
-    how = "inferred from shapes" if meta.get("inferred") else "from its config"
     print(f"converted {args.source} -> {args.dest}: context {cfg.max_seq_len}, prefix "
           f"{cfg.cross_attn_seq_len}, dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads} "
-          f"({how}); max logit difference {diff:.3g}")
+          f"({config_origin(meta, args.heads, args.prefix)}); max logit difference {diff:.3g}")
 
 
 if __name__ == "__main__":

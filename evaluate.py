@@ -19,6 +19,7 @@ Writes OUT/report.json, OUT/report.html (tables and plots) and the plots as PNG.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -87,6 +88,10 @@ def main() -> None:
     for name in ("num_primers", "prime_seconds", "seconds", "batch_size"):
         if not getattr(args, name) > 0:
             fail(f"--{name} must be positive, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if not 0 <= args.top_p <= 1:
+        fail(f"--top_p must be in (0, 1] (0: off), got {args.top_p}")
     for run in runs:
         if not (Path(run) / "metrics.csv").is_file():
             fail(f"{run}: no metrics.csv (give train.py run folders to --runs)")
@@ -194,8 +199,9 @@ def main() -> None:
         for stat, delta in deltas.items():
             label = STATISTICS[stat][0]
             error = report["difference_standard_error"][name][stat]
+            spread = f" +- {error:.2g}" if math.isfinite(error) else ""  # none from one pair
             print(printable(f"{name}: {label}: {report['statistics'][name][stat]['mean']:.3g}, "
-                            f"real {real[stat]['mean']:.3g} ({delta:+.3g} +- {error:.2g})"))
+                            f"real {real[stat]['mean']:.3g} ({delta:+.3g}{spread})"))
     print(f"wrote {out / 'report.html'} and {out / 'report.json'} "
           f"({report['seconds']:.0f} s)")
 

@@ -77,9 +77,11 @@ def check_settings(args) -> None:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.num_samples < 1:
         fail(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.temperature == 0:
+    if args.temperature == 0 and not args.greedy:
         fail("--temperature must be positive; for the most likely token every time, use "
              "--greedy")
+    if args.temperature == 0:
+        fail("--temperature must be positive (--greedy does not use it: leave it out)")
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
     if args.top_p > 1:
@@ -96,6 +98,9 @@ def check_settings(args) -> None:
         fail(f"--renderer must be midirenderer or fluidsynth, not {args.renderer!r}")
     if args.cross_attn_seq_len and args.num_latents:
         fail("give --cross_attn_seq_len or --num_latents, not both")
+    if args.name and (Path(args.name).name != args.name or args.name in (".", "..")):
+        fail(f"--name must be a plain folder name (it goes inside --out_dir), got "
+             f"{args.name!r}")
     if args.soundfont and not Path(args.soundfont).is_file():
         fail(f"{args.soundfont}: soundfont not found (give a .sf2 file, or '' for the default)")
 
@@ -166,7 +171,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from perceiver_music.api import PerceiverMusic
-    from perceiver_music.checkpoint import CheckpointError
+    from perceiver_music.checkpoint import CheckpointError, config_origin
 
     state = PartialState(cpu=cpu_only(args.cpu))
     if not state.is_main_process:  # one generation per run, on the main process
@@ -180,11 +185,16 @@ def main() -> None:
         fail(str(exc))
     load_s = time.perf_counter() - t0
     cfg = model.config
+    if model.meta.get("inferred"):
+        print(f"{args.ckpt}: heads {cfg.heads}, prefix {cfg.cross_attn_seq_len}: "
+              f"{config_origin(model.meta)} (with cpu_convert.py)", file=sys.stderr)
     prefix = args.cross_attn_seq_len or (cfg.max_seq_len - args.num_latents
                                          if args.num_latents else cfg.cross_attn_seq_len)
     if not 0 < prefix < cfg.max_seq_len:
-        fail(f"the prefix length must be in [1, {cfg.max_seq_len - 1}] for this checkpoint's "
-             f"context of {cfg.max_seq_len} tokens, got {prefix}")
+        option = "--cross_attn_seq_len" if args.cross_attn_seq_len else "--num_latents"
+        fail(f"{option} must be in [1, {cfg.max_seq_len - 1}] for this checkpoint's context "
+             f"of {cfg.max_seq_len} tokens, got "
+             f"{args.cross_attn_seq_len or args.num_latents}")
     if args.stride > cfg.max_seq_len - prefix:
         fail(f"--stride {args.stride} exceeds the {cfg.max_seq_len - prefix} latents")
     if args.int8 and state.device.type != "cpu":
@@ -224,8 +234,11 @@ def main() -> None:
     report = {"settings": vars(args), "model": cfg.to_dict(),
               "checkpoint_step": model.meta.get("step"), "device": str(state.device),
               "timings": {"load_s": round(load_s, 3)}}
-    problems = take.save(final, audio=args.audio, soundfont=args.soundfont or None,
-                         renderer=args.renderer, report=report)
+    try:
+        problems = take.save(final, audio=args.audio, soundfont=args.soundfont or None,
+                             renderer=args.renderer, report=report)
+    except OSError as exc:  # a write error names no file; this says where it went
+        fail(f"cannot write the take: {os_error_message(exc, final)}")
     for problem in problems:
         print(f"warning: no audio.wav: {problem}; MIDI and piano roll are written",
               file=sys.stderr)
@@ -233,8 +246,12 @@ def main() -> None:
     print(
         f"wrote {final}: {total} tokens, "
         f"{', '.join(f'{s:.1f}' for s in take.seconds)} s of music in {take.generate_s:.1f} s "
-        f"({total / take.generate_s:.0f} tokens/s), seed {take.seed}",
+        f"({total / take.generate_s:.0f} tokens/s), "
+        + ("beam search" if args.beams > 1 else f"seed {take.seed}"),
         file=sys.stderr if args.stream else sys.stdout)
+    if args.seconds and any(len(t) >= args.new_tokens for t in take.continuations):
+        print(f"note: --new_tokens {args.new_tokens} ended the music before --seconds "
+              f"{args.seconds:g}: raise --new_tokens for longer takes", file=sys.stderr)
     if args.stream:
         print(json.dumps({"done": True, "folder": str(final), "seconds": take.seconds[0],
                           "tokens": len(take.continuations[0])}), flush=True)

@@ -142,9 +142,7 @@ def hash_splits(groups: dict[str, str], val_share: float,
             of_group[train[0]] = split
         else:
             warnings.append(f"warning: {len(of_group)} piece(s) ({len(groups)} MIDI files) "
-                            f"are too few to put one in {split}/"
-                            + (" (train.py needs one there: add files)" if split == "val"
-                               else ""))
+                            f"are too few to put one in {split}/")
     return {p: of_group[g] for p, g in groups.items()}, warnings
 
 
@@ -243,6 +241,8 @@ def gather_sources(folders: dict[str, Path], val_share: float, test_share: float
         out.update({prefix + p: (root / p, split, prefix + groups[p])
                     for p, split in splits.items()})
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
+    if val_share > 0 and out and all(split != "val" for _, split, _ in out.values()):
+        warnings.append("warning: no piece went to val/, which train.py needs: add files")
     return out, warnings
 
 

@@ -35,7 +35,7 @@ from perceiver_music.cli import (
 
 DATA_DIR = "data"  # prep.py output: holds train/ and val/
 OUT_DIR = "ckpt/run"  # run folder: last/, best/, metrics.csv, tb/
-PRESET = "auto"  # auto (CPU: demo, GPU: ctx2048), demo, ctx2048, ctx4096, ctx8192, ctx16384
+PRESET = "auto"  # auto (CPU: demo, GPU: ctx2048), tiny, demo, ctx2048, ctx4096, ctx8192, ctx16384
 LATENTS = 0  # number of latents (0: the preset's)
 DIM = 0  # model width (0: the preset's)
 DEPTH = 0  # self-attention layers after the cross-attention one (0: the preset's)
@@ -334,6 +334,17 @@ def mixed_precision(args) -> dict[str, str]:
     return {"mixed_precision": choice}
 
 
+def resume_command() -> str:
+    """The command that continues this run: the one that started it, plus --resume (a
+    resumed run takes its shape from last/, but its schedule, batch and data from the
+    command line, so they must be given again)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    launcher = "accelerate launch" if os.environ.get("WORLD_SIZE") else "python"
+    return f"{launcher} train.py {shlex.join([*argv, '--resume'])}"
+
+
 def check_settings(args) -> None:
     """One clear line for settings that cannot work, before anything is loaded."""
     if args.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -349,6 +360,24 @@ def check_settings(args) -> None:
     if args.init and args.resume:
         fail("--init starts a new run from a checkpoint's weights; --resume continues the "
              "run in --out_dir: choose one")
+    shape = [f"--{n}" for n in ("latents", "dim", "depth", "heads") if getattr(args, n)]
+    if args.init and shape:
+        fail(f"--init takes the checkpoint's shape: leave out {' '.join(shape)}")
+    if not args.learning_rate > 0:
+        fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.min_lr > args.learning_rate and args.min_lr == MIN_LR:
+        args.min_lr = args.learning_rate * MIN_LR / LEARNING_RATE  # the default's ratio
+    if not 0 <= args.min_lr <= args.learning_rate:
+        fail(f"--min_lr must be in [0, --learning_rate {args.learning_rate:g}], got "
+             f"{args.min_lr}")
+    for name in ("weight_decay", "grad_clip", "eval_windows", "transpose", "stretch"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("dropout", "prefix_dropout", "stretch"):
+        if not getattr(args, name) < 1:
+            fail(f"--{name} must be below 1, got {getattr(args, name)}")
+    if not 0 <= args.prefix_fill <= 1:
+        fail(f"--prefix_fill must be in [0, 1], got {args.prefix_fill}")
 
 
 def starting_point(args, out_dir: Path):
@@ -610,8 +639,7 @@ class Run:
                 if signalled:
                     if self.main:
                         bar.write(f"stopped at step {self.step}; saved {self.out_dir / 'last'}. "
-                                  f"Continue with: python train.py --out_dir {self.out_dir} "
-                                  "--resume")
+                                  f"Continue with: {resume_command()}")
                     break
                 if spent:
                     if self.main:
@@ -645,10 +673,18 @@ def describe(args, accelerator, model, cfg, train_split, tuner) -> str:
     threads = (f" (1 or {tuner.candidates[-1]} threads each, chosen by timing steps)" if tuner
                else f" ({torch.get_num_threads()} threads each)"
                if accelerator.device.type == "cpu" else "")
-    return (f"model: {origin} {n_params / 1e6:.2f}M parameters, context {cfg.max_seq_len}, "
-            f"{cfg.num_latents} latents; {len(train_split.tokens):,} training tokens; "
-            f"{accelerator.num_processes} process(es) on {accelerator.device}{threads}, "
-            f"mixed precision {accelerator.mixed_precision}")
+    notes = []
+    if args.init and args.preset != "auto":
+        notes.append(f"note: --preset {args.preset} is not used: --init takes the checkpoint's "
+                     "shape")
+    if args.warmup_steps > args.max_steps and not args.max_minutes:
+        notes.append(f"note: --warmup_steps {args.warmup_steps} exceeds --max_steps "
+                     f"{args.max_steps}: the learning rate stays below --learning_rate")
+    return "\n".join([
+        f"model: {origin} {n_params / 1e6:.2f}M parameters, context {cfg.max_seq_len}, "
+        f"{cfg.num_latents} latents; {len(train_split.tokens):,} training tokens; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}{threads}, "
+        f"mixed precision {accelerator.mixed_precision}", *notes])
 
 
 def main() -> None:

@@ -208,6 +208,8 @@ def load_checkpoint(
         if runs and not (path / CONFIG_NAME).is_file():
             raise CheckpointError(f"{path} is a training run folder, not a checkpoint: use "
                                   + " or ".join(f"{r} ({_RUN_FOLDERS[r.name]})" for r in runs))
+        if not (path / CONFIG_NAME).is_file():
+            _no_config_hint(path)
         cfg, meta = _read_config(path / CONFIG_NAME)
         state = _read_weights(path / WEIGHTS_NAME)
         path = path / WEIGHTS_NAME
@@ -294,6 +296,20 @@ def infer_config(
         raise CheckpointError(f"{path}: shapes give an unusable model config: {err}") from None
 
 
+def config_origin(meta: Mapping[str, Any], heads: int | None = None,
+                  prefix: int | None = None) -> str:
+    """Where a loaded checkpoint's config came from, for the scripts' report line: its
+    config.json, or the tensor shapes plus the heads and prefix the user gave or, when not
+    given, assumed (shapes cannot tell them, so a wrong guess must not look inferred)."""
+    if not meta.get("inferred"):
+        return "from its config"
+    assumed = [name for name, given in (("heads", heads), ("prefix", prefix)) if given is None]
+    if not assumed:
+        return "shapes, with the given heads and prefix"
+    return (f"shapes; {' and '.join(assumed)} assumed, the original scripts' defaults: give "
+            + " and ".join(f"--{name}" for name in assumed) + " if the model used others")
+
+
 def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:
     """The model tensors of a loaded pickle: ``{'state_dict': ...}``, ``{'model': ...}``
     (optimizer state alongside is ignored) or a bare state dict."""
@@ -328,6 +344,23 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             key = key.split(".", 1)[1]
         stripped[key] = tensor
     return stripped
+
+
+def _no_config_hint(path: Path) -> None:
+    """Raise a CheckpointError that points to the checkpoint the user probably meant, for a
+    folder with no config.json: a run's optimizer state (``last/state``) names its
+    checkpoint ``last/``; a folder of checkpoints (``ckpt/``) names the ones inside."""
+    if (path / "optimizer.safetensors").is_file() and (path.parent / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} holds a training run's optimizer state, not a model: "
+                              f"use {path.parent}")
+    try:
+        inside = sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file())
+    except OSError:
+        return
+    if inside:
+        more = f" (and {len(inside) - 3} more)" if len(inside) > 3 else ""
+        raise CheckpointError(f"{path} holds checkpoints but is not one: use "
+                              + " or ".join(str(p) for p in inside[:3]) + more)
 
 
 def _missing(path: Path) -> CheckpointError:

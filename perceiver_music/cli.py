@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import re
 import sys
@@ -39,10 +40,11 @@ def parse_constants(
     """Parse ``argv`` (default: sys.argv[1:]) into options named after the script's
     constants found in ``namespace`` (the script's ``globals()``).
 
-    Types follow each default: bool gives ``--x/--no-x``, int, float and str their type, a
-    None default takes a string. Unknown options exit with argparse's usual message.
+    Types follow each default: bool gives ``--x/--no-x``, int and str their type, float a
+    finite number (nan and inf are refused here, so no script meets them), a None default
+    takes a string. Unknown options and bad values exit with argparse's usual message.
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=Path(script).name,
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -57,9 +59,31 @@ def parse_constants(
                 opt, default=default, help=comment, action=argparse.BooleanOptionalAction
             )
         elif isinstance(default, int | float | str) or default is None:
-            kind = str if default is None else type(default)
+            kind = str if default is None else finite if isinstance(default, float) else type(
+                default)
             parser.add_argument(opt, type=kind, default=default, help=comment, metavar=name)
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals (an unknown option, a bad value) are one ``error:`` line that
+    points to ``--help``, like every other refusal of the scripts, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {printable(message)} (--help lists the options)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
+def finite(text: str) -> float:
+    """A float option's value: any finite number ("nan" and "inf" are refused)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+finite.__name__ = "finite number"  # argparse's message: "invalid finite number value: 'nan'"
 
 
 def bundled(path: str) -> str:

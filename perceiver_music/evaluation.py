@@ -258,10 +258,11 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 def write_report(folder: Path, report: dict[str, Any], images: Sequence[tuple[str, str]]) -> None:
-    """report.json (``report``) and report.html (its tables and ``images``: (file name,
-    caption) pairs of PNGs in ``folder``), each written atomically."""
-    write_atomic(folder / "report.json", (json.dumps(report, indent=2, default=_plain)
-                                          + "\n").encode())
+    """report.json (``report``; a figure that cannot be computed, NaN here, is null there,
+    so that strict JSON readers take the file) and report.html (its tables and ``images``:
+    (file name, caption) pairs of PNGs in ``folder``), each written atomically."""
+    write_atomic(folder / "report.json", (json.dumps(_nulls(report), indent=2, default=_plain,
+                                                     allow_nan=False) + "\n").encode())
     rows = []
     for name, loss in report.get("loss", {}).items():
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(loss['nats_per_token'])}"
@@ -315,6 +316,17 @@ def _short(name: str) -> str:
 
 def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def _nulls(value: Any) -> Any:
+    """``value`` with every non-finite float (in dicts and lists, at any depth) as None."""
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nulls(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _plain(value: Any) -> Any:

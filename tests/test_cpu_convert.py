@@ -89,7 +89,15 @@ def test_original_pth_with_module_prefixes_and_optimizer(model, tmp_path):
                tmp_path / "model.pth")
     r = convert(tmp_path / "model.pth", tmp_path / "dest", *TINY_FLAGS)
     check_converted(r, tmp_path / "dest", model)
-    assert "inferred from shapes" in r.stdout
+    assert "(shapes, with the given heads and prefix)" in r.stdout
+    # without --heads and --prefix the result is a guess (a 4-head model read as 8 heads
+    # of half the width), and the line says so
+    four = build_model(preset("tiny", heads=4, dim_head=64))
+    torch.save({"state_dict": four.state_dict()}, tmp_path / "four.pth")
+    r = convert(tmp_path / "four.pth", tmp_path / "guessed")
+    assert r.returncode == 0, r.stderr
+    assert ("heads 8 (shapes; heads and prefix assumed, the original scripts' defaults: "
+            "give --heads and --prefix if the model used others)") in r.stdout
 
 
 def test_tensors_saved_on_xla_are_rebuilt_on_cpu(model, tmp_path):
@@ -153,13 +161,19 @@ def test_bad_sources_fail_with_one_line(model, tmp_path, kind):
 def test_generate_runs_on_a_converted_checkpoint_and_reads_pth_directly(model, tmp_path):
     torch.save({"state_dict": model.state_dict()}, tmp_path / "m.pth")
     assert convert(tmp_path / "m.pth", tmp_path / "dest", *TINY_FLAGS).returncode == 0
-    for ckpt in (tmp_path / "dest",):
+    torch.save({"state_dict": build_model(preset("tiny", heads=4, dim_head=64)).state_dict()},
+               tmp_path / "four.pth")
+    for name, ckpt in (("g", tmp_path / "dest"), ("p", tmp_path / "four.pth")):
         r = subprocess.run([sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer",
                             str(ROOT / "tests/data/scn15_4.mid"), "--new_tokens", "20",
-                            "--out_dir", str(tmp_path / "out"), "--name", "g", "--seed", "1"],
+                            "--out_dir", str(tmp_path / "out"), "--name", name, "--seed", "1",
+                            "--no-audio"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-    assert (tmp_path / "out" / "g" / "full.mid").exists()
+        assert (tmp_path / "out" / name / "full.mid").exists()
+    # a .pth names neither heads nor prefix: generate.py says what it assumed
+    assert f"{tmp_path / 'four.pth'}: heads 8, prefix 32: shapes; heads and prefix assumed" \
+        in r.stderr
     loaded, cfg, meta = load_checkpoint(tmp_path / "m.pth", heads=2, prefix=32)
     assert meta["inferred"] and same_logits(model, loaded)
     assert np.isclose(cfg.ff_mult, 4)

@@ -125,7 +125,9 @@ def test_bad_settings_are_one_line(setup, tmp_path):
     for args, message in [(["--runs", str(tmp_path)], "no metrics.csv"),
                           (["--ckpts", str(tmp_path / "none")], "does not exist"),
                           (["--data_dir", str(tmp_path)], "no such data folder"),
-                          (["--seconds", "0"], "--seconds must be positive")]:
+                          (["--seconds", "0"], "--seconds must be positive"),
+                          (["--top_p", "2"], "--top_p must be in (0, 1]"),
+                          (["--temperature", "0"], "--temperature must be positive")]:
         r = subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(setup / "data"),
                             "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
@@ -170,6 +172,26 @@ def test_training_curves_figure(setup):
     assert labels == ["run: training", "run: validation"]
     assert len(loss.lines[1].get_xdata()) == 2  # validation at steps 10 and 20
     assert lr.get_ylabel() == "learning rate"
+
+
+def test_one_primer_reports_no_error_bar_and_strict_json(setup, tmp_path):
+    """One primer gives no standard error: the lines say none (not "+- nan") and
+    report.json holds null there, so strict JSON readers take it (the README's
+    fine-tuning recipe evaluates one primer)."""
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
+                        "--data_dir", str(setup / "data"), "--num_primers", "1",
+                        "--prime_seconds", "4", "--seconds", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in r.stdout.lower() and "held over 4 s" in r.stdout.lower(), r.stdout
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"report.json holds {constant}")
+
+    report = json.loads((out / "report.json").read_text(), parse_constant=refuse)
+    errors = report["difference_standard_error"][str(setup / "tiny0")]
+    assert set(errors.values()) == {None}
 
 
 def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path):

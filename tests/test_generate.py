@@ -122,8 +122,12 @@ def test_stop_on_seconds_and_greedy_and_beams(ckpt, tmp_path):
     s = report(tmp_path / "g")["samples"][0]
     assert s["stop_reason"] in ("seconds", "end", "max_tokens")
     assert s["seconds"] <= 3.0
-    r = gen(ckpt, tmp_path, "--name", "beam", "--beams", "3", "--new_tokens", "10")
+    r = gen(ckpt, tmp_path, "--name", "beam", "--beams", "3", "--new_tokens", "10",
+            "--seconds", "100")
     assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith("beam search") and "seed None" not in r.stdout
+    # the token cap, not the length in seconds, ended it: said, with what to change
+    assert "note: --new_tokens 10 ended the music before --seconds 100" in r.stderr
 
 
 def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):
@@ -210,6 +214,13 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
         (["--stride", "1000"], "--stride"),
+        (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
+        (["--prime_seconds", "inf"], "--prime_seconds: invalid finite number value: 'inf'"),
+        (["--greedy", "--temperature", "0"], "--greedy does not use it"),
+        (["--name", "../x"], "--name must be a plain folder name"),
+        (["--num_latents", "1024"], "--num_latents must be in [1, 63]"),
+        (["--ckpt", "STATE"], "holds a training run's optimizer state, not a model: use"),
+        (["--ckpt", "PARENT"], "holds checkpoints but is not one: use"),
     ],
 )
 def test_bad_input_gets_one_line_and_no_files(ckpt, tmp_path, args, message):
@@ -220,8 +231,13 @@ def test_bad_input_gets_one_line_and_no_files(ckpt, tmp_path, args, message):
     (bad / "config.json").write_text("{not json")
     run = tmp_path / "run"
     shutil.copytree(ckpt, run / "best")
+    shutil.copytree(ckpt, run / "last")
+    (run / "last" / "state").mkdir()
+    (run / "last" / "state" / "optimizer.safetensors").write_bytes(b"")
+    shutil.copytree(ckpt, tmp_path / "many" / "a")
     named = {"CORRUPT": str(corrupt), "BADCKPT": str(bad), "FOLDER": str(PRIMER.parent),
-             "RUN": str(run)}
+             "RUN": str(run), "STATE": str(run / "last" / "state"),
+             "PARENT": str(tmp_path / "many")}
     args = [named.get(a, a) for a in args]
     out = tmp_path / "out"
     r = gen(ckpt, out, *args)
@@ -284,7 +300,7 @@ def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
     settings = report(tmp_path / "n")["generation"]
     assert settings["cross_attn_seq_len"] == 16 and settings["creativity"] == 2.0
     r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
-    assert r.returncode == 1 and "prefix length must be in [1, 63]" in r.stderr
+    assert r.returncode == 1 and "--cross_attn_seq_len must be in [1, 63]" in r.stderr
     assert not (tmp_path / "m").exists()
 
 

@@ -406,7 +406,13 @@ def test_a_small_folder_still_gets_validation_and_test_files(tmp_path: Path) -> 
     write(one / name, REAL_FILES[0].read_bytes())
     r = run_prep("--input", one, "--output", out1)
     assert r.returncode == 0
-    assert "too few to put one in val/ (train.py needs one there" in r.stderr
+    assert "too few to put one in val/" in r.stderr
+    assert "no piece went to val/, which train.py needs" in r.stderr
+    # beside a folder that fills val/, the small one's note stays, the alarm does not
+    r = run_prep("--input", f"{one},{src}", "--output", tmp_path / "data2")
+    assert r.returncode == 0 and "too few to put one in val/" in r.stderr, r.stderr
+    assert "val" in {e["split"] for e in manifest(tmp_path / "data2").values()}
+    assert "train.py needs" not in r.stderr
 
 
 def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None:

@@ -196,7 +196,10 @@ def test_a_signal_saves_last_and_says_how_to_resume(data_dir, tmp_path, sig, cod
     proc.send_signal(sig)
     text, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, text  # the shell's status for the signal, after saving
-    assert "--resume" in text and (out / "last" / "state").is_dir()
+    # the command to continue is the one that started the run, with --resume
+    assert f"Continue with: python train.py --data_dir {data_dir} --out_dir {out}" in text
+    assert "--eval_interval 100000 --resume\n" in text, text[-500:]
+    assert (out / "last" / "state").is_dir()
     assert "Traceback" not in text and not list(out.glob("last.*"))
 
 
@@ -252,14 +255,26 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
         (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--mixed_precision", "fp8"], "--mixed_precision"),
         (["--depth", "-2"], "--depth must be positive"),
+        (["--learning_rate", "-1"], "--learning_rate must be positive"),
+        (["--learning_rate", "nan"], "--learning_rate: invalid finite number value: 'nan'"),
+        (["--min_lr", "1"], "--min_lr must be in [0, --learning_rate"),
+        (["--stretch", "2"], "--stretch must be below 1"),
+        (["--transpose", "-1"], "--transpose must not be negative"),
+        (["--eval_windows", "-1"], "--eval_windows must not be negative"),
+        (["--prefix_fill", "2"], "--prefix_fill must be in [0, 1]"),
+        (["--init", "ckpt/demo", "--dim", "128"], "--init takes the checkpoint's shape"),
+        (["--bogus"], "unrecognized arguments: --bogus (--help lists the options)"),
     ],
 )
 def test_bad_settings_get_one_clear_line(data_dir, tmp_path, extra, message):
+    """Refused before any work, in one line, and nothing is left in --out_dir (a crash on
+    the first step used to leave a metrics.csv that then blocked the retry)."""
     args = ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "x"), *TINY, *extra]
     r = run(args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_empty_split_is_refused(tmp_path):
@@ -511,6 +526,8 @@ def test_init_fine_tunes_from_a_checkpoint_with_a_new_schedule(data_dir, tmp_pat
              "--init", str(first / "last"), "--preset", "demo", "--learning_rate", "1e-9"])
     assert r.returncode == 0, r.stderr
     assert f"model: from {first / 'last'}" in r.stdout and "context 64" in r.stdout
+    assert "note: --preset demo is not used: --init takes the checkpoint's shape" in r.stdout
+    assert "note: --warmup_steps 5 exceeds --max_steps 1" in r.stdout
     val = float((second / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
     assert val == pytest.approx(trained, abs=0.05)  # the same weights, not a fresh model
     assert '"step": 1,' in (second / "last" / "config.json").read_text()
