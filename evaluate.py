@@ -91,7 +91,7 @@ def main() -> None:
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
     if not 0 <= args.top_p <= 1:
-        fail(f"--top_p must be in (0, 1] (0: off), got {args.top_p}")
+        fail(f"--top_p must be in [0, 1] (0: off), got {args.top_p}")
     for run in runs:
         if not (Path(run) / "metrics.csv").is_file():
             fail(f"{run}: no metrics.csv (give train.py run folders to --runs)")

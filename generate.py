@@ -77,11 +77,12 @@ def check_settings(args) -> None:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.num_samples < 1:
         fail(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.temperature == 0 and not args.greedy:
+    if args.temperature == 0 and not (args.greedy or args.beams > 1):
         fail("--temperature must be positive; for the most likely token every time, use "
              "--greedy")
     if args.temperature == 0:
-        fail("--temperature must be positive (--greedy does not use it: leave it out)")
+        fail("--temperature must be positive (--greedy and --beams do not use it: leave it "
+             "out)")
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
     if args.top_p > 1:
@@ -249,7 +250,7 @@ def main() -> None:
         f"({total / take.generate_s:.0f} tokens/s), "
         + ("beam search" if args.beams > 1 else f"seed {take.seed}"),
         file=sys.stderr if args.stream else sys.stdout)
-    if args.seconds and any(len(t) >= args.new_tokens for t in take.continuations):
+    if args.seconds and "max_tokens" in take.stop_reasons:
         print(f"note: --new_tokens {args.new_tokens} ended the music before --seconds "
               f"{args.seconds:g}: raise --new_tokens for longer takes", file=sys.stderr)
     if args.stream:

@@ -335,14 +335,25 @@ def mixed_precision(args) -> dict[str, str]:
 
 
 def resume_command() -> str:
-    """The command that continues this run: the one that started it, plus --resume (a
-    resumed run takes its shape from last/, but its schedule, batch and data from the
-    command line, so they must be given again)."""
+    """The command that continues this run: the one that started it, without --init
+    (the weights now come from last/), plus --resume. A resumed run takes its shape from
+    last/, but its schedule, batch and data from the command line, so they are given
+    again. Under accelerate launch its own options are not visible here: a placeholder
+    says where they go."""
     import shlex
 
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    launcher = "accelerate launch" if os.environ.get("WORLD_SIZE") else "python"
-    return f"{launcher} train.py {shlex.join([*argv, '--resume'])}"
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg in ("--resume", "--no-resume") or arg.startswith("--init="):
+            skip = False
+            continue
+        if arg == "--init":
+            skip = True
+            continue
+        argv.append(arg)
+    launched = "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    launcher = "accelerate launch <the same launch options>" if launched else "python"
+    return f"{launcher} {shlex.join([sys.argv[0], *argv, '--resume'])}"
 
 
 def check_settings(args) -> None:
@@ -365,7 +376,8 @@ def check_settings(args) -> None:
         fail(f"--init takes the checkpoint's shape: leave out {' '.join(shape)}")
     if not args.learning_rate > 0:
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.min_lr > args.learning_rate and args.min_lr == MIN_LR:
+    given = any(a == "--min_lr" or a.startswith("--min_lr=") for a in sys.argv[1:])
+    if args.min_lr > args.learning_rate and not given:
         args.min_lr = args.learning_rate * MIN_LR / LEARNING_RATE  # the default's ratio
     if not 0 <= args.min_lr <= args.learning_rate:
         fail(f"--min_lr must be in [0, --learning_rate {args.learning_rate:g}], got "

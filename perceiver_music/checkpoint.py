@@ -306,7 +306,7 @@ def config_origin(meta: Mapping[str, Any], heads: int | None = None,
     assumed = [name for name, given in (("heads", heads), ("prefix", prefix)) if given is None]
     if not assumed:
         return "shapes, with the given heads and prefix"
-    return (f"shapes; {' and '.join(assumed)} assumed, the original scripts' defaults: give "
+    return (f"shapes; {' and '.join(assumed)} assumed (see --heads and --prefix): give "
             + " and ".join(f"--{name}" for name in assumed) + " if the model used others")
 
 
@@ -350,7 +350,7 @@ def _no_config_hint(path: Path) -> None:
     """Raise a CheckpointError that points to the checkpoint the user probably meant, for a
     folder with no config.json: a run's optimizer state (``last/state``) names its
     checkpoint ``last/``; a folder of checkpoints (``ckpt/``) names the ones inside."""
-    if (path / "optimizer.safetensors").is_file() and (path.parent / CONFIG_NAME).is_file():
+    if (path / f"{OPTIMIZER_NAME}.safetensors").is_file() and (path.parent / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} holds a training run's optimizer state, not a model: "
                               f"use {path.parent}")
     try:

@@ -96,7 +96,7 @@ def test_original_pth_with_module_prefixes_and_optimizer(model, tmp_path):
     torch.save({"state_dict": four.state_dict()}, tmp_path / "four.pth")
     r = convert(tmp_path / "four.pth", tmp_path / "guessed")
     assert r.returncode == 0, r.stderr
-    assert ("heads 8 (shapes; heads and prefix assumed, the original scripts' defaults: "
+    assert ("heads 8 (shapes; heads and prefix assumed (see --heads and --prefix): "
             "give --heads and --prefix if the model used others)") in r.stdout
 
 

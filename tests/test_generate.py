@@ -216,7 +216,7 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--stride", "1000"], "--stride"),
         (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
         (["--prime_seconds", "inf"], "--prime_seconds: invalid finite number value: 'inf'"),
-        (["--greedy", "--temperature", "0"], "--greedy does not use it"),
+        (["--greedy", "--temperature", "0"], "--greedy and --beams do not use it"),
         (["--name", "../x"], "--name must be a plain folder name"),
         (["--num_latents", "1024"], "--num_latents must be in [1, 63]"),
         (["--ckpt", "STATE"], "holds a training run's optimizer state, not a model: use"),

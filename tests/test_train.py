@@ -245,6 +245,21 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     assert not np.array_equal(*states)
 
 
+def test_the_resume_command_drops_init_and_names_the_launcher(monkeypatch):
+    """A fine-tuning run's hint must not keep --init (refused beside --resume); under
+    accelerate launch it says where the launch options go."""
+    import train
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "--init", "ckpt/demo", "--data_dir",
+                                      "my data", "--init=x", "--no-resume"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert train.resume_command() == "python train.py --data_dir 'my data' --resume"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert train.resume_command().startswith("accelerate launch <the same launch options> "
+                                             "train.py --data_dir")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
