@@ -77,12 +77,10 @@ def check_settings(args) -> None:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.num_samples < 1:
         fail(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.temperature == 0 and not (args.greedy or args.beams > 1):
-        fail("--temperature must be positive; for the most likely token every time, use "
-             "--greedy")
     if args.temperature == 0:
-        fail("--temperature must be positive (--greedy and --beams do not use it: leave it "
-             "out)")
+        fail("--temperature must be positive" + (
+            " (--greedy and --beams do not use it: leave it out)" if args.greedy or args.beams > 1
+            else "; for the most likely token every time, use --greedy"))
     if not args.temperature > 0:
         fail(f"--temperature must be positive, got {args.temperature}")
     if args.top_p > 1:

@@ -204,10 +204,6 @@ def load_checkpoint(
             cfg = infer_config(state, path, heads=heads, prefix=prefix)
             meta = {"source": "accelerate state folder", "inferred": True}
     elif path.is_dir():
-        runs = [path / name for name in ("best", "last") if (path / name / CONFIG_NAME).is_file()]
-        if runs and not (path / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{path} is a training run folder, not a checkpoint: use "
-                                  + " or ".join(f"{r} ({_RUN_FOLDERS[r.name]})" for r in runs))
         if not (path / CONFIG_NAME).is_file():
             _no_config_hint(path)
         cfg, meta = _read_config(path / CONFIG_NAME)
@@ -348,8 +344,13 @@ def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _no_config_hint(path: Path) -> None:
     """Raise a CheckpointError that points to the checkpoint the user probably meant, for a
-    folder with no config.json: a run's optimizer state (``last/state``) names its
-    checkpoint ``last/``; a folder of checkpoints (``ckpt/``) names the ones inside."""
+    folder with no config.json: a training run folder names its ``best/`` and ``last/``, a
+    run's optimizer state (``last/state``) its checkpoint ``last/``, a folder of
+    checkpoints (``ckpt/``) the ones inside. Returns when it has no better hint."""
+    runs = [path / name for name in ("best", "last") if (path / name / CONFIG_NAME).is_file()]
+    if runs:
+        raise CheckpointError(f"{path} is a training run folder, not a checkpoint: use "
+                              + " or ".join(f"{r} ({_RUN_FOLDERS[r.name]})" for r in runs))
     if (path / f"{OPTIMIZER_NAME}.safetensors").is_file() and (path.parent / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} holds a training run's optimizer state, not a model: "
                               f"use {path.parent}")
