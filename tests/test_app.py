@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 import pytest
+import zygote
 
 from tests.conftest import DATA, free_port
 
@@ -60,8 +61,8 @@ def browse_dirs(tmp_path_factory) -> tuple[Path, Path]:
                 ["train.py", "--data_dir", data, "--out_dir", runs / "tiny-run", "--preset",
                  "tiny", "--max_steps", "20", "--eval_interval", "10", "--log_interval", "5",
                  "--no-tensorboard"]):
-        r = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
+        r = zygote.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     return data, runs
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import zygote
 
 from tests.conftest import DATA
 
@@ -32,8 +32,8 @@ def test_bad_options_get_one_line(tmp_path):
              (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10")]
     with busy:
         for args, message in cases:
-            r = subprocess.run([sys.executable, "app.py", "--cpu", *args], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120)
+            r = zygote.run([sys.executable, "app.py", "--cpu", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
             assert "serving" not in r.stdout

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from conftest import DATA
 
 from perceiver_music.browse import (
@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> Path:
     for f in DATA.glob("*.mid"):
         shutil.copy(f, src / f.name)
     (src / "broken.mid").write_bytes(b"MThd but not MIDI")
-    r = subprocess.run([sys.executable, "prep.py", "--input", str(src), "--output", str(out),
+    r = zygote.run([sys.executable, "prep.py", "--input", str(src), "--output", str(out),
                         "--val_share", "0.2", "--test_share", "0.2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

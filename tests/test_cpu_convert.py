@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zygote
 
 from perceiver_music.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from perceiver_music.config import preset
@@ -26,8 +27,8 @@ def model():
 
 
 def convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cpu_convert.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return zygote.run([sys.executable, "cpu_convert.py", *map(str, args)], cwd=ROOT,
+                      capture_output=True, text=True, timeout=300)
 
 
 def same_logits(a, b) -> bool:
@@ -164,7 +165,7 @@ def test_generate_runs_on_a_converted_checkpoint_and_reads_pth_directly(model, t
     torch.save({"state_dict": build_model(preset("tiny", heads=4, dim_head=64)).state_dict()},
                tmp_path / "four.pth")
     for name, ckpt in (("g", tmp_path / "dest"), ("p", tmp_path / "four.pth")):
-        r = subprocess.run([sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer",
+        r = zygote.run([sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer",
                             str(ROOT / "tests/data/scn15_4.mid"), "--new_tokens", "20",
                             "--out_dir", str(tmp_path / "out"), "--name", name, "--seed", "1",
                             "--no-audio"],

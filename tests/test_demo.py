@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import zygote
 
 from midi_processor import encode_midi
 from perceiver_music.checkpoint import load_checkpoint
@@ -49,7 +49,7 @@ def test_loss_on_the_bundled_primer_is_below_its_unigram_entropy():
 def test_quickstart_generate_runs_end_to_end(tmp_path):
     """The Quickstart's command, from another folder: MIDI, audio and a piano roll, and the
     same continuation as the bundled example with the same seed."""
-    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--out_dir", str(tmp_path),
+    r = zygote.run([sys.executable, str(ROOT / "generate.py"), "--out_dir", str(tmp_path),
                         "--name", "quickstart", "--seed", "0"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

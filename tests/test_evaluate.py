@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pretty_midi
 import pytest
 import torch
+import zygote
 
 from midi_processor import encode_midi
 from perceiver_music.checkpoint import save_checkpoint
@@ -42,7 +42,7 @@ def setup(tmp_path_factory) -> Path:
         for f in chosen:
             (root / "data" / split / f"{f.stem}.pickle").write_bytes(
                 pickle.dumps(encode_midi(f)))
-    r = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--data_dir",
+    r = zygote.run([sys.executable, "train.py", "--preset", "tiny", "--data_dir",
                         str(root / "data"), "--out_dir", str(root / "run"), "--max_steps", "20",
                         "--log_interval", "5", "--eval_interval", "10", "--eval_windows", "8",
                         "--no-tensorboard"], cwd=ROOT, capture_output=True, text=True,
@@ -53,7 +53,7 @@ def setup(tmp_path_factory) -> Path:
 
 def test_report_with_two_checkpoints_and_training_curves(setup):
     out = setup / "report"
-    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts",
+    r = zygote.run([sys.executable, "evaluate.py", "--ckpts",
                         f"{setup / 'tiny0'},{setup / 'tiny1'}", "--data_dir",
                         str(setup / "data"), "--runs", str(setup / "run"), "--num_primers", "3",
                         "--prime_seconds", "4", "--seconds", "3", "--out", str(out)],
@@ -128,7 +128,7 @@ def test_bad_settings_are_one_line(setup, tmp_path):
                           (["--seconds", "0"], "--seconds must be positive"),
                           (["--top_p", "2"], "--top_p must be in [0, 1]"),
                           (["--temperature", "0"], "--temperature must be positive")]:
-        r = subprocess.run([sys.executable, "evaluate.py", "--data_dir", str(setup / "data"),
+        r = zygote.run([sys.executable, "evaluate.py", "--data_dir", str(setup / "data"),
                             "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and message in r.stderr, r.stderr
@@ -179,7 +179,7 @@ def test_one_primer_reports_no_error_bar_and_strict_json(setup, tmp_path):
     report.json holds null there, so strict JSON readers take it (the README's
     fine-tuning recipe evaluates one primer)."""
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
+    r = zygote.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
                         "--data_dir", str(setup / "data"), "--num_primers", "1",
                         "--prime_seconds", "4", "--seconds", "2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -205,7 +205,7 @@ def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path)
     pieces = sorted(p.stem for p in (data / "test").glob("*.pickle"))
     assert len(pieces) == 2
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
+    r = zygote.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
                         "--data_dir", str(data), "--num_primers", "2", "--prime_seconds",
                         "4", "--seconds", "2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)

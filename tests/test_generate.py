@@ -12,6 +12,7 @@ import numpy as np
 import pretty_midi
 import pytest
 import torch
+import zygote
 from conftest import free_port, without_root_privileges
 from PIL import Image
 
@@ -51,7 +52,7 @@ def gen(ckpt: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
         "--no-audio",  # test_audio_and_piano_roll_are_written_and_real renders audio
         *extra,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def report(folder: Path) -> dict:
@@ -136,7 +137,7 @@ def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "generate.py",
            "--ckpt", str(ckpt), "--primer", str(PRIMER), "--out_dir", str(tmp_path),
            "--name", "acc", "--new_tokens", "20", "--seed", "7"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["acc"]  # one run, by the main process
     assert report(tmp_path / "acc")["samples"][0]["tokens"] == 20
@@ -253,8 +254,8 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
     out.chmod(0o555)
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(out), "--new_tokens", "100000", "--seconds", "0"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       preexec_fn=without_root_privileges)
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                   preexec_fn=without_root_privileges)
     out.chmod(0o755)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, no progress bar
@@ -286,8 +287,8 @@ def test_outputs_follow_the_umask(ckpt, tmp_path):
 
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(tmp_path), "--name", "u", "--new_tokens", "10"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       preexec_fn=lambda: os.umask(0o027))
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                   preexec_fn=lambda: os.umask(0o027))
     assert r.returncode == 0, r.stderr
     for f in (tmp_path / "u").rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o750 if f.is_dir() else 0o640), f

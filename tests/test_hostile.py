@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from hostile import Payload, hostile_files
 from safetensors.torch import save_file
 
@@ -49,8 +50,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return zygote.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                      timeout=300)
 
 
 def one_line_failure(r: subprocess.CompletedProcess, *needles: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mido
 import pytest
+import zygote
 from conftest import REAL_FILES, file_size_limit, without_root_privileges
 
 from midi_processor import END, encode_midi
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_prep(*args: str | Path, workers: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "prep.py", "--workers", str(workers), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def ok_run(*args: str | Path, workers: int = 2) -> str:
@@ -366,8 +367,8 @@ def test_output_problems_stop_with_one_line_and_no_temporaries(tmp_path: Path, p
     else:
         preexec = file_size_limit(3000)  # the first pickles fit, then writes fail
     cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       preexec_fn=preexec)
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                   preexec_fn=preexec)
     out.chmod(0o755)
     one_error_line(r, "Permission denied" if problem == "read-only" else ".pickle: File too large")
     assert "Traceback" not in r.stderr
@@ -378,8 +379,8 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     src, out = tmp_path / "corpus", tmp_path / "data"
     write(src / "a.mid", REAL_FILES[0].read_bytes())
     cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       preexec_fn=lambda: os.umask(0o022))
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                   preexec_fn=lambda: os.umask(0o022))
     assert r.returncode == 0, r.stderr
     for f in out.rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o755 if f.is_dir() else 0o644), f

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import zygote
 
 from midi_processor.vocab import PAD
 from perceiver_music.config import PRESETS, ModelConfig, preset
@@ -161,7 +162,6 @@ def test_int8_weights_of_any_width(in_features):
 def test_generate_py_continues_with_a_narrow_original_checkpoint(tmp_path):
     """An original-script .pth whose attention (8 heads x 32) is narrower than dim (384):
     shapes give the width, generate.py decodes through the cache."""
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -169,7 +169,7 @@ def test_generate_py_continues_with_a_narrow_original_checkpoint(tmp_path):
     model = shaped_model(dict(dim=384, heads=8, dim_head=32, depth=1, max_seq_len=64,
                               cross_attn_seq_len=32))
     torch.save({"state_dict": model.state_dict()}, tmp_path / "narrow.pth")
-    r = subprocess.run([sys.executable, "generate.py", "--ckpt", str(tmp_path / "narrow.pth"),
+    r = zygote.run([sys.executable, "generate.py", "--ckpt", str(tmp_path / "narrow.pth"),
                         "--primer", "tests/data/scn15_4.mid", "--out_dir", str(tmp_path),
                         "--name", "take", "--new_tokens", "90", "--seconds", "0", "--seed",
                         "1", "--no-audio", "--no-stop_at_end"],

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import gc
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 
 from perceiver_music.threads import ThreadTuner
 
@@ -97,10 +97,9 @@ def test_the_thread_bench_runs_its_app_processes_and_prints_its_matrix():
     generation processes (the Workers API it drives), the three alone-and-paired lines and
     the load matrix's rows."""
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, "-m", "bench.threads", "--loads", "0", "--rounds", "1",
-                        "--decode_tokens", "20", "--train_steps", "1",
-                        "--loop_adds", "1000000"],
-                       cwd=root, capture_output=True, text=True, timeout=300)
+    r = zygote.run([sys.executable, "-m", "bench.threads", "--loads", "0", "--rounds", "1",
+                    "--decode_tokens", "20", "--train_steps", "1", "--loop_adds", "1000000"],
+                   cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"two at once in two processes .*: \d+ and \d+", r.stdout), r.stdout
     assert re.search(r"batched in one decode .*: \d+ on 1 thread\(s\), \d+ on \d+ thread",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zygote
 from conftest import file_size_limit, free_port, without_root_privileges
 from safetensors.numpy import load_file
 
@@ -40,7 +41,7 @@ TINY = [
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return zygote.run(
         [sys.executable, "train.py", *args],
         cwd=ROOT,
         capture_output=True,
@@ -234,7 +235,7 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "train.py",
            "--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "10",
            "--eval_interval", "10", "--save_interval", "10"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
     assert "weights identical across 2 processes: True" in r.stdout
@@ -413,7 +414,7 @@ def launch_two(*args: str) -> subprocess.CompletedProcess:
     launch += f"--dynamo_backend no --main_process_port {free_port()}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "train.py",
            *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_two_processes_report_a_problem_once_and_never_hang(data_dir, tmp_path):
@@ -478,7 +479,7 @@ def test_auto_preset_and_threads_on_a_cpu(data_dir, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "train.py", "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"),
            "--max_steps", "1", "--batch_size", "1", "--eval_windows", "2", "--no-tensorboard"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "model: demo" in r.stdout
     cores = len(os.sched_getaffinity(0))

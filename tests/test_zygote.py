@@ -1,0 +1,64 @@
+"""The tests' zygote runs a script exactly as a new ``python`` process would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import zygote
+
+SCRIPT = """\
+import atexit, json, os, sys, threading, time
+import numpy as np
+atexit.register(lambda: print("atexit ran"))
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread joined"))).start()
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "file": __file__,
+                  "name": __name__, "path0": sys.path[0], "env": os.environ.get("ZYGOTE_T"),
+                  "stdin": sys.stdin.read(), "main": sys.modules["__main__"].__file__,
+                  "globals": sorted(globals())}))
+print("to stderr\\rprogress", file=sys.stderr)
+what = sys.argv[1]
+if what == "raise":
+    raise ValueError("boom")
+sys.exit({"exit": 3, "message": "bye", "ok": None}[what])
+"""
+
+
+@pytest.mark.parametrize("what", ["ok", "exit", "message", "raise", "syntax"])
+def test_a_script_sees_and_ends_as_in_a_new_process(tmp_path, monkeypatch, what):
+    source = SCRIPT + ("print(')" if what == "syntax" else "")
+    (tmp_path / "script.py").write_text(source)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text(source)
+    monkeypatch.setenv("ZYGOTE_T", "set by the test")
+    for cmd in (["script.py", what], ["-m", "pkg.mod", what]):
+        args = [sys.executable, *cmd]
+        kw = dict(cwd=tmp_path, capture_output=True, text=True, input="typed", timeout=60)
+        assert zygote.eligible(args, kw)
+        real, forked = subprocess.run(args, **kw), zygote.forked(args, **kw)
+        assert forked.returncode == real.returncode, forked.stderr
+        assert (forked.stdout, forked.stderr) == (real.stdout, real.stderr)
+
+
+def test_a_timeout_kills_the_child_and_the_zygote_serves_on(tmp_path):
+    (tmp_path / "slow.py").write_text("import time; time.sleep(60)")
+    args = [sys.executable, "slow.py"]
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        zygote.forked(args, cwd=tmp_path, capture_output=True, timeout=1)
+    assert time.monotonic() - start < 10
+    (tmp_path / "quick.py").write_text("print('still here')")
+    r = zygote.forked([sys.executable, "quick.py"], cwd=tmp_path, capture_output=True,
+                      text=True)
+    assert (r.returncode, r.stdout) == (0, "still here\n")
+
+
+def test_what_could_differ_runs_in_a_real_process():
+    kw = dict(capture_output=True, text=True)
+    assert not zygote.eligible([sys.executable, "-c", "pass"], kw)
+    assert not zygote.eligible([sys.executable, "x.py"], {**kw, "preexec_fn": print})
+    assert not zygote.eligible([sys.executable, "x.py"], {**kw, "env": {"OMP_NUM_THREADS": "7"}})
+    assert not zygote.eligible([sys.executable, "x.py"], {"text": True})  # output not captured

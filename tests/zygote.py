@@ -1,0 +1,239 @@
+"""Run the project's scripts for the tests without paying Python's start-up each time.
+
+``python train.py ...`` spends 2-3 CPU-seconds importing torch, numpy, pretty_midi and
+accelerate before it reads its first argument, and the suite starts scripts well over a
+hundred times: on the 2-core CI machine that was a third of the suite's time. So each test
+worker keeps one *zygote*: a process that imports those libraries once (nothing of this
+project) and forks a child for every script run. The child becomes ``python SCRIPT ARGS``
+as closely as Python allows: the caller's working folder, environment and argv, its own
+``__main__`` module and ``sys.path[0]``, stdin/stdout/stderr on files, a fresh numpy seed,
+and the interpreter's normal shutdown (atexit, thread joins, flushes) decides the status.
+
+``run`` is a drop-in for ``subprocess.run``. It uses a real process whenever the zygote
+could differ from one: a ``preexec_fn``, a variable that is read while torch or Python
+starts (``PYTHON*``, ``OMP_*``, ``MKL_*``, ``TORCH_*``...) set differently from the
+zygote's, ``python -c``, a run already in progress on this worker (threads), or
+``TESTS_ZYGOTE=0`` in the environment (to check that the suite passes both ways).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.machinery
+import json
+import os
+import runpy
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+PRELOAD = ("torch", "numpy", "pretty_midi", "mido", "safetensors.torch", "tqdm", "accelerate")
+STARTUP_VARIABLES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "TORCH",
+                     "PYTORCH", "CUDA", "LD_", "MALLOC")
+_lock = threading.Lock()
+_zygote: dict = {}
+
+
+def _startup_env(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_VARIABLES)}
+
+
+def _start() -> subprocess.Popen:
+    """This worker's zygote, started on first use with the worker's environment."""
+    proc = _zygote.get("proc")
+    if proc is None or proc.poll() is not None:
+        proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        _zygote.update(proc=proc, env=_startup_env(dict(os.environ)), pending=b"")
+    return proc
+
+
+def _read_line(proc: subprocess.Popen, timeout: float | None) -> dict | None:
+    """The zygote's next reply, or None when ``timeout`` seconds pass first (read from the
+    raw pipe: a buffered reader could hold the next reply where ``select`` cannot see it)."""
+    fd, pending = proc.stdout.fileno(), _zygote["pending"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError("the test zygote died")
+        pending += chunk
+    line, _, rest = pending.partition(b"\n")
+    _zygote["pending"] = rest
+    return json.loads(line)
+
+
+def eligible(cmd, kw: dict) -> bool:
+    """Whether ``subprocess.run(cmd, **kw)`` can run in the zygote unchanged."""
+    if kw.get("preexec_fn") is not None:
+        return False
+    if not (len(cmd) >= 2 and cmd[0] == sys.executable):
+        return False
+    if not (str(cmd[1]).endswith(".py") or (cmd[1] == "-m" and len(cmd) >= 3)):
+        return False
+    allowed = {"cwd", "capture_output", "text", "timeout", "check", "input", "env",
+               "stdout", "stderr"}
+    if set(kw) - allowed:
+        return False
+    capture = kw.get("capture_output") or (kw.get("stdout") == subprocess.PIPE
+                                           and kw.get("stderr") in (subprocess.PIPE,
+                                                                    subprocess.STDOUT))
+    if not capture:
+        return False
+    _start()
+    return _startup_env(kw.get("env") or os.environ) == _zygote["env"]
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kw)``, forked from the zygote when that cannot differ."""
+    if (os.environ.get("TESTS_ZYGOTE") == "0" or not eligible(cmd, kw)
+            or not _lock.acquire(blocking=False)):
+        return subprocess.run(cmd, **kw)
+    try:
+        return forked(cmd, **kw)
+    finally:
+        _lock.release()
+
+
+def forked(cmd, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, **kw)`` forked from the zygote, for an ``eligible`` call."""
+    assert eligible(cmd, kw), cmd
+    cmd = list(map(str, cmd))
+    proc = _start()
+    text = kw.get("text", False)
+    merged = kw.get("stderr") == subprocess.STDOUT
+    with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
+        files = {name: str(Path(tmp) / name) for name in ("stdin", "stdout", "stderr")}
+        data = kw.get("input")
+        if data is not None:
+            Path(files["stdin"]).write_bytes(data.encode() if isinstance(data, str) else data)
+        request = {"argv": cmd[1:], "cwd": str(kw.get("cwd") or os.getcwd()),
+                   "env": dict(kw.get("env") or os.environ), "merged": merged,
+                   "stdin": files["stdin"] if data is not None else os.devnull,
+                   "stdout": files["stdout"], "stderr": files["stderr"]}
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        proc.stdin.flush()
+        pid = _read_line(proc, None)["pid"]
+        reply = _read_line(proc, kw.get("timeout"))
+        timed_out = reply is None
+        if timed_out:
+            os.kill(pid, signal.SIGKILL)
+            reply = _read_line(proc, None)
+
+        def read(name: str) -> str | bytes | None:
+            if name == "stderr" and merged:
+                return None
+            out = Path(files[name]).read_bytes()
+            if not text:
+                return out
+            return out.decode().replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
+
+        out, err = read("stdout"), read("stderr")
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], out, err)
+    result = subprocess.CompletedProcess(cmd, reply["status"], out, err)
+    if kw.get("check"):
+        result.check_returncode()
+    return result
+
+
+def _become(request: dict) -> None:
+    """In the forked child: turn into ``python ARGV`` and exit as it would."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.dup2(os.open(request["stdin"], os.O_RDONLY), 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    os.dup2(os.open(request["stdout"], flags, 0o600), 1)
+    os.dup2(1 if request["merged"] else os.open(request["stderr"], flags, 0o600), 2)
+    np.random.seed()  # a new process would draw its own seed
+    try:
+        _execute(request["argv"])
+        status = 0
+    except SystemExit as stop:
+        status = _exit_status(stop.code)
+    except BaseException as error:
+        tb = error.__traceback__  # Python shows the script's frames, not the zygote's
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        sys.excepthook(type(error), error.with_traceback(tb), tb)
+        status = 1
+    _shut_down(status)
+
+
+def _execute(argv: list[str]) -> None:
+    """Run ``argv`` as the command line ``python ARGV`` would, in a new ``__main__``."""
+    main = types.ModuleType("__main__")
+    main.__builtins__, main.__annotations__ = __builtins__, {}
+    sys.modules["__main__"] = main  # not the zygote's: the script gets empty globals
+    if argv[0] == "-m":
+        sys.argv = ["-m", *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy._run_module_as_main(argv[1])  # exactly what ``python -m`` calls
+        return
+    path = os.path.abspath(argv[0])
+    sys.argv = argv
+    sys.path[0] = os.path.dirname(path)
+    main.__file__, main.__cached__ = path, None
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec")
+    exec(code, vars(main))
+
+
+def _exit_status(code: object) -> int:
+    """The status Python exits with after ``sys.exit(code)``."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _shut_down(status: int) -> None:
+    """Python's shutdown as a script can observe it (wait for the threads, run the atexit
+    callbacks, flush), then exit without tearing down torch's modules: that teardown
+    would touch every page the child shares with the zygote (0.7 s each time)."""
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = 120
+    os._exit(status)
+
+
+def _serve() -> None:
+    """The zygote: import the heavy libraries, then fork one child per request line."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    requests, replies = os.fdopen(os.dup(0), "rb"), os.dup(1)
+    for line in requests:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            requests.close()
+            os.close(replies)
+            _become(request)
+        os.write(replies, json.dumps({"pid": pid}).encode() + b"\n")
+        _, status = os.waitpid(pid, 0)
+        os.write(replies, json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode()
+                 + b"\n")
+
+
+if __name__ == "__main__":
+    _serve()
