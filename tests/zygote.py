@@ -43,7 +43,13 @@ _lock = threading.Lock()
 _zygote: dict = {}
 
 
+def _environment(kw: dict) -> dict:
+    """The environment ``subprocess.run(..., **kw)`` gives its child."""
+    return os.environ if kw.get("env") is None else kw["env"]
+
+
 def _startup_env(env: dict) -> dict:
+    """The variables in ``env`` that take effect only while Python or torch starts."""
     return {k: v for k, v in env.items() if k.startswith(STARTUP_VARIABLES)}
 
 
@@ -93,7 +99,7 @@ def eligible(cmd, kw: dict) -> bool:
     if not capture:
         return False
     _start()
-    return _startup_env(kw.get("env") or os.environ) == _zygote["env"]
+    return _startup_env(_environment(kw)) == _zygote["env"]
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
@@ -120,7 +126,7 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
         if data is not None:
             Path(files["stdin"]).write_bytes(data.encode() if isinstance(data, str) else data)
         request = {"argv": cmd[1:], "cwd": str(kw.get("cwd") or os.getcwd()),
-                   "env": dict(kw.get("env") or os.environ), "merged": merged,
+                   "env": dict(_environment(kw)), "merged": merged,
                    "stdin": files["stdin"] if data is not None else os.devnull,
                    "stdout": files["stdout"], "stderr": files["stderr"]}
         proc.stdin.write(json.dumps(request).encode() + b"\n")
