@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from perceiver_music.cli import bundled, fail, parse_constants, run_script
+from perceiver_music.cli import bundled, fail, os_error_message, parse_constants, run_script
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
 PRIMER = "samples/primers/mz_570_3_opening.mid"  # the bundled primer offered on the page
@@ -221,8 +221,10 @@ def check_settings(settings: dict) -> dict:
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 math.isfinite(value) and low <= value <= high) or (
                 whole and value != int(value)):
-            raise ValueError(f"{name.replace('_', ' ')} must be {kind} from {low:g} to "
-                             f"{high:g}, got {value!r}")
+            got = "nothing" if value is None else f"{value:g}" if isinstance(
+                value, int | float) and not isinstance(value, bool) else repr(value)
+            bounds = f"{low} to {high:,}" if whole else f"{low:g} to {high:g}"
+            raise ValueError(f"{name.replace('_', ' ')} must be {kind} from {bounds}, got {got}")
         out[name] = int(value) if whole else float(value)
     for name in ("greedy", "stop_at_end", "int8"):
         out[name] = bool(out.get(name))
@@ -464,7 +466,8 @@ def make_take(model, job: dict, link: Link) -> dict:
             "new_tokens": len(take.continuations[0]), "samples": len(take.continuations),
             "generate_s": take.generate_s, "seed": take.seed, "primer_note": take.primer_note,
             "primer_seconds": take.primer_seconds, "problems": problems,
-            "stopped": take.stop_reasons[0] == "stopped"}
+            "stopped": take.stop_reasons[0] == "stopped",
+            "token_limit": take.stop_reasons[0] == "max_tokens"}
 
 
 class Studio:
@@ -543,18 +546,22 @@ class Studio:
         for kind, t in self.workers.run(make_take, job, job_id):
             if kind != "done":
                 yield kind, t
+        seed = "beam search" if s["beams"] > 1 else f"seed {t['seed']}"
         summary = (f"{t['seconds']:.1f} s of new music ({t['new_tokens']} tokens) in "
-                   f"{t['generate_s']:.1f} s, seed {t['seed']}")
+                   f"{t['generate_s']:.1f} s, {seed}")
         summary = (f"take {extend.number} extended by {summary}" if extend is not None
                    else f"{t['primer_note']}; {summary}")
         total = t["primer_seconds"] + t["seconds"]
-        result = Take(number, f"take {number}: {total:.0f} s, seed {t['seed']}", folder,
+        result = Take(number, f"take {number}: {total:.0f} s, {seed}", folder,
                       t["tokens"], total, summary, "_1" if t["samples"] > 1 else "")
         line = summary + (f" (no audio: {t['problems'][0]})" if t["problems"] else "")
         if t["samples"] > 1:
             line += f"; showing sample 1 of {t['samples']} (all in the download)"
         if t["stopped"]:
             line += "; stopped where you stopped listening"
+        if t["token_limit"]:
+            line += (f"; it reached its token limit before {s['seconds']:g} s of music (the "
+                     "model wrote unusually many events a second)")
         yield "take", (result, line)
 
     @staticmethod
@@ -617,7 +624,8 @@ class Browser:
         roll, wav = stem.with_suffix(".png"), stem.with_suffix(".wav")
         if not roll.exists():
             save_pianoroll(roll, notes, [], None, f"{entry['path']} (first 30 s)")
-        line = (f"**{entry['composer']}: {entry['title']}** ({entry['split']}): "
+        name = ": ".join(part for part in (entry["composer"], entry["title"]) if part)
+        line = (f"**{name}** ({entry['split']}): "
                 f"{entry['seconds'] / 60:.1f} min, {entry['notes']:,} notes, "
                 f"{entry['tokens']:,} tokens; group {entry['group']}")
         if not wav.exists():
@@ -675,8 +683,7 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
                                 label="split", elem_id="data-split", scale=1)
             query = gr.Textbox(label="search (composer, title, file)", elem_id="data-query",
                                scale=2)
-            number = gr.Number(1, label="page", precision=0, minimum=1, elem_id="data-page",
-                               scale=1)
+            number = gr.Number(1, label="page", precision=0, elem_id="data-page", scale=1)
         counts = gr.Markdown(elem_id="data-counts")
         table = gr.Dataframe(headers=list(COLUMNS), interactive=False, elem_id="data-table",
                              wrap=True)
@@ -772,14 +779,14 @@ def build_page(studio: Studio, args):
                                            label="creativity (more notes, fewer rests)")
                     with gr.Accordion("sampling", open=False):
                         temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
-                        top_k = gr.Number(0, label="top-k (0: off)", step=1, minimum=0)
+                        top_k = gr.Number(0, label="top-k (0: off)", step=1)
                         top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
                         min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
                         greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
                         beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
                         num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
                         seed = gr.Number(-1, label="seed (-1: random)", step=1)
-                        prefix_len = gr.Number(0, step=1, minimum=0,
+                        prefix_len = gr.Number(0, step=1,
                                                label=f"prefix length at generation (0: the "
                                                      f"model's {cfg.cross_attn_seq_len})")
                         stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
@@ -834,6 +841,8 @@ def build_page(studio: Studio, args):
                         raise ValueError("choose a MIDI file to upload first")
                     primer = Path(upload_path)
                 elif not extend and source_name == SOURCES[0]:
+                    if not args.primer:
+                        raise ValueError("this app offers no bundled primer (--primer '')")
                     primer = Path(args.primer)
                 if primer is not None:
                     s["primer_name"] = primer.name
@@ -899,8 +908,10 @@ def build_page(studio: Studio, args):
         live.change(None, [live], None, js="(v) => { window.pmLive.update(v); }")
         # Stop: the sound stops at once, and the take keeps what was heard (outside the
         # queue, which may be full of generations)
-        stop.click(lambda job_id, seconds: studio.workers.stop(job_id, float(seconds or 0))
-                   and None, [job, heard], None, queue=False,
+        def stop_take(job_id: str, seconds: float | None) -> None:
+            studio.workers.stop(job_id, float(seconds or 0))  # False: nothing to stop
+
+        stop.click(stop_take, [job, heard], None, queue=False,
                    js="(job_id) => [job_id, window.pmLive.stop()]")
     page.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     return page
@@ -925,15 +936,39 @@ def _check_port(host: str, port: int) -> None:
         _cannot_serve(host, port, exc)
 
 
+def _check_out_dir(out: Path) -> None:
+    """Fail at once when the takes' folder cannot be written, rather than at each take."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        fail(f"cannot write takes: {os_error_message(exc, out)} (--out_dir)")
+
+
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
     if args.concurrency < 1 or args.queue_size < 1:
         fail("--concurrency and --queue_size must be at least 1")
-    if not 0 < args.max_upload_mb <= 100 or not 0 < args.max_seconds <= 3600:
-        fail("--max_upload_mb must be in (0, 100] and --max_seconds in (0, 3600]")
+    if not 0 < args.max_upload_mb <= 100:
+        fail(f"--max_upload_mb must be above 0 and at most 100, got {args.max_upload_mb:g}")
+    if not 0 < args.max_seconds <= 3600:
+        fail(f"--max_seconds must be above 0 and at most 3600, got {args.max_seconds:g}")
     if not 0.1 <= args.stream_seconds <= 10:
         fail(f"--stream_seconds must be from 0.1 to 10, got {args.stream_seconds:g}")
+    if not 1 <= args.port <= 65535:
+        fail(f"--port must be from 1 to 65535, got {args.port}")
+    if args.primer and not Path(args.primer).is_file():
+        fail(f"{args.primer}: primer file not found (--primer; '' offers no bundled primer)")
+    from perceiver_music.render import audio_options_problem
+
+    problem = audio_options_problem(args.renderer, args.soundfont)
+    if problem:
+        fail(problem)
+    _check_out_dir(Path(args.out_dir))
     _check_port(args.host, args.port)  # before seconds of loading, not after
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from perceiver_music.checkpoint import CheckpointError

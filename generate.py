@@ -93,15 +93,16 @@ def check_settings(args) -> None:
         fail("--stream needs sampling: beam search picks its sequence only at the end")
     if args.beams > 1 and args.num_samples > 1:
         fail("beam search returns one continuation: use --num_samples 1 with --beams")
-    if args.renderer not in ("midirenderer", "fluidsynth"):
-        fail(f"--renderer must be midirenderer or fluidsynth, not {args.renderer!r}")
     if args.cross_attn_seq_len and args.num_latents:
         fail("give --cross_attn_seq_len or --num_latents, not both")
     if args.name and (Path(args.name).name != args.name or args.name in (".", "..")):
         fail(f"--name must be a plain folder name (it goes inside --out_dir), got "
              f"{args.name!r}")
-    if args.soundfont and not Path(args.soundfont).is_file():
-        fail(f"{args.soundfont}: soundfont not found (give a .sf2 file, or '' for the default)")
+    from perceiver_music.render import audio_options_problem
+
+    problem = audio_options_problem(args.renderer, args.soundfont)
+    if problem:
+        fail(problem)
 
 
 def primer_tokens(args) -> tuple[list[int], str]:

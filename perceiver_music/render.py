@@ -50,6 +50,16 @@ def note_name(pitch: int) -> str:
     return f"{NOTE_NAMES[pitch % 12]}{pitch // 12 - 1}"
 
 
+def audio_options_problem(renderer: str, soundfont: str | None) -> str | None:
+    """What is wrong with ``--renderer``/``--soundfont``, checked before any work (a bad
+    one would otherwise surface only when the first audio is rendered), or None."""
+    if renderer not in RENDERERS:
+        return f"--renderer must be {' or '.join(RENDERERS)}, not {renderer!r}"
+    if soundfont and not Path(soundfont).is_file():
+        return f"{soundfont}: soundfont not found (give a .sf2 file, or '' for the default)"
+    return None
+
+
 def default_soundfont() -> Path:
     """The General MIDI SoundFont that pretty_midi ships (TimGM6mb.sf2, 6 MB)."""
     return Path(pretty_midi.__file__).resolve().parent / "TimGM6mb.sf2"

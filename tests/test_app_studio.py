@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bad_options_get_one_line(tmp_path):
-    """No browser needed: a wrong checkpoint, a busy port and impossible limits each end
-    with one error line before anything is served."""
+    """No browser needed: a wrong checkpoint, primer, output folder, port or audio option
+    and impossible limits each end with one error line before anything is served (each of
+    these used to be accepted, then fail every take or every sound)."""
     import socket
 
     busy = socket.socket()
@@ -27,12 +28,20 @@ def test_bad_options_get_one_line(tmp_path):
     busy.listen()
     port = str(busy.getsockname()[1])
     cases = [(["--ckpt", str(tmp_path / "missing")], "does not exist"),
-             (["--port", port, "--out_dir", str(tmp_path)], f"cannot serve on 127.0.0.1:{port}"),
+             (["--port", port], f"cannot serve on 127.0.0.1:{port}"),
+             (["--port", "99999"], "--port must be from 1 to 65535, got 99999"),
+             (["--port", "0"], "--port must be from 1 to 65535, got 0"),
              (["--queue_size", "0"], "--queue_size must be at least 1"),
-             (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10")]
+             (["--max_seconds", "0"], "--max_seconds must be above 0 and at most 3600"),
+             (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10"),
+             (["--primer", str(tmp_path / "none.mid")], "none.mid: primer file not found"),
+             (["--out_dir", "/proc/no-takes-here"], "cannot write takes: /proc/no-takes-here"),
+             (["--renderer", "foo"], "--renderer must be midirenderer or fluidsynth"),
+             (["--soundfont", str(tmp_path / "no.sf2")], "no.sf2: soundfont not found")]
     with busy:
         for args, message in cases:
-            r = zygote.run([sys.executable, "app.py", "--cpu", *args], cwd=ROOT,
+            out = [] if "--out_dir" in args else ["--out_dir", str(tmp_path / "takes")]
+            r = zygote.run([sys.executable, "app.py", "--cpu", *out, *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
@@ -128,3 +137,28 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
     whole.save(tmp_path / "whole")
     for name in ("full.mid", "continuation.mid", "audio.wav"):
         assert (take.folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_the_take_line_says_beam_search_and_a_token_limit(tmp_path):
+    """A beam-search take has no seed to show, and a take that the token limit ended
+    before its seconds says so (as generate.py's note does)."""
+    import app
+
+    done = {"tokens": [1, 2], "seconds": 0.5, "new_tokens": 300, "samples": 1,
+            "generate_s": 1.0, "seed": None, "primer_note": "from scratch",
+            "primer_seconds": 0.0, "problems": [], "stopped": False, "token_limit": True}
+
+    class Done:
+        def run(self, fn, job, job_id):
+            yield "done", done
+
+    studio = app.Studio.__new__(app.Studio)
+    studio.args = app.parse_constants(app.__file__, vars(app), "", ["--out_dir",
+                                                                     str(tmp_path)])
+    studio.out, studio.workers = tmp_path, Done()
+    take, line = studio.generate({**SHORT, "beams": 4, "seconds": 2}, None, [])
+    assert take.label == "take 1: 0 s, beam search" and "seed" not in line, line
+    assert "token limit before 2 s of music" in line, line
+    done.update(seed=5, token_limit=False)
+    take, line = studio.generate({**SHORT, "seconds": 2}, None, [])
+    assert take.label == "take 1: 0 s, seed 5" and "token limit" not in line, line
