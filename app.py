@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import queue
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -529,6 +530,8 @@ class Studio:
                                     f"{self.args.max_upload_mb:g} MB this page accepts")
         number = len(history) + 1
         folder = self.session_folder(history) / f"take-{number}"
+        for done in folder.parent.glob(".take-*-stream"):  # earlier takes' chunks, played:
+            shutil.rmtree(done, ignore_errors=True)  # their audio.wav holds the same sound
         job = {"primer": primer, "folder": folder, "settings": s,
                "live": folder.parent / f".{folder.name}-stream",
                "chunk_seconds": self.args.stream_seconds,

@@ -113,17 +113,23 @@ def test_two_generations_decode_at_once_in_two_processes(tmp_path):
 
 def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
     """A take streams to the page as it grows (chunks of audio, the notes so far); its
-    files are the same as the API's `generate` + `save` with the same settings write."""
+    files are the same as the API's `generate` + `save` with the same settings write; the
+    session's next take removes its chunks."""
     from perceiver_music.api import PerceiverMusic
 
     app, studio = studio_of(tmp_path / "app")
     try:
         settings = {**SHORT, "seconds": 4, "greedy": True}
         messages = list(studio.stream(settings, DATA / "scn15_4.mid", []))
+        take, line = messages[-1][1]
+        streamed = take.folder.parent / ".take-1-stream"
+        assert any(streamed.glob("chunk-*.wav"))
+        studio.generate({**SHORT, "seconds": 1}, None, [take])  # the session's next take
+        # keeps its own chunks and no earlier take's (their audio.wav holds the sound)
+        assert not streamed.exists() and (take.folder.parent / ".take-2-stream").is_dir()
     finally:
         studio.workers.close()
     chunks = [value for kind, value in messages if kind == "chunk"]
-    take, line = messages[-1][1]
     assert messages[-1][0] == "take" and "s of new music" in line
     audio = [c["audio"] for c in chunks if c["audio"]]
     assert len(audio) >= 4 and audio[0]["start"] == 0  # the primer plays at once
