@@ -920,6 +920,12 @@ def build_page(studio: Studio, args):
     return page
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM as Ctrl-C: the server shuts down and its generation processes are stopped
+    (killed outright, the process left a semaphore behind, which Python warned about)."""
+    raise KeyboardInterrupt
+
+
 def _cannot_serve(host: str, port: int, exc: OSError) -> None:
     fail(f"cannot serve on {host}:{port} ({str(exc).split('. ')[0]}); "
          "choose another --port or --host")
@@ -991,6 +997,7 @@ def main() -> None:
         _cannot_serve(args.host, args.port, exc)
     start = time.perf_counter()
     print(f"model {args.ckpt} loaded; serving http://{args.host}:{args.port} (Ctrl-C stops)")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     page.block_thread()
     print(f"stopped after {time.perf_counter() - start:.0f} s")
 

@@ -93,9 +93,10 @@ def app_url(app_out, browse_dirs):
             pytest.fail(f"app.py did not start: {proc.communicate()[0][-3000:]}")
         time.sleep(0.5)
     yield url
-    proc.terminate()
+    proc.terminate()  # SIGTERM stops the app as Ctrl-C does, leaving nothing behind
     log = proc.communicate(timeout=30)[0]
-    assert "Traceback" not in log, log[-3000:]
+    assert "Traceback" not in log and "leaked" not in log, log[-3000:]
+    assert "stopped after" in log and proc.returncode == 0, log[-3000:]
 
 
 @pytest.fixture(scope="module")
