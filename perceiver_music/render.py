@@ -209,14 +209,16 @@ def render_span(notes: Sequence[pretty_midi.Note], start: float, end: float,
     depends on events up to 50 ms after it: a stream renders up to 0.1 s before the
     music it has, with notes still sounding held past that. The render starts on a 50 ms
     grid, where 120 bpm at 480 ticks per beat puts a whole tick, so the notes land on the
-    same samples as in the whole piece's render."""
+    same samples as in the whole piece's render. Notes still sounding end 1 s after
+    ``end``, past any effect on the span, so that the synthesiser does not render their
+    whole length (a stream holds them 30 s past the music it has)."""
     sounding = [n.start for n in notes if n.start < start < n.end]
     origin = max(min([start - tail, *sounding]), start - longest, 0.0)
     origin = max(0.0, math.floor(origin * 20) / 20)
     pm = pretty_midi.PrettyMIDI(resolution=480, initial_tempo=120.0)
     piano = pretty_midi.Instrument(program=0, name="Piano")
     piano.notes = [pretty_midi.Note(n.velocity, n.pitch, max(n.start, origin) - origin,
-                                    n.end - origin)
+                                    min(n.end, end + 1.0) - origin)  # later: no effect
                    for n in notes if n.end > origin and n.start < end + 0.1]
     pm.instruments.append(piano)
     buf = io.BytesIO()

@@ -218,7 +218,7 @@ def test_a_stop_ends_sampling_and_beam_search_with_the_music_so_far(tiny):
 
 def test_a_span_renders_the_same_samples_as_the_whole_piece():
     """`render_span`, a stream's chunk: on the bundled primer every 2 s span equals the
-    whole render's samples (within one 16-bit step)."""
+    whole render's samples (within one 16-bit step), also with notes held far past it."""
     import io
 
     import numpy as np
@@ -237,3 +237,15 @@ def test_a_span_renders_the_same_samples_as_the_whole_piece():
         assert span_rate == rate and len(span) == 2 * rate
         reference = whole[round(start * rate):round((start + 2) * rate)]
         assert np.abs(span - reference).max() <= 2 / 32768, start
+    # a stream holds the notes still sounding 30 s past the music it has; the span renders
+    # them only 1 s past its end, which changes none of its samples
+    held = [type(n)(n.velocity, n.pitch, n.start, 36.0) if n.start < 6.0 < n.end else n
+            for n in notes if n.start < 6.0]
+    pm = decode_midi(tokens)
+    pm.instruments[0].notes = held
+    buf = io.BytesIO()
+    pm.write(buf)
+    long, _ = _midirenderer(buf.getvalue(), default_soundfont())
+    span, _ = render_span(held, 4.0, 6.0)
+    assert len(long) > 30 * rate and len(span) == 2 * rate
+    assert np.abs(span - long[4 * rate:6 * rate]).max() <= 2 / 32768
