@@ -654,6 +654,16 @@ class Browser:
 
         return find_runs(self.runs_root) if self.runs_root.is_dir() else []
 
+    def runs_note(self, found: int) -> str:
+        """What the Runs tab says when it lists no run: why, and what to do."""
+        if found:
+            return ""
+        if not self.runs_root.is_dir():
+            return (f"`{self.runs_root}` does not exist: start the app with `--runs_dir` "
+                    "naming the folder your training runs are in.")
+        return (f"No training run in `{self.runs_root}` yet: `train.py --out_dir` writes "
+                "one (a folder with metrics.csv).")
+
     def run_table(self) -> tuple[list[list], list[str]]:
         """The runs table and the runs' names."""
         from perceiver_music.browse import run_summary
@@ -729,22 +739,24 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
                                            "last training loss", "minutes", "updated",
                                            "evaluate.py loss"],
                                   interactive=False, elem_id="runs-table")
+        runs_note = gr.Markdown(elem_id="runs-note")
         chosen = gr.CheckboxGroup([], label="plot these runs", elem_id="runs-chosen")
         curves = gr.Plot(label="loss curves", elem_id="runs-plot")
 
         def refresh(names):
             rows, all_names = browser.run_table()
             names = [n for n in (names or []) if n in all_names] or all_names[:3]
-            return rows, gr.update(choices=all_names, value=names), browser.curves(names)
+            return (rows, gr.update(choices=all_names, value=names), browser.curves(names),
+                    browser.runs_note(len(rows)))
 
         timer = gr.Timer(10, active=False)  # ticks while the Runs tab is shown
-        timer.tick(refresh, [chosen], [runs_table, chosen, curves], queue=False,
+        timer.tick(refresh, [chosen], [runs_table, chosen, curves, runs_note], queue=False,
                    show_progress="hidden")
         chosen.input(lambda names: browser.curves(names), [chosen], [curves], queue=False)
     # none of these waits in the queue of generations (or fills it)
     page.load(show, [split, query, number], [table, counts, overview], queue=False)
     runs_tab.select(lambda names: (*refresh(names), gr.Timer(active=True)), [chosen],
-                    [runs_table, chosen, curves, timer], queue=False)
+                    [runs_table, chosen, curves, runs_note, timer], queue=False)
     for other in (data_tab, *others):
         other.select(lambda: gr.Timer(active=False), None, timer, queue=False)
 

@@ -168,3 +168,22 @@ def test_the_take_line_says_beam_search_and_a_token_limit(tmp_path):
     done.update(seed=5, token_limit=False)
     take, line = studio.generate({**SHORT, "seconds": 2}, None, [])
     assert take.label == "take 1: 0 s, seed 5" and "token limit" not in line, line
+
+
+def test_the_runs_tab_says_why_it_lists_no_run(tmp_path):
+    """A missing --runs_dir, or one with no run in it, is explained in the Runs tab (as the
+    Data tab explains a missing data folder); a folder with a run needs no note."""
+    import app
+
+    def note(runs_dir: Path) -> str:
+        args = app.parse_constants(app.__file__, vars(app), "", [
+            "--runs_dir", str(runs_dir), "--out_dir", str(tmp_path / "out")])
+        browser = app.Browser(args)
+        return browser.runs_note(len(browser.run_table()[0]))
+
+    assert "does not exist" in note(tmp_path / "missing") and "--runs_dir" in note(
+        tmp_path / "missing")
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    assert note(tmp_path / "runs").startswith("No training run in")
+    (tmp_path / "runs" / "r1" / "metrics.csv").write_text("step,train_loss\n1,5.0\n")
+    assert note(tmp_path / "runs") == ""
