@@ -43,6 +43,7 @@ SOUNDFONT = ""  # .sf2 SoundFont for the audio ('': the small General MIDI one o
 CPU = False  # run on the CPU even if an accelerator is present
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 STREAM_SECONDS = 1.0  # a take plays while it is generated, in chunks of this much music
+LEAD_IN = 10.0  # it starts this many seconds before the new music (the primer's end)
 DATA_DIR = "data"  # prep.py output folder shown in the Data tab
 RUNS_DIR = "ckpt"  # training runs in this folder (or below) are shown in the Runs tab
 
@@ -433,11 +434,13 @@ def make_take(model, job: dict, link: Link) -> dict:
                               progress=link.progress, stop=link.stopped)
     else:
         live.mkdir(parents=True, exist_ok=True)
-        heard, chunks, gain, start = 0.0, 0, [], time.perf_counter()
+        heard, chunks, gain, start = None, 0, [], time.perf_counter()
         for chunk in model.stream(job["primer"], **settings, chunk_seconds=job["chunk_seconds"],
                                   decode_threads=link.threads, stop=link.stopped):
             link.send("progress", Progress(len(chunk.tokens), chunk.seconds))
             take = chunk.take
+            if heard is None:  # the take plays from its primer's last lead_in seconds
+                heard = max(0.0, chunk.primer_seconds - job["lead_in"])
             if link.stopped():  # the last chunk, with the take, follows
                 continue
             # audio up to 0.1 s before the music so far: a synthesiser's block of samples
@@ -534,7 +537,7 @@ class Studio:
             shutil.rmtree(done, ignore_errors=True)  # their audio.wav holds the same sound
         job = {"primer": primer, "folder": folder, "settings": s,
                "live": folder.parent / f".{folder.name}-stream",
-               "chunk_seconds": self.args.stream_seconds,
+               "chunk_seconds": self.args.stream_seconds, "lead_in": self.args.lead_in,
                "soundfont": self.args.soundfont or None, "renderer": self.args.renderer,
                "primer_name": (f"take {extend.number}" if extend is not None
                                else s.get("primer_name", "from scratch")),
@@ -980,6 +983,8 @@ def main() -> None:
         fail(f"--max_seconds must be above 0 and at most 3600, got {args.max_seconds:g}")
     if not 0.1 <= args.stream_seconds <= 10:
         fail(f"--stream_seconds must be from 0.1 to 10, got {args.stream_seconds:g}")
+    if args.lead_in < 0:
+        fail(f"--lead_in must be 0 or more seconds, got {args.lead_in:g}")
     if not 1 <= args.port <= 65535:
         fail(f"--port must be from 1 to 65535, got {args.port}")
     if args.primer and not Path(args.primer).is_file():

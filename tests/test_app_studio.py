@@ -114,7 +114,8 @@ def test_two_generations_decode_at_once_in_two_processes(tmp_path):
 def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
     """A take streams to the page as it grows (chunks of audio, the notes so far); its
     files are the same as the API's `generate` + `save` with the same settings write; the
-    session's next take removes its chunks."""
+    session's next take (extending it) plays from its last --lead_in seconds and removes
+    its chunks."""
     from perceiver_music.api import PerceiverMusic
 
     app, studio = studio_of(tmp_path / "app")
@@ -124,8 +125,13 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
         take, line = messages[-1][1]
         streamed = take.folder.parent / ".take-1-stream"
         assert any(streamed.glob("chunk-*.wav"))
-        studio.generate({**SHORT, "seconds": 1}, None, [take])  # the session's next take
-        # keeps its own chunks and no earlier take's (their audio.wav holds the sound)
+        studio.args.lead_in = 2.0  # extending the take plays its last 2 s, then the new
+        extended = list(studio.stream({**SHORT, "seconds": 1}, None, [take], take))
+        first = next(c for kind, c in extended if kind == "chunk" and c["audio"])
+        assert first["audio"]["start"] == pytest.approx(first["primer_seconds"] - 2.0)
+        assert first["primer_seconds"] == pytest.approx(take.seconds)
+        # the session's next take keeps its own chunks and no earlier take's (their
+        # audio.wav holds the same music)
         assert not streamed.exists() and (take.folder.parent / ".take-2-stream").is_dir()
     finally:
         studio.workers.close()
