@@ -126,9 +126,16 @@ window.pmLive = (() => {
     return ctx && window.pmStats && window.pmStats.first !== null
       ? Math.max(0, Math.min(ctx.currentTime - offset, window.pmStats.until)) : 0;
   }
+  function clear() {  // another take chosen, or a request failed: nothing is playing
+    reset(null);
+    const canvas = document.querySelector('#live-roll canvas');
+    if (canvas) canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
+    const label = document.querySelector('#live-clock');
+    if (label) label.textContent = '';
+  }
   function draw() {
     const canvas = document.querySelector('#live-roll canvas');
-    if (!canvas) { drawing = false; return; }
+    if (!canvas || id === null) { drawing = false; return; }
     const g = canvas.getContext('2d'), w = canvas.width, h = canvas.height;
     const t = position(), span = Math.max(10, t), left = 40, bottom = 20;
     g.clearRect(0, 0, w, h);
@@ -161,7 +168,7 @@ window.pmLive = (() => {
   }
   return {
     update(v) {
-      if (!v || !v.id) return;
+      if (!v || !v.id) { if (id !== null) clear(); return; }
       if (!ctx) ctx = new AudioContext();
       ctx.resume();
       if (v.id !== id) reset(v.id);
@@ -177,6 +184,7 @@ window.pmLive = (() => {
       sources = []; if (window.pmStats) window.pmStats.until = heard;
       return heard;
     },
+    clear,
     position,
     sent: () => queued,  // chunks the server has sent for this take
     held: () => pending.length,  // chunks held back until the take can play through
@@ -923,6 +931,7 @@ def build_page(studio: Studio, args):
         more.click(handler(extend=True), inputs, outputs, show_progress_on=[status],
                    api_name="extend")
         chosen.input(show, [history, chosen], [status, audio, roll, downloads], queue=False)
+        chosen.input(None, None, None, js="() => { window.pmLive.clear(); }")  # stale now
         live.change(None, [live], None, js="(v) => { window.pmLive.update(v); }")
         # Stop: the sound stops at once, and the take keeps what was heard (outside the
         # queue, which may be full of generations)

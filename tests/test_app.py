@@ -245,6 +245,8 @@ def test_upload_generate_listen_download_extend(app_url, browser, tmp_path):
     page.locator("#takes input").click()
     page.get_by_role("option", name=re.compile(r"^take 1")).click()
     wait_status(page, r"take 1: ")
+    assert page.locator("#live-clock").inner_text() == ""  # the live roll no longer
+    assert page.evaluate("window.pmLive.position()") == 0  # plays take 2
     assert notes_of(download(page, "full.mid")) == first_notes
     # The downloads are read-only: no button offers to remove a file.
     removers = page.locator('#downloads button[aria-label="Remove this file"]')
