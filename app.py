@@ -615,14 +615,16 @@ class Browser:
                 self.index = index_data(self.data, progress)
             return self.index
 
-    def table(self, split: str, query: str, page: float) -> tuple[list, str]:
-        """A page of pieces and a line saying which."""
+    def table(self, split: str, query: str, page: float | None) -> tuple[list, str, int]:
+        """A page of pieces, a line saying which, and the page's number (``page`` brought
+        into range: the page box shows the page the table shows)."""
         rows, total = self.data_index().table(split, query, 0, 10**9)  # every match
         last = max(0, math.ceil(total / self.PER_PAGE) - 1)
-        page = min(max(0, int(page or 1) - 1), last)
+        wanted = int(page) if isinstance(page, int | float) and math.isfinite(page) else 1
+        page = min(max(0, wanted - 1), last)
         rows = rows[page * self.PER_PAGE:(page + 1) * self.PER_PAGE]
         return rows, (f"{total} file(s) match; page {page + 1} of {last + 1} "
-                      f"({self.PER_PAGE} a page). Choose a row to open the piece.")
+                      f"({self.PER_PAGE} a page). Choose a row to open the piece."), page + 1
 
     def open_piece(self, path: str) -> tuple[str, str, str, str]:
         """(a line about it, its piano roll PNG, a 20 s audio excerpt, its first 300
@@ -724,10 +726,10 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
 
         def show(split_name, text, number):
             try:
-                rows, line = browser.table(split_name, text or "", number)
+                rows, line, shown = browser.table(split_name, text or "", number)
             except BrowseError as exc:
-                return [], f"**No data to show:** {exc}", None
-            return rows, line, browser.figure()
+                return [], f"**No data to show:** {exc}", 1, None
+            return rows, line, shown, browser.figure()
 
         def pick(rows, evt: gr.SelectData):
             try:
@@ -737,8 +739,8 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
                 return f"**Cannot open it:** {exc}", None, None, ""
 
         for trigger in (split.change, query.submit, number.submit):
-            trigger(lambda a, b, c: show(a, b, c)[:2], [split, query, number], [table, counts],
-                    queue=False)
+            trigger(lambda a, b, c: show(a, b, c)[:3], [split, query, number],
+                    [table, counts, number], queue=False)
         table.select(pick, [table], [piece_line, piece_roll, piece_audio, piece_text],
                      queue=False)
 
@@ -765,7 +767,7 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
                    show_progress="hidden")
         chosen.input(lambda names: browser.curves(names), [chosen], [curves], queue=False)
     # none of these waits in the queue of generations (or fills it)
-    page.load(show, [split, query, number], [table, counts, overview], queue=False)
+    page.load(show, [split, query, number], [table, counts, number, overview], queue=False)
     runs_tab.select(lambda names: (*refresh(names), gr.Timer(active=True)), [chosen],
                     [runs_table, chosen, curves, runs_note, timer], queue=False)
     for other in (data_tab, *others):

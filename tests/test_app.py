@@ -347,6 +347,11 @@ def test_data_and_runs_tabs(app_url, browser, browse_dirs):
     box.fill("scn15")
     box.press("Enter")
     page.locator("#data-counts").filter(has_text="1 file(s) match").wait_for()
+    number = page.locator("#data-page input")  # a page past the last: the last, shown
+    number.fill("5")
+    number.press("Enter")
+    page.wait_for_function("document.querySelector('#data-page input').value === '1'")
+    assert "page 1 of 1" in page.locator("#data-counts").inner_text()
     page.locator("#data-table [data-testid=cell-0-4]").click()
     line = page.locator("#piece-line").filter(has_text="tokens").inner_text()
     assert "scn15" in line and "notes" in line and not line.startswith(":"), line
