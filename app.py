@@ -68,6 +68,7 @@ window.pmLive = (() => {
   let ctx = null, id = null, next = 0, offset = 0, queued = 0, sources = [], pending = [];
   let notes = [], primer = 0, chain = Promise.resolve(), drawing = false, halted = false;
   let playing = false, begun = null;  // begun: the chunk it (re)started at
+  let cleared = null;  // the take `clear` took off the roll
   const colour = (p, v) => p ? `rgba(230,126,34,${0.35 + v / 200})`
                              : `rgba(41,128,185,${0.35 + v / 200})`;
   function reset(newId) {
@@ -127,6 +128,7 @@ window.pmLive = (() => {
       ? Math.max(0, Math.min(ctx.currentTime - offset, window.pmStats.until)) : 0;
   }
   function clear() {  // another take chosen, or a request failed: nothing is playing
+    cleared = id;  // a take still streaming stays off the roll (not replayed from its start)
     reset(null);
     const canvas = document.querySelector('#live-roll canvas');
     if (canvas) canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
@@ -169,6 +171,7 @@ window.pmLive = (() => {
   return {
     update(v) {
       if (!v || !v.id) { if (id !== null) clear(); return; }
+      if (v.id === cleared) return;
       if (!ctx) ctx = new AudioContext();
       ctx.resume();
       if (v.id !== id) reset(v.id);
@@ -231,8 +234,8 @@ def check_settings(settings: dict) -> dict:
         if isinstance(value, bool) or not isinstance(value, int | float) or not (
                 math.isfinite(value) and low <= value <= high) or (
                 whole and value != int(value)):
-            got = "nothing" if value is None else f"{value:g}" if isinstance(
-                value, int | float) and not isinstance(value, bool) else repr(value)
+            got = ("nothing" if value is None else f"{value:g}" if isinstance(value, float)
+                   else str(value) if isinstance(value, int) else repr(value))
             bounds = f"{low} to {high:,}" if whole else f"{low:g} to {high:g}"
             raise ValueError(f"{name.replace('_', ' ')} must be {kind} from {bounds}, got {got}")
         out[name] = int(value) if whole else float(value)
@@ -541,8 +544,9 @@ class Studio:
                                     f"{self.args.max_upload_mb:g} MB this page accepts")
         number = len(history) + 1
         folder = self.session_folder(history) / f"take-{number}"
-        for done in folder.parent.glob(".take-*-stream"):  # earlier takes' chunks, played:
-            shutil.rmtree(done, ignore_errors=True)  # their audio.wav holds the same sound
+        for done in history:  # the chunks of takes that are done (their audio.wav holds
+            shutil.rmtree(done.folder.parent / f".{done.folder.name}-stream",  # the same)
+                          ignore_errors=True)
         job = {"primer": primer, "folder": folder, "settings": s,
                "live": folder.parent / f".{folder.name}-stream",
                "chunk_seconds": self.args.stream_seconds, "lead_in": self.args.lead_in,

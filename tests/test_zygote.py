@@ -19,14 +19,22 @@ print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "file": __file__,
                   "stdin": sys.stdin.read(), "main": sys.modules["__main__"].__file__,
                   "globals": sorted(globals())}))
 print("to stderr\\rprogress", file=sys.stderr)
+class Noisy:
+    def __del__(self):
+        print("finalised")
+noisy = Noisy()
+log = open("unclosed.txt", "w")  # closed and flushed when Python clears __main__
+log.write("data\n")
 what = sys.argv[1]
 if what == "raise":
     raise ValueError("boom")
+if what == "interrupt":
+    raise KeyboardInterrupt
 sys.exit({"exit": 3, "message": "bye", "ok": None}[what])
 """
 
 
-@pytest.mark.parametrize("what", ["ok", "exit", "message", "raise", "syntax"])
+@pytest.mark.parametrize("what", ["ok", "exit", "message", "raise", "interrupt", "syntax"])
 def test_a_script_sees_and_ends_as_in_a_new_process(tmp_path, monkeypatch, what):
     source = SCRIPT + ("print(')" if what == "syntax" else "")
     (tmp_path / "script.py").write_text(source)
@@ -38,9 +46,16 @@ def test_a_script_sees_and_ends_as_in_a_new_process(tmp_path, monkeypatch, what)
         args = [sys.executable, *cmd]
         kw = dict(cwd=tmp_path, capture_output=True, text=True, input="typed", timeout=60)
         assert zygote.eligible(args, kw)
-        real, forked = subprocess.run(args, **kw), zygote.forked(args, **kw)
+        runs = []
+        for run in (subprocess.run, zygote.forked):
+            runs.append(run(args, **kw))
+            written = tmp_path / "unclosed.txt"
+            runs[-1].written = written.read_text() if written.exists() else None
+            written.unlink(missing_ok=True)
+        real, forked = runs
         assert forked.returncode == real.returncode, forked.stderr
         assert (forked.stdout, forked.stderr) == (real.stdout, real.stderr)
+        assert forked.written == real.written
 
 
 def test_a_timeout_kills_the_child_and_the_zygote_serves_on(tmp_path):

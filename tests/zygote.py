@@ -19,6 +19,8 @@ zygote's, ``python -c``, a run already in progress on this worker (threads), or
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import importlib
 import importlib.machinery
 import json
@@ -38,7 +40,7 @@ import numpy as np
 
 PRELOAD = ("torch", "numpy", "pretty_midi", "mido", "safetensors.torch", "tqdm", "accelerate")
 STARTUP_VARIABLES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "TORCH",
-                     "PYTORCH", "CUDA", "LD_", "MALLOC")
+                     "PYTORCH", "CUDA", "LD_", "MALLOC", "TQDM_", "LC_", "LANG", "HF_")
 _lock = threading.Lock()
 _zygote: dict = {}
 
@@ -96,7 +98,7 @@ def eligible(cmd, kw: dict) -> bool:
     capture = kw.get("capture_output") or (kw.get("stdout") == subprocess.PIPE
                                            and kw.get("stderr") in (subprocess.PIPE,
                                                                     subprocess.STDOUT))
-    if not capture:
+    if not capture or not Path(kw.get("cwd") or ".").is_dir():
         return False
     _start()
     return _startup_env(_environment(kw)) == _zygote["env"]
@@ -129,20 +131,27 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
                    "env": dict(_environment(kw)), "merged": merged,
                    "stdin": files["stdin"] if data is not None else os.devnull,
                    "stdout": files["stdout"], "stderr": files["stderr"]}
-        proc.stdin.write(json.dumps(request).encode() + b"\n")
-        proc.stdin.flush()
-        pid = _read_line(proc, None)["pid"]
-        reply = _read_line(proc, kw.get("timeout"))
-        timed_out = reply is None
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-            reply = _read_line(proc, None)
+        try:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
+            pid = _read_line(proc, None)["pid"]
+            reply = _read_line(proc, kw.get("timeout"))
+            timed_out = reply is None
+            if timed_out:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+                reply = _read_line(proc, None)
+        except BaseException:  # Ctrl-C, a test timeout...: the replies would be out of
+            proc.kill()  # step, so this zygote (and its child) go; the next call starts
+            proc.wait()  # a new one
+            _zygote.clear()
+            raise
 
         def read(name: str) -> str | bytes | None:
             if name == "stderr" and merged:
                 return None
             out = Path(files[name]).read_bytes()
-            if not text:
+            if not text or timed_out:  # TimeoutExpired holds bytes, as subprocess's does
                 return out
             return out.decode().replace("\r\n", "\n").replace("\r", "\n")  # universal newlines
 
@@ -160,10 +169,15 @@ def _become(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    os.dup2(os.open(request["stdin"], os.O_RDONLY), 0)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    os.dup2(os.open(request["stdout"], flags, 0o600), 1)
-    os.dup2(1 if request["merged"] else os.open(request["stderr"], flags, 0o600), 2)
+    for fd, (path, mode) in enumerate([(request["stdin"], os.O_RDONLY),
+                                       (request["stdout"], flags), (request["stderr"], flags)]):
+        if fd == 2 and request["merged"]:
+            os.dup2(1, 2)
+            continue
+        opened = os.open(path, mode, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
     np.random.seed()  # a new process would draw its own seed
     try:
         _execute(request["argv"])
@@ -175,7 +189,7 @@ def _become(request: dict) -> None:
         while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
             tb = tb.tb_next
         sys.excepthook(type(error), error.with_traceback(tb), tb)
-        status = 1
+        status = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
     _shut_down(status)
 
 
@@ -211,15 +225,24 @@ def _exit_status(code: object) -> int:
 
 def _shut_down(status: int) -> None:
     """Python's shutdown as a script can observe it (wait for the threads, run the atexit
-    callbacks, flush), then exit without tearing down torch's modules: that teardown
-    would touch every page the child shares with the zygote (0.7 s each time)."""
+    callbacks, clear ``__main__`` so that its objects are finalised: files closed and
+    flushed, ``__del__`` run; flush), then exit without tearing down torch's modules:
+    that teardown would touch every page the child shares with the zygote (0.7 s each
+    time). Not emulated: objects only the project's own modules hold are not finalised,
+    and every child has the zygote's string-hash seed (set iteration order), so tests
+    that compare two runs for determinism also pass with ``TESTS_ZYGOTE=0``."""
     threading._shutdown()
     atexit._run_exitfuncs()
+    vars(sys.modules["__main__"]).clear()
+    gc.collect()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             status = 120
+    if status == -signal.SIGINT:  # an uncaught Ctrl-C: Python ends by the signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
 
 
