@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from perceiver_music.cli import bundled, fail, os_error_message, parse_constants, run_script
+from perceiver_music.cli import bundled, check_writable, fail, parse_constants, run_script
 
 CKPT = "ckpt/demo"  # checkpoint folder (config.json + model.safetensors) or .pth file
 PRIMER = "samples/primers/mz_570_3_opening.mid"  # the bundled primer offered on the page
@@ -975,18 +975,6 @@ def _check_port(host: str, port: int) -> None:
         _cannot_serve(host, port, exc)
 
 
-def _check_out_dir(out: Path) -> None:
-    """Fail at once when the takes' folder cannot be written, rather than at each take."""
-    import tempfile
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        fail(f"cannot write takes: {os_error_message(exc, out)} (--out_dir)")
-
-
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
     args.ckpt, args.primer = bundled(args.ckpt), bundled(args.primer)
@@ -1009,7 +997,7 @@ def main() -> None:
     problem = audio_options_problem(args.renderer, args.soundfont)
     if problem:
         fail(problem)
-    _check_out_dir(Path(args.out_dir))
+    check_writable(Path(args.out_dir), "takes (--out_dir)")  # not at each take
     _check_port(args.host, args.port)  # before seconds of loading, not after
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from perceiver_music.checkpoint import CheckpointError

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from perceiver_music.cli import (
     bundled,
+    check_writable,
     cpu_only,
     fail,
     os_error_message,
@@ -124,20 +125,11 @@ def primer_tokens(args) -> tuple[list[int], str]:
 def output_folder(args) -> Path:
     """The run folder to write, checked before any work: it must not exist yet, and its
     parent must be a folder this user can write to (so that no generation is lost)."""
-    import tempfile
-
     name = args.name or f"{Path(args.primer).stem or 'scratch'}-{time.strftime('%Y%m%d-%H%M%S')}"
     final = Path(args.out_dir) / name
     if final.exists():
         fail(f"{final} already exists: choose another --name")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=final.parent):
-            pass
-    except OSError as exc:  # named as the folder, not the probe's temporary name
-        folder = exc if exc.filename == str(final.parent) else OSError(
-            exc.errno, exc.strerror, str(final.parent))
-        fail(f"cannot write the output: {os_error_message(folder)}")
+    check_writable(final.parent, "the output")
     return final
 
 

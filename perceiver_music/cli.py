@@ -154,6 +154,21 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str
     return f"{where}{reason}"
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and fail at once, in one line, when this user cannot
+    write in it (``what`` says what would have been lost), before any work is done."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:  # named as the folder, not the probe's temporary name
+        named = exc if exc.filename == str(folder) else OSError(exc.errno, exc.strerror,
+                                                                str(folder))
+        fail(f"cannot write {what}: {os_error_message(named)}")
+
+
 def run_script(main: Callable[[], object], interrupted: str = "interrupted (Ctrl-C)") -> None:
     """Run a script's ``main`` so that whatever happens ends in one ``error:`` line, never
     a traceback: Ctrl-C exits with status 130 and the ``interrupted`` line, a failed file

@@ -35,7 +35,8 @@ def test_bad_options_get_one_line(tmp_path):
              (["--max_seconds", "0"], "--max_seconds must be above 0 and at most 3600"),
              (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10"),
              (["--primer", str(tmp_path / "none.mid")], "none.mid: primer file not found"),
-             (["--out_dir", "/proc/no-takes-here"], "cannot write takes: /proc/no-takes-here"),
+             (["--out_dir", "/proc/no-takes-here"],
+              "cannot write takes (--out_dir): /proc/no-takes-here"),
              (["--renderer", "foo"], "--renderer must be midirenderer or fluidsynth"),
              (["--soundfont", str(tmp_path / "no.sf2")], "no.sf2: soundfont not found")]
     with busy:
