@@ -83,6 +83,13 @@ def _read_line(proc: subprocess.Popen, timeout: float | None) -> dict | None:
     return json.loads(line)
 
 
+def _kill(pid: int | None) -> None:
+    """Kill a child (unless it has ended meanwhile, or was never forked)."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def eligible(cmd, kw: dict) -> bool:
     """Whether ``subprocess.run(cmd, **kw)`` can run in the zygote unchanged."""
     if kw.get("preexec_fn") is not None:
@@ -131,6 +138,7 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
                    "env": dict(_environment(kw)), "merged": merged,
                    "stdin": files["stdin"] if data is not None else os.devnull,
                    "stdout": files["stdout"], "stderr": files["stderr"]}
+        pid = None
         try:
             proc.stdin.write(json.dumps(request).encode() + b"\n")
             proc.stdin.flush()
@@ -138,12 +146,12 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
             reply = _read_line(proc, kw.get("timeout"))
             timed_out = reply is None
             if timed_out:
-                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-                    os.kill(pid, signal.SIGKILL)
+                _kill(pid)
                 reply = _read_line(proc, None)
         except BaseException:  # Ctrl-C, a test timeout...: the replies would be out of
-            proc.kill()  # step, so this zygote (and its child) go; the next call starts
-            proc.wait()  # a new one
+            _kill(pid)  # step, so the child and this zygote go; the next call starts a
+            proc.kill()  # new one
+            proc.wait()
             _zygote.clear()
             raise
 
