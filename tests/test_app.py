@@ -135,6 +135,8 @@ def open_page(browser, url: str):
     page.set_default_timeout(WAIT_MS)
     page.goto(url)
     page.locator("#generate").wait_for()
+    # the player's clock line, which Gradio mounts after the buttons on a busy machine
+    page.locator("#live-clock").wait_for(state="attached")
     return page
 
 
@@ -296,6 +298,8 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     """While one user generates, the page shows its progress; a second user's page loads
     and waits in the queue (then decodes with int8 weights); a third, beyond the bound, is
     told the app is busy."""
+    from playwright.sync_api import expect
+
     first, second, third = (open_page(browser, app_url) for _ in range(3))
     for page, seconds in ((first, 30), (second, 10), (third, 10)):
         set_number(page, "seconds", seconds)
@@ -303,8 +307,9 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     first.get_by_label("stop when the model ends the piece").uncheck()
     first.locator("#generate").click()
     progress = re.compile(r"\d+ tokens, [\d.]+ s of music")
-    first.locator("#status").filter(has_text=progress).wait_for()  # shown once, in the status
-    assert first.get_by_text(progress).count() == 1
+    # shown once, in the status (not also over the audio and the roll); between a chunk and
+    # the next progress report Gradio shows its own timer there for a moment
+    expect(first.get_by_text(progress)).to_have_count(1)
     second.get_by_text("sampling").click()  # the second user decodes with int8 weights
     second.get_by_label("int8 weights").check()
     second.locator("#generate").click()
@@ -445,7 +450,8 @@ def test_stop_keeps_what_was_heard(app_url, browser, app_out):
     report = json.loads((take / "generation.json").read_text())
     assert report["samples"][0]["stop_reason"] == "stopped"
     notes = pretty_midi.PrettyMIDI(str(take / "continuation.mid")).instruments[0].notes
-    assert notes and max(n.start for n in notes) <= new  # nothing after what was heard
+    # nothing after what was heard (the line rounds seconds to a tenth)
+    assert notes and max(n.start for n in notes) <= new + 0.05
     assert "Generating" not in page.locator("#status").inner_text()
 
 
