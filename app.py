@@ -139,12 +139,12 @@ window.pmLive = (() => {
     const canvas = document.querySelector('#live-roll canvas');
     if (!canvas || id === null) { drawing = false; return; }
     const g = canvas.getContext('2d'), w = canvas.width, h = canvas.height;
-    const t = position(), span = Math.max(10, t), left = 40, bottom = 20;
+    const t = position(), span = Math.max(10, t), left = 40, right = 30, bottom = 20;
     g.clearRect(0, 0, w, h);
     const shown = notes.filter(n => n[0] <= t);
     const pitches = shown.map(n => n[2]);
     const lo = Math.min(...pitches, 60) - 2, hi = Math.max(...pitches, 72) + 2;
-    const x = s => left + (w - left - 10) * s / span;
+    const x = s => left + (w - left - right) * s / span;  // room for the last label
     const y = p => (h - bottom) * (hi - p) / (hi - lo);
     for (const [s, e, p, v] of shown) {
       g.fillStyle = colour(s >= primer, v);
@@ -194,7 +194,11 @@ window.pmLive = (() => {
   };
 })();
 document.addEventListener('click', e => {
-  if (e.target.closest('#generate, #extend')) window.pmClicked = performance.now();
+  if (!e.target.closest('#generate, #extend')) return;
+  window.pmClicked = performance.now();
+  // scrolled down to the sampling settings: bring the status line and the player into sight
+  const status = document.querySelector('#status');
+  if (status && status.getBoundingClientRect().top < 0) status.scrollIntoView();
 }, true);
 </script>
 """
@@ -809,6 +813,12 @@ def build_page(studio: Studio, args):
                                         label="seconds of music to generate")
                     creativity = gr.Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
                                            label="creativity (more notes, fewer rests)")
+                    # the buttons above the sampling settings, in sight with the status line
+                    # and the player once a click has scrolled them into sight (_PLAYER_JS)
+                    with gr.Row():
+                        go = gr.Button("Generate", variant="primary", elem_id="generate")
+                        more = gr.Button("Extend", elem_id="extend")
+                        stop = gr.Button("Stop", elem_id="stop")
                     with gr.Accordion("sampling", open=False):
                         temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                         top_k = gr.Number(0, label="top-k (0: off)", step=1)
@@ -824,10 +834,6 @@ def build_page(studio: Studio, args):
                         stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
                         int8 = gr.Checkbox(False, label="int8 weights: about 1.7x faster on a CPU, "
                                            "slightly different odds", visible=on_cpu)
-                    with gr.Row():
-                        go = gr.Button("Generate", variant="primary", elem_id="generate")
-                        more = gr.Button("Extend", elem_id="extend")
-                        stop = gr.Button("Stop", elem_id="stop")
                 with gr.Column(scale=2):
                     status = gr.Markdown("Ready.", elem_id="status")
                     # the take as it is generated: heard at once, drawn as it plays (_PLAYER_JS)

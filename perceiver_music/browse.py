@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from midi_processor.vocab import END, NOTE_OFF, TIME_SHIFT, VELOCITY
+from perceiver_music.render import whole_number_ticks
 
 INDEX_NAME = ".browse-index.npz"
 SPLITS = ("train", "val", "test")
@@ -135,6 +136,8 @@ class DataIndex:
                   ("pitches", "MIDI pitch (60 = C4)", "share of notes"),
                   ("velocities", "velocity", "share of velocity events"),
                   ("token types", "split", "share of tokens")]
+        for ax in axes[:2]:  # counts of pieces: whole numbers
+            whole_number_ticks(ax.yaxis)
         for ax, (title, x, y) in zip(axes, titles, strict=False):
             ax.set(title=title, xlabel=x, ylabel=y)
             ax.legend(fontsize=8, loc="upper left" if ax is axes[4] else "best",
@@ -328,6 +331,7 @@ def curves_figure(runs: Sequence[Path], root: Path) -> Any:
                         alpha=0.6 if key == "train_loss" else 1.0,
                         label=f"{name}: {'training' if key == 'train_loss' else 'validation'}")
     ax.set(title="loss per token", xlabel="step", ylabel="nats per token")
+    whole_number_ticks(ax.xaxis)
     if runs:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -25,6 +25,7 @@ import numpy as np
 import pretty_midi
 
 from midi_processor import write_atomic
+from perceiver_music.render import whole_number_ticks
 
 STATISTICS = {  # name: (label, unit) in the order of the report
     "notes_per_s": ("notes per second", "notes/s"),
@@ -233,6 +234,7 @@ def training_curves_figure(runs: Mapping[str, Path]) -> Any:
     loss_ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="loss")
     lr_ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
     for ax in (loss_ax, lr_ax):
+        whole_number_ticks(ax.xaxis)
         ax.grid(color="0.9")
         if ax.lines:
             ax.legend(fontsize=8)

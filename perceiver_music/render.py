@@ -65,6 +65,14 @@ def default_soundfont() -> Path:
     return Path(pretty_midi.__file__).resolve().parent / "TimGM6mb.sf2"
 
 
+def whole_number_ticks(axis: Any) -> None:
+    """Mark a matplotlib ``axis`` of whole numbers (pieces, steps) at whole numbers only, 1,
+    2 or 5 times a power of ten apart: on a short range matplotlib put ticks at 2.5, 1.25."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
 # ---------------------------------------------------------------------------------------
 # the piano roll
 

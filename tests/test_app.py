@@ -306,6 +306,11 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     first.get_by_text("sampling").click()  # 30 s in all: the model may not end it sooner
     first.get_by_label("stop when the model ends the piece").uncheck()
     first.locator("#generate").click()
+    # scrolled down to the sampling settings, the click brings the status line, the player
+    # and the buttons (Stop) into sight
+    first.wait_for_function("""() => [...document.querySelectorAll('#status, #live-roll, #stop')]
+        .every(e => { const r = e.getBoundingClientRect();
+                      return r.top >= 0 && r.bottom <= window.innerHeight; })""")
     progress = re.compile(r"\d+ tokens, [\d.]+ s of music")
     # shown once, in the status (not also over the audio and the roll); between a chunk and
     # the next progress report Gradio shows its own timer there for a moment

@@ -39,6 +39,13 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
+def whole_ticks(axis) -> bool:
+    """Whether a figure's axis (a count or a step) is marked at whole numbers only: on a
+    short run matplotlib's default put ticks at 1.25, 1.5..."""
+    ticks = axis.get_ticklocs()
+    return len(ticks) > 1 and all(float(t).is_integer() for t in ticks)
+
+
 def test_the_index_is_read_once_then_kept(data):
     index = index_data(data)
     assert (data / INDEX_NAME).is_file()
@@ -58,6 +65,7 @@ def test_the_index_is_read_once_then_kept(data):
     fig = index.figure()
     assert [ax.get_xlabel() for ax in fig.axes[:5]] == [
         "minutes", "notes per second", "MIDI pitch (60 = C4)", "velocity", "split"]
+    assert whole_ticks(fig.axes[0].yaxis) and whole_ticks(fig.axes[1].yaxis)  # pieces
     entry, tokens = index.piece(rows[0][4]) if rows[0][-1] == "ok" else index.piece(rows[1][4])
     assert len(tokens) == entry["tokens"]
     with pytest.raises(BrowseError, match="failed in prep.py"):
@@ -103,3 +111,7 @@ def test_runs_their_best_loss_and_evaluate_report(tmp_path):
     assert rows["b/c"][2] == "3.900 (step 20)" and rows["b/c"][6] == ""
     fig = curves_figure(runs, tmp_path)
     assert fig.axes[0].get_xlabel() == "step" and len(fig.axes[0].lines) == 4
+    (tmp_path / "short").mkdir()  # three steps
+    (tmp_path / "short" / "metrics.csv").write_text(header + "1,5.0,,1e-3,900,1.0\n"
+                                                    "2,4.5,4.4,1e-3,900,2.0\n3,4.0,,1e-3,900,3.0\n")
+    assert whole_ticks(curves_figure([tmp_path / "short"], tmp_path).axes[0].xaxis)

@@ -164,7 +164,7 @@ def test_statistics_and_figures():
     assert fig.axes[0].get_ylabel() == "notes/s"
 
 
-def test_training_curves_figure(setup):
+def test_training_curves_figure(setup, tmp_path):
     fig = training_curves_figure({"run": setup / "run" / "metrics.csv"})
     loss, lr = fig.axes
     assert loss.get_xlabel() == "optimizer step" and loss.get_ylabel() == "loss (nats/token)"
@@ -172,6 +172,12 @@ def test_training_curves_figure(setup):
     assert labels == ["run: training", "run: validation"]
     assert len(loss.lines[1].get_xdata()) == 2  # validation at steps 10 and 20
     assert lr.get_ylabel() == "learning rate"
+    short = tmp_path / "metrics.csv"  # three steps: ticks at whole steps only
+    short.write_text("step,train_loss,val_loss,lr,tokens_per_s,seconds\n1,5.0,,1e-3,9,1\n"
+                     "2,4.5,4.4,1e-3,9,2\n3,4.0,,1e-3,9,3\n")
+    for ax in training_curves_figure({"run": short}).axes:
+        ticks = ax.xaxis.get_ticklocs()
+        assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_one_primer_reports_no_error_bar_and_strict_json(setup, tmp_path):
