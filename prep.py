@@ -7,8 +7,9 @@
 Each piece becomes one pickled list of token ids ending with END (the original scripts'
 format). A folder other than MAESTRO is split by a hash of each file's group, the piece it
 performs (GROUP_BY), so that performances of one piece never straddle train, val and test.
-OUTPUT/manifest.jsonl records every source file: split, group, status, error, notes,
-tokens, seconds, the sha256 of its bytes and its output file. Bad files are recorded as
+OUTPUT/manifest.jsonl records every source file: split, group (and a MAESTRO listing's
+composer and title), status, error, notes, tokens, seconds, the sha256 of its bytes and its
+output file. Bad files are recorded as
 failed and never stop the run. Results are appended to the manifest as they arrive, so a
 rerun skips every file whose bytes are unchanged and resumes an interrupted run; the end of
 a run rewrites the manifest in path order and removes leftovers, so the output does not
@@ -58,7 +59,7 @@ FORCE = False  # re-encode every file, also those unchanged since the last run
 
 _SPLITS = ("train", "val", "test")
 _MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
-_LISTINGS = ("maestro-v3.0.0.csv", "maestro-v3.0.0.json")
+_LISTINGS = ("maestro-v*.csv", "maestro-v*.json")  # MAESTRO v1-v3 (the CSV first)
 _MANIFEST = "manifest.jsonl"
 _FAILURES_SHOWN = 10
 _MAX_NAME_BYTES = 200  # + ".NAME.xxxxxxxx.tmp" while writing stays under 255
@@ -72,7 +73,7 @@ class Job(NamedTuple):
     """One source file to encode: its path as the manifest records it (relative to the
     input folder, after the folder's name when there are several), the file, its split, its
     output file relative to the output folder, its manifest entry from an earlier run, and
-    its group."""
+    its group and, from a MAESTRO listing, the piece's composer and title."""
 
     path: str
     source: Path
@@ -80,38 +81,45 @@ class Job(NamedTuple):
     output: str
     previous: dict | None
     group: str = ""
+    piece: tuple[str, str] = ("", "")
 
 
-def maestro_splits(root: Path) -> dict[str, tuple[str, str]] | None:
-    """MAESTRO's relative MIDI path -> (split, group) from the listing in ``root``, or None
-    when ``root`` holds no listing; the group is the canonical composer and title (the path
-    where the listing has neither). The JSON form maps column -> {row -> value}."""
-    listing = next((root / name for name in _LISTINGS if (root / name).is_file()), None)
-    if listing is None:
-        return None
+def find_listing(root: Path) -> Path | None:
+    """The MAESTRO listing in ``root`` (the newest version's, its CSV before its JSON), or
+    None."""
+    for pattern in _LISTINGS:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[-1]
+    return None
 
-    def piece(composer: object, title: object, path: str) -> str:
-        return f"{composer} / {title}" if composer and title else path
 
+def maestro_splits(listing: Path) -> dict[str, tuple[str, str, str]]:
+    """MAESTRO's relative MIDI path -> (split, composer, title) from its ``listing`` (a CSV,
+    or JSON mapping column -> {row -> value}). A file listed twice in two splits fails."""
     try:
-        if listing.suffix == ".csv":
-            with open(listing, newline="", encoding="utf-8") as f:
-                rows = [(r["midi_filename"], r["split"], piece(
-                    r.get("canonical_composer"), r.get("canonical_title"), r["midi_filename"]))
-                        for r in csv.DictReader(f)]
+        if listing.suffix == ".csv":  # utf-8-sig: a CSV saved by Excel starts with a BOM
+            with open(listing, newline="", encoding="utf-8-sig") as f:
+                rows = [(r["midi_filename"], r["split"], r.get("canonical_composer") or "",
+                         r.get("canonical_title") or "") for r in csv.DictReader(f)]
         else:
             table = json.loads(listing.read_text(encoding="utf-8"))
             files, splits = table["midi_filename"], table["split"]
             composers = table.get("canonical_composer", {})
             titles = table.get("canonical_title", {})
-            rows = [(files[i], splits[i], piece(composers.get(i), titles.get(i), files[i]))
+            rows = [(files[i], splits[i], composers.get(i) or "", titles.get(i) or "")
                     for i in files]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
         fail(f"{listing}: not a readable MAESTRO listing ({type(exc).__name__}: {exc})")
-    unknown = {s for _, s, _ in rows} - set(_MAESTRO_SPLITS)
+    unknown = {s for _, s, _, _ in rows} - set(_MAESTRO_SPLITS)
     if unknown:
         fail(f"{listing}: unknown split {sorted(map(str, unknown))[0]!r}")
-    return {path: (_MAESTRO_SPLITS[split], group) for path, split, group in rows}
+    out: dict[str, tuple[str, str, str]] = {}
+    for path, split, composer, title in rows:
+        if path in out and out[path][0] != _MAESTRO_SPLITS[split]:
+            fail(f"{listing}: {path} is listed twice, in two splits")
+        out[path] = (_MAESTRO_SPLITS[split], str(composer), str(title))
+    return out
 
 
 def _unit(path: str) -> float:
@@ -192,20 +200,39 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
     return {p: f"{column}:{listed[p]}" if p in listed else folder[p] for p in paths}
 
 
+Source = tuple[str, str, tuple[str, str]]  # split, group, (composer, title) from a listing
+
+
 def find_sources(root: Path, val_share: float, test_share: float,
-                 group_by: str = "auto") -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """Relative path -> split and relative path -> group of every source file: MAESTRO's
-    listing if ``root`` has one (the group: its canonical composer and title), else every
-    .mid/.midi file (any case) below ``root``, split by group (`hash_splits`); and
-    warnings."""
-    listed = maestro_splits(root)
-    if listed is not None:
-        return ({p: split for p, (split, _) in listed.items()},
-                {p: group for p, (_, group) in listed.items()}, [])
+                 group_by: str = "auto") -> tuple[dict[str, Source], list[str]]:
+    """Relative path -> (split, group, piece) of every source file, and warnings: the
+    files of MAESTRO's listing if ``root`` has one (the group: canonical composer and
+    title), else every .mid/.midi file (any case) below ``root``, split by group
+    (`hash_splits`). A listing further down fails: its splits would be ignored, and its
+    performances of one piece split apart by folder."""
     paths = [p.relative_to(root).as_posix() for p in midi_files(root)]
+    listing = find_listing(root)
+    if listing is not None:
+        listed = maestro_splits(listing)
+        warnings = []
+        unlisted = sorted(set(paths) - set(listed))
+        if unlisted:
+            warnings.append(f"warning: {len(unlisted)} MIDI file(s) that {listing.name} does "
+                            f"not list are left out, e.g. {unlisted[0]}")
+        missing = sorted(p for p in listed if not (root / p).is_file())
+        if missing:
+            warnings.append(f"warning: {len(missing)} file(s) that {listing.name} lists are "
+                            f"missing (recorded as failed), e.g. {missing[0]}")
+        return {p: (split, f"{composer} / {title}" if composer and title else p,
+                    (composer, title)) for p, (split, composer, title) in listed.items()}, warnings
+    below = next((f for pattern in _LISTINGS for f in sorted(root.rglob(pattern))), None)
+    if below is not None:
+        fail(f"{below}: a MAESTRO listing below the input folder; give its folder as --input "
+             f"({below.parent}), or that and the other folders comma-separated, so that its "
+             "splits are used")
     groups = file_groups(root, paths, group_by)
     splits, warnings = hash_splits(groups, val_share, test_share)
-    return splits, groups, warnings
+    return {p: (splits[p], groups[p], ("", "")) for p in paths}, warnings
 
 
 def input_folders(spec: str) -> dict[str, Path]:
@@ -230,18 +257,18 @@ def input_folders(spec: str) -> dict[str, Path]:
 
 
 def gather_sources(folders: dict[str, Path], val_share: float, test_share: float,
-                   group_by: str) -> tuple[dict[str, tuple[Path, str, str]], list[str]]:
-    """Recorded path -> (file, split, group) of every source file of ``folders`` (see
-    `input_folders`), each folder split by `find_sources` as if it were alone; and
+                   group_by: str) -> tuple[dict[str, tuple[Path, Source]], list[str]]:
+    """Recorded path -> (file, (split, group, piece)) of every source file of ``folders``
+    (see `input_folders`), each folder split by `find_sources` as if it were alone; and
     warnings."""
     out, warnings = {}, []
     for label, root in folders.items():
-        splits, groups, notes = find_sources(root, val_share, test_share, group_by)
+        sources, notes = find_sources(root, val_share, test_share, group_by)
         prefix = f"{label}/" if label else ""
-        out.update({prefix + p: (root / p, split, prefix + groups[p])
-                    for p, split in splits.items()})
+        out.update({prefix + p: (root / p, (split, prefix + group, piece))
+                    for p, (split, group, piece) in sources.items()})
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
-    if val_share > 0 and out and all(split != "val" for _, split, _ in out.values()):
+    if val_share > 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
         warnings.append("warning: no piece went to val/, which train.py needs: add files")
     return out, warnings
 
@@ -282,6 +309,12 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _piece_fields(job: Job) -> dict[str, str]:
+    """The composer and title a MAESTRO listing gives the file, for its manifest entry (the
+    group joins them with " / ", which names like "Franz Schubert / Franz Liszt" share)."""
+    return {"composer": job.piece[0], "title": job.piece[1]} if job.piece[1] else {}
+
+
 def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
     """Encode one source file into its pickle. Returns its manifest entry and the outcome:
     "encoded", "unchanged" (same bytes and output as the earlier entry: nothing written) or
@@ -290,6 +323,7 @@ def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
         "path": job.path,
         "split": job.split,
         "group": job.group,
+        **_piece_fields(job),
         "status": "failed",
         "error": None,
         "notes": None,
@@ -300,6 +334,9 @@ def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
     }
     try:
         data = job.source.read_bytes()
+    except FileNotFoundError:  # named by a listing, or removed while prep.py ran
+        entry["error"] = "file not found"
+        return entry, "failed"
     except OSError as exc:
         entry["error"] = one_line(f"cannot read file ({exc.strerror or exc})")
         return entry, "failed"
@@ -312,7 +349,7 @@ def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
         and old.get("output") == job.output
         and (output / job.output).is_file()
     ):
-        return {**old, "split": job.split, "group": job.group}, "unchanged"
+        return {**old, "split": job.split, "group": job.group, **_piece_fields(job)}, "unchanged"
     try:
         # read_midi refuses pieces longer than max_seconds before anything is encoded.
         ids = encode_notes(read_midi(data, job.path, max_seconds))
@@ -419,8 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     recorded = load_manifest(manifest)
     previous = {} if args.force else recorded
     names = output_names(sources)
-    jobs = [Job(p, source, s, f"{s}/{names[p]}", previous.get(p), group)
-            for p, (source, s, group) in sorted(sources.items())]
+    jobs = [Job(p, source, s, f"{s}/{names[p]}", previous.get(p), group, piece)
+            for p, (source, (s, group, piece)) in sorted(sources.items())]
     work = partial(encode_file, output=output, max_seconds=args.max_seconds)
 
     start, done, outcomes = time.perf_counter(), {}, Counter()
@@ -433,8 +470,8 @@ def main(argv: list[str] | None = None) -> None:
             for entry, outcome in results:
                 done[entry["path"]] = entry
                 outcomes[outcome] += 1
-                if outcome != "unchanged":  # progress record: a resumed run skips this file
-                    log.write(json.dumps(entry) + "\n")
+                if entry != recorded.get(entry["path"]):  # a resumed run skips it; a file
+                    log.write(json.dumps(entry) + "\n")  # failing as before changes nothing
                     log.flush()
                 bar.set_postfix_str(f"failed {outcomes['failed']}", refresh=False)
                 bar.update()

@@ -16,12 +16,14 @@ training runs under a folder.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
-import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from midi_processor import write_atomic
 from midi_processor.vocab import END, NOTE_OFF, TIME_SHIFT, VELOCITY
 from perceiver_music.render import whole_number_ticks
 
@@ -43,11 +46,14 @@ class BrowseError(Exception):
 
 
 def _title(entry: dict) -> tuple[str, str]:
-    """(composer, title) of a manifest entry. MAESTRO's group is "composer / title". In a
-    folder the composer is the path's first folder (after the input folder's name, when
-    prep.py read several: "asap/Bach/..."), and the title the piece its group names
+    """(composer, title) of a manifest entry: a MAESTRO listing's, which prep.py records
+    (an older manifest has only the group "composer / title"). In a folder the composer
+    is the path's first folder (after the input folder's name, when prep.py read several:
+    "asap/Bach/..."), and the title the piece its group names
     ("folder:Bach/Fugue/bwv_848" -> "Fugue bwv 848", "title:Espana_Opus_165" -> "Espana
     Opus 165"), or the file's name when the group is a bare folder."""
+    if entry.get("title"):
+        return str(entry.get("composer") or ""), str(entry["title"])
     group = str(entry.get("group") or entry["path"])
     if " / " in group:
         composer, title = group.split(" / ", 1)
@@ -62,6 +68,12 @@ def _title(entry: dict) -> tuple[str, str]:
     if len(words) > 1 and words[0] == composer:
         words = words[1:]
     return composer, " ".join(words).replace("_", " ")
+
+
+def _folded(text: str) -> str:
+    """``text`` in lower case without accents, for search."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold())
+                   if not unicodedata.combining(c))
 
 
 @dataclass
@@ -79,15 +91,15 @@ class DataIndex:
     def table(self, split: str = "all", query: str = "", page: int = 0,
               per_page: int = 50) -> tuple[list[list[Any]], int]:
         """One page of rows (`COLUMNS`) of the pieces in ``split`` ("all", a split or
-        "failed") whose path, group, composer or title holds ``query`` (any case); and how
-        many rows match in all."""
-        q = query.strip().lower()
+        "failed") whose path, group, composer or title holds ``query`` (any case, with or
+        without accents: "dvorak" finds Dvořák); and how many rows match in all."""
+        q = _folded(query.strip())
         rows = []
         for e in self.entries:
             if split == "failed" and e["status"] == "ok" or split not in ("all", "failed") and (
                     e["status"] != "ok" or e["split"] != split):
                 continue
-            text = f"{e['path']} {e.get('group', '')} {e['composer']} {e['title']}".lower()
+            text = _folded(f"{e['path']} {e.get('group', '')} {e['composer']} {e['title']}")
             if q and q not in text:
                 continue
             status = "ok" if e["status"] == "ok" else f"failed: {e.get('error')}"
@@ -226,14 +238,10 @@ def index_data(folder: str | os.PathLike,
 
 def _save_index(folder: Path, keys: Sequence[str], *arrays: np.ndarray) -> None:
     """Write the counts next to the manifest (atomically); a read-only folder keeps none."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".browse-", suffix=".npz", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, keys=np.array(keys), pitch=arrays[0], velocity=arrays[1],
-                     kinds=arrays[2])
-        os.replace(tmp, folder / INDEX_NAME)
-    except OSError:
-        pass
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.array(keys), pitch=arrays[0], velocity=arrays[1], kinds=arrays[2])
+    with contextlib.suppress(OSError):
+        write_atomic(folder / INDEX_NAME, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ tab's summary of runs, evaluate.py reports included."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zygote
 from conftest import DATA
@@ -16,6 +18,7 @@ from conftest import DATA
 from perceiver_music.browse import (
     INDEX_NAME,
     BrowseError,
+    DataIndex,
     _title,
     curves_figure,
     find_runs,
@@ -49,6 +52,9 @@ def whole_ticks(axis) -> bool:
 def test_the_index_is_read_once_then_kept(data):
     index = index_data(data)
     assert (data / INDEX_NAME).is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (data / INDEX_NAME).stat().st_mode & 0o777 == 0o666 & ~umask  # as the manifest
     assert index.pitch.sum() == sum(e["notes"] for e in index.entries if e["status"] == "ok")
     assert (index.kinds.sum(1) == [e["tokens"] - 1 if e["status"] == "ok" else 0
                                    for e in index.entries]).all()  # all but END
@@ -87,9 +93,25 @@ def test_the_index_is_read_once_then_kept(data):
       "group": "piano-midi-de/title:Espana_Opus_165_Prelude"},
      ("Albeniz", "Espana Opus 165 Prelude")),
     ({"path": "Chopin/ballade_1.mid", "group": "Chopin"}, ("Chopin", "ballade 1")),
+    # what prep.py records from a listing, also below a folder's name (several inputs)
+    ({"path": "maestro/2009/y.midi", "group": "maestro/Franz Schubert / Franz Liszt / Ständchen",
+      "composer": "Franz Schubert / Franz Liszt", "title": "Ständchen"},
+     ("Franz Schubert / Franz Liszt", "Ständchen")),
 ])
 def test_composer_and_title_from_each_kind_of_group(entry, expected):
     assert _title(entry) == expected
+
+
+def test_search_ignores_case_and_accents():
+    entries = [{"path": f"2018/{i}.midi", "split": "train", "status": "ok", "group": "",
+                "composer": composer, "title": title, "seconds": 60, "tokens": 9}
+               for i, (composer, title) in enumerate([("Antonín Dvořák", "Humoresque"),
+                                                      ("Frédéric Chopin", "Étude Op. 10")])]
+    index = DataIndex(Path("."), entries, *(np.zeros((2, n)) for n in (128, 32, 4)))
+    for query, composer in (("dvorak", "Antonín Dvořák"), ("DVOŘÁK", "Antonín Dvořák"),
+                            ("frederic", "Frédéric Chopin"), ("etude", "Frédéric Chopin")):
+        rows, total = index.table("all", query)
+        assert total == 1 and rows[0][1] == composer, query
 
 
 def test_runs_their_best_loss_and_evaluate_report(tmp_path):

@@ -86,16 +86,22 @@ MAESTRO_ROWS = [  # (midi_filename, split): the five real pieces and one missing
 ]
 
 
+COMPOSERS = ["Franz Schubert / Franz Liszt", "Frédéric Chopin", "Antonín Dvořák"]
+
+
 @pytest.mark.parametrize("listing", ["csv", "json"])
 def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
+    """The listing's splits, composers and titles (a CSV saved with a byte-order mark, as
+    Excel does; a JSON of MAESTRO v2); a missing and an unlisted file are reported, and a
+    rerun leaves the manifest alone; the folder above the listing is refused."""
     src, out = tmp_path / "maestro-v3.0.0", tmp_path / "data"
     for (name, _), real in zip(MAESTRO_ROWS, REAL_FILES, strict=False):
         write(src / name, real.read_bytes())
     write(src / "2018/not_listed.midi", REAL_FILES[0].read_bytes())  # MAESTRO lists its files
     rows = [
         {
-            "canonical_composer": "X",
-            "canonical_title": f"Piece {i}",
+            "canonical_composer": COMPOSERS[i % 3],
+            "canonical_title": f'Sonata in A Major, D. 959 "No. {i}"',
             "split": split,
             "year": 2018,
             "midi_filename": name,
@@ -106,33 +112,61 @@ def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
     ]
     columns = list(rows[0])
     if listing == "csv":
-        with open(src / "maestro-v3.0.0.csv", "w", newline="") as f:
+        with open(src / "maestro-v3.0.0.csv", "w", newline="", encoding="utf-8-sig") as f:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(rows)
     else:
         table = {c: {str(i): row[c] for i, row in enumerate(rows)} for c in columns}
-        (src / "maestro-v3.0.0.json").write_text(json.dumps(table))
+        (src / "maestro-v2.0.0.json").write_text(json.dumps(table))
 
-    summary = ok_run("--input", src, "--output", out)
+    proc = run_prep("--input", src, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout
+    assert "1 MIDI file(s) that maestro-v" in proc.stderr and "2018/not_listed.midi" in proc.stderr
+    assert "1 file(s) that maestro-v" in proc.stderr and "2018/missing.midi" in proc.stderr
     entries = manifest(out)
     assert list(entries) == sorted(name for name, _ in MAESTRO_ROWS)
     splits = {"train": "train", "validation": "val", "test": "test"}
-    for (name, split), real in zip(MAESTRO_ROWS, REAL_FILES, strict=False):
+    for i, ((name, split), real) in enumerate(zip(MAESTRO_ROWS, REAL_FILES, strict=False)):
         e = entries[name]
         assert (e["split"], e["status"], e["error"]) == (splits[split], "ok", None)
+        title = f'Sonata in A Major, D. 959 "No. {i}"'
+        assert (e["composer"], e["title"]) == (COMPOSERS[i % 3], title)
+        assert e["group"] == f"{COMPOSERS[i % 3]} / {title}"
         assert e["output"] == f"{splits[split]}/{name.replace('/', '__')}.pickle"
         tokens = tokens_of(out / e["output"])
         assert tokens == encode_midi(real)
         assert e["tokens"] == len(tokens) and e["notes"] > 0 and e["seconds"] > 0
     missing = entries["2018/missing.midi"]
-    assert missing["status"] == "failed" and "No such file" in missing["error"]
+    assert missing["status"] == "failed" and missing["error"] == "file not found"
     assert missing["output"] is None and missing["split"] == "test"
     assert sorted(p.name for p in out.rglob("*.pickle")) == sorted(
         name.replace("/", "__") + ".pickle" for name, _ in MAESTRO_ROWS[:5]
     )
     assert "5 encoded" in summary and "1 failed" in summary
-    assert "2018/missing.midi: cannot read file" in summary
+    assert "2018/missing.midi: file not found" in summary
+    before = (out / "manifest.jsonl").stat().st_mtime_ns
+    assert "5 unchanged" in ok_run("--input", src, "--output", out)
+    assert (out / "manifest.jsonl").stat().st_mtime_ns == before  # a file failing as before
+
+    # one folder too high (a zip unpacked into a folder of its own): its splits would be
+    # lost, and performances of one piece split apart by year
+    proc = run_prep("--input", tmp_path, "--output", tmp_path / "data2")
+    assert proc.returncode == 1 and not (tmp_path / "data2").exists()
+    assert proc.stderr.count("\n") == 1 and "MAESTRO listing below the input folder" in proc.stderr
+    assert f"({src})" in proc.stderr
+
+
+def test_a_listing_that_puts_a_file_in_two_splits_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "maestro-v3.0.0"
+    write(src / "2018/a.midi", REAL_FILES[0].read_bytes())
+    (src / "maestro-v3.0.0.csv").write_text("canonical_composer,canonical_title,split,"
+                                            "midi_filename\nA,B,train,2018/a.midi\n"
+                                            "A,B,test,2018/a.midi\n")
+    proc = run_prep("--input", src, "--output", tmp_path / "data")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "2018/a.midi is listed twice, in two splits" in proc.stderr
 
 
 EACH = ("--group_by", "file")  # each file a piece of its own
