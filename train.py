@@ -2,7 +2,7 @@
 
     python train.py --preset tiny --max_steps 200                 # one process
     accelerate launch train.py --preset ctx2048                   # GPUs / TPU cores
-    python train.py --out_dir ckpt/run --resume                   # continue a run
+    python train.py --out_dir ckpt/run --resume                   # continue a run, same settings
 
 Every constant below is a command-line option (``--help`` lists them). The run folder gets
 ``last/`` (every SAVE_INTERVAL steps and on Ctrl-C / SIGTERM, with the optimizer, RNG and
@@ -13,6 +13,7 @@ TensorBoard logs in ``tb/``.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from perceiver_music.cli import (
     bundled,
     cpu_only,
     fail,
+    given_options,
     launched_rank,
     os_error_message,
     parse_constants,
@@ -376,8 +378,9 @@ def check_settings(args) -> None:
         fail(f"--init takes the checkpoint's shape: leave out {' '.join(shape)}")
     if not args.learning_rate > 0:
         fail(f"--learning_rate must be positive, got {args.learning_rate}")
-    given = any(a == "--min_lr" or a.startswith("--min_lr=") for a in sys.argv[1:])
-    if args.min_lr > args.learning_rate and not given:
+    given = given_options()  # a resumed run's min_lr is the run's, unless lr is given anew
+    if args.learning_rate < LEARNING_RATE and "min_lr" not in given and (
+            not args.resume or "learning_rate" in given):
         args.min_lr = args.learning_rate * MIN_LR / LEARNING_RATE  # the default's ratio
     if not 0 <= args.min_lr <= args.learning_rate:
         fail(f"--min_lr must be in [0, --learning_rate {args.learning_rate:g}], got "
@@ -390,6 +393,33 @@ def check_settings(args) -> None:
             fail(f"--{name} must be below 1, got {getattr(args, name)}")
     if not 0 <= args.prefix_fill <= 1:
         fail(f"--prefix_fill must be in [0, 1], got {args.prefix_fill}")
+
+
+_NOT_INHERITED = ("resume", "init", "out_dir")
+
+
+def inherit_settings(args) -> list[str]:
+    """With --resume, every setting not given on the command line becomes the run's own
+    (its last/config.json records them), so that ``--resume`` alone continues the run as it
+    was started. Returns notes naming the settings given anew that differ from the run's
+    (a changed --max_minutes or --max_steps reshapes the rest of the schedule)."""
+    path = Path(args.out_dir) / "last" / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["train"]
+        items = list(saved.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # starting_point names what is wrong with last/
+    given, changed = given_options(), []
+    for name, value in items:
+        current = getattr(args, name, None)
+        if name in _NOT_INHERITED or current is None or not (
+                type(value) is type(current) or type(current) is float and type(value) is int):
+            continue
+        if name not in given:
+            setattr(args, name, type(current)(value))
+        elif value != current:
+            changed.append(f"--{name} {current} (the run had {value})")
+    return [f"note: resumed with {', '.join(changed)}"] if changed else []
 
 
 def starting_point(args, out_dir: Path):
@@ -412,6 +442,9 @@ def starting_point(args, out_dir: Path):
         step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
+        if meta.get("budget_spent") == args.max_minutes > 0:
+            fail(f"the run in {out_dir} spent its time budget of {args.max_minutes:g} min; "
+                 "raise --max_minutes to train on")
         return model, cfg, step, best, previous_s
     model, cfg = init_from(args) if args.init else (None, model_config(args))
     return model, cfg, 0, math.inf, 0.0
@@ -518,10 +551,14 @@ class Run:
         self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
         self.step, self.best, self.previous_s = step, best, previous_s
+        self.first_step = step
         self.main = accelerator.is_main_process
         self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
         self.val_loss: float | None = None
         self.signal = 0  # the signal that asked the run to stop (SIGINT, SIGTERM), if any
+        self.spent = False  # the time budget is spent: the last step has run
+        self.overhead_s = 0.0  # seconds of validations and saves
+        self.shown: dict[str, str] = {}  # the bar's last loss, tokens/s and rate
         self.started = time.time()
         self.budget_s = args.max_minutes * 60
         self.budget = Budget(math.ceil(len(val[0]) / accelerator.num_processes
@@ -544,7 +581,8 @@ class Run:
         """What a checkpoint of this moment records about the run."""
         return {"step": self.step, "val_loss": self.val_loss,
                 "best_val_loss": self.best if self.best < math.inf else None,
-                "train_seconds": round(self.elapsed(), 3), "train": self.settings}
+                "train_seconds": round(self.elapsed(), 3), "train": self.settings,
+                **({"budget_spent": self.args.max_minutes} if self.spent else {})}
 
     def train_step(self, lr: float) -> None:
         """One optimizer step of GRAD_ACCUM micro-steps at learning rate ``lr``."""
@@ -577,7 +615,8 @@ class Run:
         seconds = time.perf_counter() - self.t_log
         tps = self.tokens_per_step * (self.loss_n / self.args.grad_accum) / seconds
         train_loss = float(self.loss_sum) / self.loss_n
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+        self.shown = {"loss": f"{train_loss:.3f}", "tok_s": f"{tps:,.0f}", "lr": f"{lr:.2e}"}
+        bar.set_postfix(**({"step": self.step} if self.budget_s else {}), **self.shown)
         self.log.row(self.step, self.elapsed(), f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
         self.log.scalars(self.step, {"loss/train": train_loss, "lr": lr, "tokens_per_s": tps})
         self.t_log, self.loss_sum, self.loss_n = time.perf_counter(), 0.0, 0
@@ -602,12 +641,14 @@ class Run:
                                 self.cfg, self.meta())
         self.accelerator.wait_for_everyone()
         self.budget.validation_s = time.perf_counter() - t_final
+        self.overhead_s += self.budget.validation_s
 
     def save_last(self) -> None:
         t_final = time.perf_counter()
         save_last(self.accelerator, self.model, self.optimizer, self.cfg, self.sampler.state,
                   self.meta(), self.out_dir)
         self.budget.save_s = time.perf_counter() - t_final
+        self.overhead_s += self.budget.save_s
 
     def agree(self) -> tuple[bool, float]:
         """(whether any process was signalled, the projected end of the next step averaged
@@ -632,14 +673,16 @@ class Run:
                                                                       initial=self.step)
         with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
             projected = self.previous_s + self.budget.projected(0.0)  # the same everywhere
-            while self.step < args.max_steps:
+            schedule_s = projected  # never back: a measured validation may be shorter than
+            while self.step < args.max_steps:  # the estimate, and the warmup would dip
                 # the last step of a budget runs at the end of the schedule: MIN_LR
-                spent = bool(budget_s) and projected >= budget_s
-                lr = lr_at(self.step, args, projected)
+                self.spent = spent = bool(budget_s) and projected >= budget_s
+                schedule_s = max(schedule_s, projected)
+                lr = lr_at(self.step, args, schedule_s)
                 self.train_step(lr)
                 bar.update(min(self.elapsed(), budget_s) - bar.n if budget_s else 1)
                 if budget_s:
-                    bar.set_postfix(step=self.step, refresh=False)
+                    bar.set_postfix(step=self.step, **self.shown, refresh=False)
                 signalled, projected = self.agree()
                 final = self.step == args.max_steps or spent
                 if self.step % args.log_interval == 0 or final or signalled:
@@ -654,6 +697,13 @@ class Run:
                                   f"Continue with: {resume_command()}")
                     break
                 if spent:
+                    bar.update(budget_s - bar.n)  # the schedule is complete: a full bar
+                    if self.main and self.overhead_s > 0.5 * budget_s:
+                        trained = self.step - self.first_step
+                        bar.write(f"note: validation and saving took {self.overhead_s:.0f} s "
+                                  f"of the {budget_s:.0f} s budget, training {trained} steps; "
+                                  "a longer --max_minutes, a smaller --eval_windows or a "
+                                  "larger --eval_interval trains more")
                     if self.main:
                         bar.write(f"time budget of {args.max_minutes:g} min spent at step "
                                   f"{self.step} ({self.elapsed():.0f} s): the schedule is "
@@ -701,6 +751,7 @@ def describe(args, accelerator, model, cfg, train_split, tuner) -> str:
 
 def main() -> None:
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0])
+    notes = inherit_settings(args) if args.resume else []
     check_settings(args)
     from accelerate.utils import set_seed
 
@@ -742,7 +793,7 @@ def main() -> None:
 
     log = RunLog(args, out_dir, step, accelerator.is_main_process)
     if accelerator.is_main_process:
-        print(describe(args, accelerator, model, cfg, train_split, tuner))
+        print("\n".join([describe(args, accelerator, model, cfg, train_split, tuner), *notes]))
     run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
               step, best, previous_s)
     signal.signal(signal.SIGINT, run.request_stop)

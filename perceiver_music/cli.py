@@ -65,6 +65,18 @@ def parse_constants(
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
+def given_options(argv: list[str] | None = None) -> set[str]:
+    """The options on the command line (default: sys.argv[1:]) by their constant's name in
+    lower case: "--min_lr 1e-5" and "--min_lr=1e-5" give "min_lr", "--no-resume" gives
+    "resume". What a value is when it was not given is the script's choice."""
+    names = set()
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0]
+            names.add(name[3:] if name.startswith("no-") else name)
+    return names
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose refusals (an unknown option, a bad value) are one ``error:`` line that
     points to ``--help``, like every other refusal of the scripts, not a usage block."""

@@ -157,8 +157,9 @@ def test_resume_after_kill_is_bitwise_equal_to_an_uninterrupted_run(data_dir, tm
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    r = run([*common, "--out_dir", str(cut), "--resume"])
+    r = run(["--out_dir", str(cut), "--resume"])  # the run's own settings, from last/
     assert r.returncode == 0, r.stderr
+    assert "note: resumed with" not in r.stdout
     a, b = weights(full), weights(cut)
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -310,6 +311,7 @@ def test_symlinked_last_is_resumed_and_stays_a_link(data_dir, tmp_path):
     (out / "last").symlink_to(elsewhere, target_is_directory=True)
     r = run([*common, "--out_dir", str(out), "--resume"])
     assert r.returncode == 0, r.stderr
+    assert "note: resumed with --max_steps 8 (the run had 4)" in r.stdout
     assert (out / "last").is_symlink() and '"step": 8' in (elsewhere / "config.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big_disk", "run"]
 
@@ -454,6 +456,32 @@ def test_a_time_budget_anneals_and_ends_with_validation(data_dir, tmp_path):
     assert 0.5 * 0.12 * 60 <= float(rows[-1][-1]) <= 0.12 * 60 + 1.0
     frames = r.stderr.replace("\r", "\n")
     assert "/7 s [" in frames and "step=" in frames  # the bar counts the budget's seconds
+    shown = [line for line in frames.splitlines() if "step=" in line]
+    logged = next(i for i, line in enumerate(shown) if "loss=" in line)
+    assert all("loss=" in line for line in shown[logged:]), shown  # the loss stays in sight
+    assert "100%" in frames  # a full bar at the end of the budget
+    peak = lrs.index(max(lrs))  # the warmup only rises, the decay only falls
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:])[::-1]
+    r = run(["--out_dir", str(out), "--resume"])  # nothing left of the budget
+    assert r.returncode == 1 and "spent its time budget of 0.12 min; raise --max_minutes" in (
+        r.stderr) and r.stderr.count("\n") == 1
+
+
+def test_min_lr_is_a_tenth_of_a_lower_learning_rate(monkeypatch):
+    """Without --min_lr, a --learning_rate below the default's takes a tenth of itself as
+    the minimum (as README says), unless a resumed run keeps its own."""
+    import train
+
+    for argv, resume, expected in ((["--learning_rate", "1e-4"], False, 1e-5),
+                                   (["--learning_rate", "1e-4", "--min_lr", "2e-5"], False, 2e-5),
+                                   (["--learning_rate", "1e-3"], False, train.MIN_LR),
+                                   ([], True, 7e-6)):
+        monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+        args = train.parse_constants(train.__file__, vars(train), None)
+        if resume:  # inherited from the run: lr 1e-4, min_lr 7e-6
+            args.resume, args.learning_rate, args.min_lr = True, 1e-4, 7e-6
+        train.check_settings(args)
+        assert args.min_lr == pytest.approx(expected), argv
 
 
 def test_the_last_step_of_a_budget_is_at_the_end_of_the_schedule():
