@@ -338,10 +338,9 @@ def mixed_precision(args) -> dict[str, str]:
 
 def resume_command() -> str:
     """The command that continues this run: the one that started it, without --init
-    (the weights now come from last/), plus --resume. A resumed run takes its shape from
-    last/, but its schedule, batch and data from the command line, so they are given
-    again. Under accelerate launch its own options are not visible here: a placeholder
-    says where they go."""
+    (the weights now come from last/), plus --resume: the settings it repeats are the
+    run's own, which `inherit_settings` would give anyway. Under accelerate launch its own
+    options are not visible here: a placeholder says where they go."""
     import shlex
 
     argv, skip = [], False
