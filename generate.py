@@ -6,7 +6,8 @@
 
 Every constant below is a command-line option (``--help`` lists them). By default the
 model continues the first 20 seconds of the primer. Each run writes a folder OUT_DIR/NAME
-with primer.mid (the primer as the model saw it), continuation.mid, full.mid (both
+with primer.mid (the primer as tokenised: all of it that was chosen, though a long one is
+read only up to the model's context before the continuation), continuation.mid, full.mid (both
 together), audio.wav (full.mid rendered with a General MIDI SoundFont, loudness-normalised),
 pianoroll.png (a labelled piano roll: primer and continuation in two colours, velocity as
 shade, the boundary marked) and generation.json (settings, checkpoint, seed, timings).
