@@ -46,7 +46,14 @@ from midi_processor import (
     write_atomic,
 )
 from midi_processor.core import encode_notes
-from perceiver_music.cli import fail, os_error_message, parse_constants, printable, run_script
+from perceiver_music.cli import (
+    fail,
+    given_options,
+    os_error_message,
+    parse_constants,
+    printable,
+    run_script,
+)
 
 INPUT = "maestro-v3.0.0"  # input folder(s), comma-separated: MAESTRO v3 or any MIDI folder
 OUTPUT = "data"  # output folder: train/, val/, test/ pickles and manifest.jsonl
@@ -447,6 +454,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--max_seconds must be positive, not {args.max_seconds}")
     sources, warnings = gather_sources(folders, args.val_share, args.test_share,
                                        args.group_by)
+    unused = sorted({"val_share", "test_share", "group_by"} & given_options(argv))
+    listed = [str(root) for root in folders.values() if find_listing(root) is not None]
+    if unused and listed:
+        warnings.append(f"note: {' and '.join('--' + n for n in unused)} "
+                        f"{'does' if len(unused) == 1 else 'do'} not apply to "
+                        f"{', '.join(listed)}: a MAESTRO listing decides its splits and groups")
     if not sources:
         fail(f"no MIDI files (.mid, .midi) found in {', '.join(map(str, folders.values()))}")
 

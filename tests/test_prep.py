@@ -120,9 +120,10 @@ def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
         table = {c: {str(i): row[c] for i, row in enumerate(rows)} for c in columns}
         (src / "maestro-v2.0.0.json").write_text(json.dumps(table))
 
-    proc = run_prep("--input", src, "--output", out)
+    proc = run_prep("--input", src, "--output", out, "--group_by", "file")
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout
+    assert "note: --group_by does not apply to" in proc.stderr  # the listing's groups
     assert "1 MIDI file(s) that maestro-v" in proc.stderr and "2018/not_listed.midi" in proc.stderr
     assert "1 file(s) that maestro-v" in proc.stderr and "2018/missing.midi" in proc.stderr
     entries = manifest(out)
