@@ -196,9 +196,11 @@ window.pmLive = (() => {
 document.addEventListener('click', e => {
   if (!e.target.closest('#generate, #extend')) return;
   window.pmClicked = performance.now();
-  // scrolled down to the sampling settings: bring the status line and the player into sight
+  // scrolled down to the sampling settings (or, on a narrow screen, the columns stacked):
+  // bring the status line and the player into sight
   const status = document.querySelector('#status');
-  if (status && status.getBoundingClientRect().top < 0) status.scrollIntoView();
+  const r = status ? status.getBoundingClientRect() : null;
+  if (r && (r.top < 0 || r.bottom > window.innerHeight)) status.scrollIntoView();
 }, true);
 </script>
 """

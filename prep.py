@@ -94,11 +94,8 @@ class Job(NamedTuple):
 def find_listing(root: Path) -> Path | None:
     """The MAESTRO listing in ``root`` (the newest version's, its CSV before its JSON), or
     None."""
-    for pattern in _LISTINGS:
-        found = sorted(root.glob(pattern))
-        if found:
-            return found[-1]
-    return None
+    found = [f for pattern in _LISTINGS for f in root.glob(pattern)]
+    return max(found, key=lambda f: (f.stem, f.suffix == ".csv"), default=None)
 
 
 def maestro_splits(listing: Path) -> dict[str, tuple[str, str, str]]:
@@ -111,6 +108,10 @@ def maestro_splits(listing: Path) -> dict[str, tuple[str, str, str]]:
                          r.get("canonical_title") or "") for r in csv.DictReader(f)]
         else:
             table = json.loads(listing.read_text(encoding="utf-8"))
+            if isinstance(table, list):  # v1, v2: a list of rows
+                table = {c: {str(i): row.get(c) for i, row in enumerate(table)}
+                         for c in ("midi_filename", "split", "canonical_composer",
+                                   "canonical_title")}
             files, splits = table["midi_filename"], table["split"]
             composers = table.get("canonical_composer", {})
             titles = table.get("canonical_title", {})
@@ -118,6 +119,8 @@ def maestro_splits(listing: Path) -> dict[str, tuple[str, str, str]]:
                     for i in files]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, csv.Error) as exc:
         fail(f"{listing}: not a readable MAESTRO listing ({type(exc).__name__}: {exc})")
+    if not all(isinstance(path, str) and path for path, _, _, _ in rows):
+        fail(f"{listing}: not a readable MAESTRO listing (a row names no midi_filename)")
     unknown = {s for _, s, _, _ in rows} - set(_MAESTRO_SPLITS)
     if unknown:
         fail(f"{listing}: unknown split {sorted(map(str, unknown))[0]!r}")
@@ -356,7 +359,8 @@ def encode_file(job: Job, output: Path, max_seconds: float) -> tuple[dict, str]:
         and old.get("output") == job.output
         and (output / job.output).is_file()
     ):
-        return {**old, "split": job.split, "group": job.group, **_piece_fields(job)}, "unchanged"
+        measured = ("status", "error", "notes", "tokens", "seconds", "sha256", "output")
+        return {**entry, **{k: old.get(k) for k in measured}}, "unchanged"  # keys in order
     try:
         # read_midi refuses pieces longer than max_seconds before anything is encoded.
         ids = encode_notes(read_midi(data, job.path, max_seconds))

@@ -71,12 +71,15 @@ THREADS = 0  # CPU threads per process (0: 1 or its share of the cores, chosen b
 TENSORBOARD = True  # write TensorBoard logs to OUT_DIR/tb
 
 
-def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
+def lr_at(step: int, args, elapsed_s: float = 0.0, projected_s: float | None = None) -> float:
     """Linear warmup over WARMUP_STEPS, then cosine decay from LEARNING_RATE to MIN_LR at
     MAX_STEPS. With a time budget (MAX_MINUTES) the schedule also runs on the clock and
-    follows whichever is further along: warmup ends by WARMUP_SHARE of the budget and the
-    decay reaches MIN_LR when the budget is spent, so a time-limited run anneals."""
+    follows whichever is further along: warmup ends by WARMUP_SHARE of the budget (on
+    ``elapsed_s``, the time at the end of this step) and the decay reaches MIN_LR when the
+    budget is spent (on ``projected_s``, that time plus the final validation and save: the
+    last step runs at MIN_LR), so a time-limited run anneals."""
     budget, share = args.max_minutes * 60, args.warmup_share
+    projected_s = elapsed_s if projected_s is None else projected_s
     warm = (step + 1) / args.warmup_steps
     if budget:
         warm = max(warm, elapsed_s / (share * budget)) if share > 0 else 1.0
@@ -84,7 +87,7 @@ def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
         return args.learning_rate * warm
     progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
     if budget:
-        progress = max(progress, (elapsed_s / budget - share) / (1 - share))
+        progress = max(progress, (projected_s / budget - share) / (1 - share))
     progress = min(1.0, max(0.0, progress))
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (
         args.learning_rate - args.min_lr
@@ -394,7 +397,8 @@ def check_settings(args) -> None:
         fail(f"--prefix_fill must be in [0, 1], got {args.prefix_fill}")
 
 
-_NOT_INHERITED = ("resume", "init", "out_dir")
+# not taken from the run on --resume: its shape comes from last/ whatever these say
+_NOT_INHERITED = ("resume", "init", "out_dir", "preset", "latents", "dim", "depth", "heads")
 
 
 def inherit_settings(args) -> list[str]:
@@ -402,8 +406,9 @@ def inherit_settings(args) -> list[str]:
     (its last/config.json records them), so that ``--resume`` alone continues the run as it
     was started. Returns notes naming the settings given anew that differ from the run's
     (a changed --max_minutes or --max_steps reshapes the rest of the schedule)."""
-    path = Path(args.out_dir) / "last" / "config.json"
-    try:
+    last, _, old = last_paths(Path(args.out_dir))  # last.old/: a save that was stopped,
+    path = (last if last.exists() or not old.is_dir() else old) / "config.json"  # restored
+    try:                                                                   # by starting_point
         saved = json.loads(path.read_text(encoding="utf-8"))["train"]
         items = list(saved.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -441,7 +446,8 @@ def starting_point(args, out_dir: Path):
         step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
-        if meta.get("budget_spent") == args.max_minutes > 0:
+        spent = meta.get("budget_spent")
+        if isinstance(spent, int | float) and spent >= args.max_minutes > 0:
             fail(f"the run in {out_dir} spent its time budget of {args.max_minutes:g} min; "
                  "raise --max_minutes to train on")
         return model, cfg, step, best, previous_s
@@ -649,15 +655,18 @@ class Run:
         self.budget.save_s = time.perf_counter() - t_final
         self.overhead_s += self.budget.save_s
 
-    def agree(self) -> tuple[bool, float]:
-        """(whether any process was signalled, the projected end of the next step averaged
-        over processes): every process stops at the same step and sets the same rate."""
+    def agree(self) -> tuple[bool, float, float]:
+        """(whether any process was signalled, the time at the end of the next step, and
+        that plus the final validation and save (`Budget.projected`)), the times averaged
+        over processes: every process stops at the same step and sets the same rate."""
         import torch
 
-        flags = torch.tensor([bool(self.signal), self.budget.projected(self.elapsed())],
+        now = self.elapsed()
+        flags = torch.tensor([bool(self.signal), now + self.budget.step_s,
+                              self.budget.projected(now)],
                              dtype=torch.float32, device=self.accelerator.device)
-        flags = self.accelerator.reduce(flags, "sum")
-        return bool(flags[0] > 0), float(flags[1]) / self.accelerator.num_processes
+        flags = self.accelerator.reduce(flags, "sum") / self.accelerator.num_processes
+        return bool(flags[0] > 0), float(flags[1]), float(flags[2])
 
     def loop(self) -> None:
         """Train until MAX_STEPS, the time budget (the last step, validation and save fit
@@ -671,18 +680,18 @@ class Run:
                                    "{postfix}]") if budget_s else dict(total=args.max_steps,
                                                                       initial=self.step)
         with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
-            projected = self.previous_s + self.budget.projected(0.0)  # the same everywhere
-            schedule_s = projected  # never back: a measured validation may be shorter than
-            while self.step < args.max_steps:  # the estimate, and the warmup would dip
+            clock = projected = self.previous_s  # the same everywhere
+            decay_s = projected  # never back: a measured validation may be shorter than its
+            while self.step < args.max_steps:  # estimate, and the rate would rise again
                 # the last step of a budget runs at the end of the schedule: MIN_LR
                 self.spent = spent = bool(budget_s) and projected >= budget_s
-                schedule_s = max(schedule_s, projected)
-                lr = lr_at(self.step, args, schedule_s)
+                decay_s = max(decay_s, projected)
+                lr = lr_at(self.step, args, clock, decay_s)
                 self.train_step(lr)
                 bar.update(min(self.elapsed(), budget_s) - bar.n if budget_s else 1)
                 if budget_s:
                     bar.set_postfix(step=self.step, **self.shown, refresh=False)
-                signalled, projected = self.agree()
+                signalled, clock, projected = self.agree()
                 final = self.step == args.max_steps or spent
                 if self.step % args.log_interval == 0 or final or signalled:
                     self.log_train(lr, bar)
@@ -697,10 +706,11 @@ class Run:
                     break
                 if spent:
                     bar.update(budget_s - bar.n)  # the schedule is complete: a full bar
-                    if self.main and self.overhead_s > 0.5 * budget_s:
+                    if self.main and self.overhead_s > 0.5 * (budget_s - self.previous_s):
                         trained = self.step - self.first_step
                         bar.write(f"note: validation and saving took {self.overhead_s:.0f} s "
-                                  f"of the {budget_s:.0f} s budget, training {trained} steps; "
+                                  f"of the {budget_s - self.previous_s:.0f} s this run had, "
+                                  f"training {trained} steps; "
                                   "a longer --max_minutes, a smaller --eval_windows or a "
                                   "larger --eval_interval trains more")
                     if self.main:

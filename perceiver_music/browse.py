@@ -70,10 +70,14 @@ def _title(entry: dict) -> tuple[str, str]:
     return composer, " ".join(words).replace("_", " ")
 
 
+_LETTERS = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "æ": "ae", "œ": "oe", "ı": "i"})
+
+
 def _folded(text: str) -> str:
-    """``text`` in lower case without accents, for search."""
-    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold())
-                   if not unicodedata.combining(c))
+    """``text`` in lower case without accents, for search (also the letters that Unicode
+    does not write as a letter and an accent: ø, ł...)."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text.casefold().translate(
+        _LETTERS)) if not unicodedata.combining(c))
 
 
 @dataclass

@@ -79,7 +79,12 @@ def given_options(argv: list[str] | None = None) -> set[str]:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose refusals (an unknown option, a bad value) are one ``error:`` line that
-    points to ``--help``, like every other refusal of the scripts, not a usage block."""
+    points to ``--help``, like every other refusal of the scripts, not a usage block. An
+    option is written in full: an abbreviation (``--max_min``) is refused, so that what
+    was given is what `given_options` sees."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {printable(message)} (--help lists the options)",

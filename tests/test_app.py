@@ -314,7 +314,8 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     progress = re.compile(r"\d+ tokens, [\d.]+ s of music")
     # shown once, in the status (not also over the audio and the roll); between a chunk and
     # the next progress report Gradio shows its own timer there for a moment
-    expect(first.get_by_text(progress)).to_have_count(1)
+    expect(first.locator("#status")).to_contain_text(progress, timeout=WAIT_MS)
+    expect(first.get_by_text(progress)).to_have_count(1, timeout=WAIT_MS)
     second.get_by_text("sampling").click()  # the second user decodes with int8 weights
     second.get_by_label("int8 weights").check()
     second.locator("#generate").click()

@@ -106,10 +106,12 @@ def test_search_ignores_case_and_accents():
     entries = [{"path": f"2018/{i}.midi", "split": "train", "status": "ok", "group": "",
                 "composer": composer, "title": title, "seconds": 60, "tokens": 9}
                for i, (composer, title) in enumerate([("Antonín Dvořák", "Humoresque"),
-                                                      ("Frédéric Chopin", "Étude Op. 10")])]
-    index = DataIndex(Path("."), entries, *(np.zeros((2, n)) for n in (128, 32, 4)))
+                                                      ("Frédéric Chopin", "Étude Op. 10"),
+                                                      ("Witold Lutosławski", "Études")])]
+    index = DataIndex(Path("."), entries, *(np.zeros((3, n)) for n in (128, 32, 4)))
     for query, composer in (("dvorak", "Antonín Dvořák"), ("DVOŘÁK", "Antonín Dvořák"),
-                            ("frederic", "Frédéric Chopin"), ("etude", "Frédéric Chopin")):
+                            ("frederic", "Frédéric Chopin"), ("op. 10", "Frédéric Chopin"),
+                            ("lutoslawski", "Witold Lutosławski")):
         rows, total = index.table("all", query)
         assert total == 1 and rows[0][1] == composer, query
 

@@ -89,11 +89,12 @@ MAESTRO_ROWS = [  # (midi_filename, split): the five real pieces and one missing
 COMPOSERS = ["Franz Schubert / Franz Liszt", "Frédéric Chopin", "Antonín Dvořák"]
 
 
-@pytest.mark.parametrize("listing", ["csv", "json"])
+@pytest.mark.parametrize("listing", ["csv", "json", "json-v2"])
 def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
     """The listing's splits, composers and titles (a CSV saved with a byte-order mark, as
-    Excel does; a JSON of MAESTRO v2); a missing and an unlisted file are reported, and a
-    rerun leaves the manifest alone; the folder above the listing is refused."""
+    Excel does; v3's JSON of columns, v2's of rows); a missing and an unlisted file are
+    reported, and a rerun leaves the manifest alone; the folder above the listing is
+    refused."""
     src, out = tmp_path / "maestro-v3.0.0", tmp_path / "data"
     for (name, _), real in zip(MAESTRO_ROWS, REAL_FILES, strict=False):
         write(src / name, real.read_bytes())
@@ -116,9 +117,11 @@ def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(rows)
-    else:
+    elif listing == "json":
         table = {c: {str(i): row[c] for i, row in enumerate(rows)} for c in columns}
-        (src / "maestro-v2.0.0.json").write_text(json.dumps(table))
+        (src / "maestro-v3.0.0.json").write_text(json.dumps(table))
+    else:
+        (src / "maestro-v2.0.0.json").write_text(json.dumps(rows))
 
     proc = run_prep("--input", src, "--output", out, "--group_by", "file")
     assert proc.returncode == 0, proc.stderr

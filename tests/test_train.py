@@ -467,6 +467,29 @@ def test_a_time_budget_anneals_and_ends_with_validation(data_dir, tmp_path):
         r.stderr) and r.stderr.count("\n") == 1
 
 
+def test_a_resumed_run_takes_its_settings_from_the_run(monkeypatch, tmp_path):
+    """inherit_settings: what the command line leaves out comes from last/config.json (or
+    from last.old/, which a stopped save leaves and the start restores); what it gives
+    anew is named, except the shape, which last/ decides anyway; abbreviations, which
+    would hide what was given, are refused."""
+    import train
+
+    saved = {"train": {"max_steps": 7, "max_minutes": 0.5, "batch_size": 2, "preset": "tiny",
+                       "learning_rate": 1e-4, "data_dir": "elsewhere"}}
+    (tmp_path / "last.old").mkdir()  # a save stopped between its two renames
+    (tmp_path / "last.old" / "config.json").write_text(json.dumps(saved))
+    argv = ["--out_dir", str(tmp_path), "--resume", "--batch_size", "3", "--preset", "demo"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    args = train.parse_constants(train.__file__, vars(train), None)
+    notes = train.inherit_settings(args)
+    assert (args.max_steps, args.max_minutes, args.learning_rate, args.data_dir) == (
+        7, 0.5, 1e-4, "elsewhere")
+    assert (args.batch_size, args.preset) == (3, "demo")
+    assert notes == ["note: resumed with --batch_size 3 (the run had 2)"]
+    r = run(["--out_dir", str(tmp_path), "--resume", "--max_min", "1"])
+    assert r.returncode == 2 and "unrecognized arguments: --max_min 1" in r.stderr
+
+
 def test_min_lr_is_a_tenth_of_a_lower_learning_rate(monkeypatch):
     """Without --min_lr, a --learning_rate below the default's takes a tenth of itself as
     the minimum (as README says), unless a resumed run keeps its own."""
@@ -497,6 +520,10 @@ def test_the_last_step_of_a_budget_is_at_the_end_of_the_schedule():
     assert lr_at(5, args, 6.0) == pytest.approx(1e-3)  # warmup over at 10 % of 60 s
     assert lr_at(10, args, 33.0) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway down
     assert lr_at(11, args, 60.0) == lr_at(12, args, 75.0) == pytest.approx(1e-5)
+    # the warmup follows the time at the end of the step, the decay that plus the final
+    # validation and save (an estimate, before one is measured: it must not end the warmup)
+    assert lr_at(0, args, 0.0, 30.0) == pytest.approx(1e-3 / 1000)
+    assert lr_at(10, args, 30.0, 33.0) == pytest.approx((1e-3 + 1e-5) / 2)
 
 
 def test_auto_preset_and_threads_on_a_cpu(data_dir, tmp_path):
