@@ -507,6 +507,16 @@ def test_min_lr_is_a_tenth_of_a_lower_learning_rate(monkeypatch):
         assert args.min_lr == pytest.approx(expected), argv
 
 
+def test_a_budget_spent_mostly_on_validation_says_so(data_dir, tmp_path):
+    """Validating and saving after every step of a 3 s budget leave little to training:
+    the last lines say so, and what trains more."""
+    r = run(["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"), *TINY,
+             "--max_minutes", "0.05", "--eval_interval", "1", "--save_interval", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "note: validation and saving took" in r.stdout + r.stderr
+    assert "a smaller --eval_windows or a larger --eval_interval" in r.stdout + r.stderr
+
+
 def test_the_last_step_of_a_budget_is_at_the_end_of_the_schedule():
     """lr_at on an injected clock: warmup by WARMUP_SHARE of the budget, MIN_LR at its end
     (and after it), whatever the step count says."""
