@@ -796,6 +796,16 @@ def build_page(studio: Studio, args):
     cfg = studio.config
     on_cpu = studio.device == "cpu"
 
+    class Slider(gr.Slider):
+        """A slider whose value reaches the handler as it was sent, where `check_settings`
+        names one out of range: Gradio's own bound check, met only by HTTP API clients,
+        printed a traceback in the terminal for each such request."""
+
+        is_template = True  # drawn as gr.Slider
+
+        def preprocess(self, payload: float) -> float:
+            return payload
+
     with gr.Blocks(title="Perceiver AR piano continuations", analytics_enabled=False) as page:
         history = gr.State([])
         gr.Markdown(f"## Perceiver AR piano continuations\nModel **{studio.name}** "
@@ -809,11 +819,11 @@ def build_page(studio: Studio, args):
                     upload = gr.File(label="MIDI primer (.mid, .midi)", type="filepath",
                                      file_types=[".mid", ".midi"], visible=False,
                                      elem_id="upload")
-                    prime_seconds = gr.Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
+                    prime_seconds = Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
                                               label="seconds of the primer to use (0: all)")
-                    seconds = gr.Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",
+                    seconds = Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",
                                         label="seconds of music to generate")
-                    creativity = gr.Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
+                    creativity = Slider(-3, 3, value=0, step=0.1, elem_id="creativity",
                                            label="creativity (more notes, fewer rests)")
                     # the buttons above the sampling settings, in sight with the status line
                     # and the player once a click has scrolled them into sight (_PLAYER_JS)
@@ -822,13 +832,13 @@ def build_page(studio: Studio, args):
                         more = gr.Button("Extend", elem_id="extend")
                         stop = gr.Button("Stop", elem_id="stop")
                     with gr.Accordion("sampling", open=False):
-                        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
+                        temperature = Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                         top_k = gr.Number(0, label="top-k (0: off)", step=1)
-                        top_p = gr.Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
-                        min_p = gr.Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
+                        top_p = Slider(0, 1, value=0, step=0.01, label="top-p (0: off)")
+                        min_p = Slider(0, 0.99, value=0, step=0.01, label="min-p (0: off)")
                         greedy = gr.Checkbox(False, label="greedy: the likeliest token every time")
-                        beams = gr.Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
-                        num_samples = gr.Slider(1, 4, value=1, step=1, label="samples")
+                        beams = Slider(1, 8, value=1, step=1, label="beam search width (1: off)")
+                        num_samples = Slider(1, 4, value=1, step=1, label="samples")
                         seed = gr.Number(-1, label="seed (-1: random)", step=1)
                         prefix_len = gr.Number(0, step=1,
                                                label=f"prefix length at generation (0: the "
