@@ -796,15 +796,14 @@ def build_page(studio: Studio, args):
     cfg = studio.config
     on_cpu = studio.device == "cpu"
 
-    class Slider(gr.Slider):
-        """A slider whose value reaches the handler as it was sent, where `check_settings`
-        names one out of range: Gradio's own bound check, met only by HTTP API clients,
-        printed a traceback in the terminal for each such request."""
-
-        is_template = True  # drawn as gr.Slider
-
-        def preprocess(self, payload: float) -> float:
-            return payload
+    def Slider(*args, **kwargs):  # noqa: N802 (stands for gr.Slider)
+        """A gr.Slider whose value reaches the handler as it was sent, where
+        `check_settings` names one out of range: Gradio's own bound check, met only by HTTP
+        API clients, printed a traceback in the terminal for each such request. (Not a
+        subclass: Gradio writes a .pyi file beside the module of each component class.)"""
+        slider = gr.Slider(*args, **kwargs)
+        slider.preprocess = lambda payload: payload
+        return slider
 
     with gr.Blocks(title="Perceiver AR piano continuations", analytics_enabled=False) as page:
         history = gr.State([])

@@ -97,6 +97,7 @@ def app_url(app_out, browse_dirs):
     log = proc.communicate(timeout=30)[0]
     assert "Traceback" not in log and "leaked" not in log, log[-3000:]
     assert "stopped after" in log and proc.returncode == 0, log[-3000:]
+    assert not (ROOT / "app.pyi").exists()  # Gradio writes one beside a component class
 
 
 @pytest.fixture(scope="module")
