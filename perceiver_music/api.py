@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
+import numbers
 import os
 import queue
 import threading
@@ -70,6 +72,12 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     """
     if primer is None:
         return [START_TOKEN], "primer: none (from scratch)"
+    if not math.isfinite(seconds) or seconds < 0 or isinstance(count, bool) or not isinstance(
+            count, int) or count < 0:
+        raise ValueError(f"the primer's cut must be 0 (all) or more seconds and a whole number "
+                         f"of tokens, got prime_seconds {seconds} and prime_tokens {count!r}")
+    if hasattr(primer, "read"):  # an open file or BytesIO of MIDI
+        primer = primer.read()
     if isinstance(primer, str | os.PathLike):
         path = Path(primer)
         if path.is_dir():
@@ -78,10 +86,16 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
         if not path.is_file():
             raise MidiError(f"{path}: primer file not found")
         tokens, name = encode_midi(path), path.name
-    elif isinstance(primer, bytes | pretty_midi.PrettyMIDI):
-        tokens, name = encode_midi(primer), "the primer"
+    elif isinstance(primer, bytes | bytearray | memoryview | pretty_midi.PrettyMIDI):
+        data = primer if isinstance(primer, pretty_midi.PrettyMIDI) else bytes(primer)
+        tokens, name = encode_midi(data), "the primer"
     else:
-        tokens = [int(t) for t in (primer.tolist() if hasattr(primer, "tolist") else primer)]
+        ids = primer.tolist() if hasattr(primer, "tolist") else primer
+        if not isinstance(ids, list | tuple) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError("a primer is a MIDI file's path, its bytes, a pretty_midi."
+                             f"PrettyMIDI, a list of token ids or None, not {_kind(primer)}")
+        tokens = [int(t) for t in ids]
         bad = [t for t in tokens if not 0 <= t < VOCAB_SIZE or t == PAD]
         if bad:
             raise ValueError(f"primer token {bad[0]} is not an event id (0..{END})")
@@ -98,6 +112,12 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     note = f"primer: {what} of {name} ({piece_seconds(cut):.1f} of {total:.1f} s, {len(cut)} " \
            "tokens)"
     return cut or [START_TOKEN], note
+
+
+def _kind(value: object) -> str:
+    """How an error names a value of the wrong kind: its type, and a short repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
 @dataclass

@@ -3,12 +3,14 @@ save, and the README's example, run as written."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pretty_midi
 import pytest
 import torch
@@ -91,14 +93,27 @@ def test_the_readme_api_example_runs(tmp_path):
 
 def test_every_kind_of_primer(tiny):
     tokens = encode_midi(PRIMER)
-    kinds = {"path": str(PRIMER), "bytes": PRIMER.read_bytes(),
-             "PrettyMIDI": pretty_midi.PrettyMIDI(str(PRIMER)), "tokens": tokens}
+    raw = PRIMER.read_bytes()
+    kinds = {"path": str(PRIMER), "bytes": raw, "bytearray": bytearray(raw),
+             "memoryview": memoryview(raw), "BytesIO": io.BytesIO(raw),
+             "PrettyMIDI": pretty_midi.PrettyMIDI(str(PRIMER)), "tokens": tokens,
+             "array": np.array(tokens)}
+    first = None
     for name, primer in kinds.items():
         take = tiny.generate(primer, seconds=None, max_new_tokens=5, prime_seconds=4,
                              seed=1)
         assert isinstance(take, Generation), name
         assert 0 < take.primer_seconds <= 4 and take.primer[-1] != END, name
         assert len(take.continuations[0]) == 5
+        first = first or take.primer
+        assert take.primer == first, name  # MIDI bytes in any container are MIDI
+    for bad in (60, {"a": 1}, [60.7], ["60"]):
+        with pytest.raises(ValueError, match="a primer is a MIDI file's path"):
+            tiny.generate(bad)
+    for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
+                {"prime_tokens": -10}):
+        with pytest.raises(ValueError, match="the primer's cut must be"):
+            tiny.generate(raw, **cut)
     scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
     assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
     with pytest.raises(MidiError, match="is a folder"):
