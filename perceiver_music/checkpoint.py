@@ -180,7 +180,8 @@ def load_checkpoint(
 ) -> tuple[PerceiverAR, ModelConfig, dict[str, Any]]:
     """Read any checkpoint: (model in eval mode on ``map_location``, config, meta).
 
-    ``path`` is a portable folder (config.json + model.safetensors), an accelerate
+    ``path`` is a portable folder (config.json + model.safetensors; its model.safetensors
+    named alone reads the folder), an accelerate
     ``save_state`` folder (its config comes from a config.json beside it, as in a run's
     ``last/state``, or is inferred), or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``
     file of the original scripts (inferred). When inferring, ``heads`` and ``prefix``
@@ -193,6 +194,8 @@ def load_checkpoint(
     CheckpointError naming the path and the problem for anything unreadable or unsafe.
     """
     path = Path(path)
+    if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+        path = path.parent  # a checkpoint's weights file: its folder says what they are
     state_markers = ("optimizer.bin", "random_states_0.pkl", "pytorch_model.bin")
     if path.is_dir() and not (path / CONFIG_NAME).is_file() and any(
         (path / m).is_file() for m in state_markers

@@ -148,6 +148,8 @@ def test_save_pretrained_round_trip_and_bad_paths(tiny, tmp_path):
     folder = tiny.save_pretrained(tmp_path / "copy")
     copy = PerceiverMusic.from_pretrained(folder, device="cpu")
     assert copy.config == tiny.config and copy.meta["step"] == 3
+    weights = PerceiverMusic.from_pretrained(folder / "model.safetensors", device="cpu")
+    assert weights.config == tiny.config and "inferred" not in weights.meta  # its folder's
     a = tiny.generate(str(PRIMER), seconds=None, max_new_tokens=20, greedy=True)
     b = copy.generate(str(PRIMER), seconds=None, max_new_tokens=20, greedy=True)
     assert a.continuations == b.continuations
