@@ -67,16 +67,31 @@ def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) 
         primer = cut_tokens(head, seconds=prime_s, from_end=True)
         notes = decode_midi(tokens).instruments[0].notes
         start = piece_seconds(head)
-        real = [_shifted(n, -start) for n in notes if start <= n.start < start + cont_s]
+        real = [_shifted(n, -start, cont_s) for n in notes if start <= n.start < start + cont_s]
         before = [n for n in notes if start - prime_s <= n.start < start]
         out.append((split.names[i], primer, real, before))
     return out
 
 
-def _shifted(note, by: float):
+def continuation_notes(tokens: list[int], primer_seconds: float, seconds: float) -> list:
+    """The notes of a take's continuation (``tokens``: primer and continuation) that start
+    in its first ``seconds``, from time 0, each ended by ``seconds`` at the latest. A note
+    still sounding at the take's end lasts to it: the decoder's 1 s for such a note hid
+    drones held to the end."""
+    from perceiver_music.api import notes_so_far
+
+    return [_shifted(n, -primer_seconds, seconds) for n in notes_so_far(tokens)
+            if primer_seconds <= n.start < primer_seconds + seconds]
+
+
+def _shifted(note, by: float, until: float):
+    """``note`` moved by ``by`` seconds and ended by ``until`` at the latest: real and
+    generated continuations are measured over the same stretch (a real note may sound on
+    past it, a generated one may never be released)."""
     import pretty_midi
 
-    return pretty_midi.Note(note.velocity, note.pitch, note.start + by, note.end + by)
+    return pretty_midi.Note(note.velocity, note.pitch, note.start + by,
+                            min(note.end + by, until))
 
 
 def main() -> None:
@@ -168,7 +183,8 @@ def main() -> None:
                                           temperature=args.temperature,
                                           top_p=args.top_p or None, seed=args.seed + k,
                                           stop_at_end=False)
-                    notes = [_shifted(n, -take.primer_seconds) for n in take.notes(0)]
+                    notes = continuation_notes(take.tokens(0), take.primer_seconds,
+                                               args.seconds)
                     rows.append(music_statistics(notes, args.seconds, before,
                                                  args.prime_seconds))
                     takes.append({"piece": name, "seconds": take.seconds[0],

@@ -135,6 +135,24 @@ def test_bad_settings_are_one_line(setup, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_note_never_released_counts_as_held_to_the_end():
+    """A generated note struck and held to the end of the take is a drone: evaluate.py
+    measures it to the take's end (the decoder alone gives it 1 s), cut at the stretch's
+    end as real notes sounding on past it are; notes of the primer or past the stretch
+    are left out."""
+    from evaluate import continuation_notes
+    from midi_processor.vocab import NOTE_OFF, NOTE_ON, VELOCITY, time_shift_id
+    from perceiver_music.evaluation import music_statistics
+
+    second = time_shift_id(100)
+    tokens = [VELOCITY + 20, NOTE_ON + 50, second, NOTE_OFF + 50,  # the primer: 1 s
+              NOTE_ON + 60, *[second] * 2, NOTE_ON + 64, second, NOTE_OFF + 64,
+              *[second] * 7, NOTE_ON + 67, second]  # 60 never released; 67 past the 8 s
+    notes = continuation_notes(tokens, 1.0, 8.0)
+    assert [(n.pitch, n.start, n.end) for n in notes] == [(60, 0.0, 8.0), (64, 2.0, 3.0)]
+    assert music_statistics(notes, 8.0)["held_over_4s"] == 0.5
+
+
 def test_statistics_and_figures():
     def note(start, end, pitch, velocity=64):
         return pretty_midi.Note(velocity, pitch, start, end)
