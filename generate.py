@@ -93,6 +93,11 @@ def check_settings(args) -> None:
         fail(f"--beams must be at least 1, got {args.beams}")
     if args.stream and args.beams > 1:
         fail("--stream needs sampling: beam search picks its sequence only at the end")
+    sampling = [f"--{n}" for n, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 0.0),
+                                        ("min_p", 0.0), ("greedy", False), ("creativity", 0.0))
+                if getattr(args, n) != off]
+    if args.beams > 1 and sampling:
+        fail(f"beam search (--beams) takes no sampling setting: leave out {' '.join(sampling)}")
     if args.beams > 1 and args.num_samples > 1:
         fail("beam search returns one continuation: use --num_samples 1 with --beams")
     if args.cross_attn_seq_len and args.num_latents:

@@ -371,6 +371,13 @@ class PerceiverMusic:
                                      from_end=prime_from_end)
         settings = {k: v for k, v in locals().items()
                     if k not in ("self", "primer", "progress", "stop", "tokens", "note")}
+        given = [name for name, value, default in (
+            ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
+            ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0))
+            if value != default]
+        if num_beams != 1 and given:
+            raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
+                             f"leave out {', '.join(given)}")
         sampling = None
         if num_beams == 1:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,

@@ -110,6 +110,9 @@ def test_every_kind_of_primer(tiny):
     for bad in (60, {"a": 1}, [60.7], ["60"]):
         with pytest.raises(ValueError, match="a primer is a MIDI file's path"):
             tiny.generate(bad)
+    with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
+                                         "out temperature, creativity"):
+        tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0)
     for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
                 {"prime_tokens": -10}):
         with pytest.raises(ValueError, match="the primer's cut must be"):

@@ -214,6 +214,8 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--renderer", "timidity"], "--renderer must be"),
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
+        (["--beams", "3", "--top_p", "0.5", "--creativity", "1"],
+         "beam search (--beams) takes no sampling setting: leave out --top_p --creativity"),
         (["--stride", "1000"], "--stride"),
         (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
         (["--prime_seconds", "inf"], "--prime_seconds: invalid finite number value: 'inf'"),
