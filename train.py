@@ -94,6 +94,16 @@ def lr_at(step: int, args, elapsed_s: float = 0.0, projected_s: float | None = N
     )
 
 
+def overhead_note(overhead_s: float, budget_s: float, steps: int) -> str | None:
+    """The note for a time budget (``budget_s``: this run's share) of which validations
+    and saves took over half (``overhead_s``), leaving ``steps`` trained; else None."""
+    if overhead_s <= 0.5 * budget_s:
+        return None
+    return (f"note: validation and saving took {overhead_s:.0f} s of the {budget_s:.0f} s "
+            f"this run had, training {steps} steps; a longer --max_minutes, a smaller "
+            "--eval_windows or a larger --eval_interval trains more")
+
+
 class Budget:
     """The time budget (--max_minutes) as the loop sees it, so that the run ends inside it.
 
@@ -706,13 +716,10 @@ class Run:
                     break
                 if spent:
                     bar.update(budget_s - bar.n)  # the schedule is complete: a full bar
-                    if self.main and self.overhead_s > 0.5 * (budget_s - self.previous_s):
-                        trained = self.step - self.first_step
-                        bar.write(f"note: validation and saving took {self.overhead_s:.0f} s "
-                                  f"of the {budget_s - self.previous_s:.0f} s this run had, "
-                                  f"training {trained} steps; "
-                                  "a longer --max_minutes, a smaller --eval_windows or a "
-                                  "larger --eval_interval trains more")
+                    note = overhead_note(self.overhead_s, budget_s - self.previous_s,
+                                         self.step - self.first_step)
+                    if self.main and note:
+                        bar.write(note)
                     if self.main:
                         bar.write(f"time budget of {args.max_minutes:g} min spent at step "
                                   f"{self.step} ({self.elapsed():.0f} s): the schedule is "

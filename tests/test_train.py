@@ -507,14 +507,15 @@ def test_min_lr_is_a_tenth_of_a_lower_learning_rate(monkeypatch):
         assert args.min_lr == pytest.approx(expected), argv
 
 
-def test_a_budget_spent_mostly_on_validation_says_so(data_dir, tmp_path):
-    """Validating and saving after every step of a 3 s budget leave little to training:
-    the last lines say so, and what trains more."""
-    r = run(["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"), *TINY,
-             "--max_minutes", "0.05", "--eval_interval", "1", "--save_interval", "1"])
-    assert r.returncode == 0, r.stderr
-    assert "note: validation and saving took" in r.stdout + r.stderr
-    assert "a smaller --eval_windows or a larger --eval_interval" in r.stdout + r.stderr
+def test_a_budget_spent_mostly_on_validation_says_so():
+    """The note when validations and saves took over half the run's budget (on real
+    runs whether they do depends on the machine's speed, so the rule is tested here)."""
+    from train import overhead_note
+
+    assert overhead_note(10.0, 30.0, 50) is None
+    note = overhead_note(20.0, 30.0, 2)
+    assert note and "took 20 s of the 30 s this run had, training 2 steps" in note
+    assert "a smaller --eval_windows or a larger --eval_interval" in note
 
 
 def test_the_last_step_of_a_budget_is_at_the_end_of_the_schedule():
