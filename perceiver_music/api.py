@@ -363,8 +363,20 @@ class PerceiverMusic:
         ends the take there (stop reason "stopped"). Raises ValueError for impossible
         settings and MidiError for an unreadable primer.
         """
-        if seconds is not None and not seconds > 0:
-            raise ValueError(f"seconds must be positive (or None for no limit), got {seconds}")
+        counts = {"num_samples": num_samples, "num_beams": num_beams,
+                  "prime_tokens": prime_tokens}  # and those that may be None:
+        optional = {"max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed,
+                    "cross_attn_seq_len": cross_attn_seq_len, "stride": stride,
+                    "decode_threads": decode_threads}
+        for name, value in {**counts, **optional}.items():
+            least = 0 if name in ("seed", "prime_tokens") else 1
+            if (value is not None or name in counts) and (isinstance(value, bool) or not (
+                    isinstance(value, numbers.Integral) and value >= least)):
+                raise ValueError(f"{name} must be a whole number of at least {least}"
+                                 f"{' (or None)' if name in optional else ''}, got {value!r}")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(
+                seconds, numbers.Real) or not seconds > 0):
+            raise ValueError(f"seconds must be positive (or None for no limit), got {seconds!r}")
         if max_new_tokens is None:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,

@@ -113,9 +113,13 @@ def test_every_kind_of_primer(tiny):
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
                                          "out temperature, creativity"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0)
+    for wrong in ({"num_samples": 2.0}, {"num_samples": None}, {"top_k": 2.5}, {"seed": -1},
+                  {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"}):
+        with pytest.raises(ValueError, match=f"{next(iter(wrong))} must be"):
+            tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
                 {"prime_tokens": -10}):
-        with pytest.raises(ValueError, match="the primer's cut must be"):
+        with pytest.raises(ValueError, match="the primer's cut must be|prime_tokens must"):
             tiny.generate(raw, **cut)
     scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
     assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
