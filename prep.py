@@ -235,7 +235,8 @@ def find_sources(root: Path, val_share: float, test_share: float,
                             f"missing (recorded as failed), e.g. {missing[0]}")
         return {p: (split, f"{composer} / {title}" if composer and title else p,
                     (composer, title)) for p, (split, composer, title) in listed.items()}, warnings
-    below = next((f for pattern in _LISTINGS for f in sorted(root.rglob(pattern))), None)
+    below = min((f for f in root.rglob("maestro-v*.*") if f.suffix in (".csv", ".json")),
+                default=None)  # one walk of the tree
     if below is not None:
         fail(f"{below}: a MAESTRO listing below the input folder; give its folder as --input "
              f"({below.parent}), or that and the other folders comma-separated, so that its "

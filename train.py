@@ -416,9 +416,10 @@ def inherit_settings(args) -> list[str]:
     (its last/config.json records them), so that ``--resume`` alone continues the run as it
     was started. Returns notes naming the settings given anew that differ from the run's
     (a changed --max_minutes or --max_steps reshapes the rest of the schedule)."""
-    last, _, old = last_paths(Path(args.out_dir))  # last.old/: a save that was stopped,
-    path = (last if last.exists() or not old.is_dir() else old) / "config.json"  # restored
-    try:                                                                   # by starting_point
+    last, _, old = last_paths(Path(args.out_dir))
+    # a save stopped midway leaves last.old/, which starting_point restores as last/
+    path = (last if last.exists() or not old.is_dir() else old) / "config.json"
+    try:
         saved = json.loads(path.read_text(encoding="utf-8"))["train"]
         items = list(saved.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -694,7 +695,7 @@ class Run:
             decay_s = projected  # never back: a measured validation may be shorter than its
             while self.step < args.max_steps:  # estimate, and the rate would rise again
                 # the last step of a budget runs at the end of the schedule: MIN_LR
-                self.spent = spent = bool(budget_s) and projected >= budget_s
+                self.spent = bool(budget_s) and projected >= budget_s
                 decay_s = max(decay_s, projected)
                 lr = lr_at(self.step, args, clock, decay_s)
                 self.train_step(lr)
@@ -702,7 +703,7 @@ class Run:
                 if budget_s:
                     bar.set_postfix(step=self.step, **self.shown, refresh=False)
                 signalled, clock, projected = self.agree()
-                final = self.step == args.max_steps or spent
+                final = self.step == args.max_steps or self.spent
                 if self.step % args.log_interval == 0 or final or signalled:
                     self.log_train(lr, bar)
                 if self.step % args.eval_interval == 0 or final:
@@ -714,7 +715,7 @@ class Run:
                         bar.write(f"stopped at step {self.step}; saved {self.out_dir / 'last'}. "
                                   f"Continue with: {resume_command()}")
                     break
-                if spent:
+                if self.spent:
                     bar.update(budget_s - bar.n)  # the schedule is complete: a full bar
                     note = overhead_note(self.overhead_s, budget_s - self.previous_s,
                                          self.step - self.first_step)

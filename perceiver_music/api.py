@@ -72,10 +72,9 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     """
     if primer is None:
         return [START_TOKEN], "primer: none (from scratch)"
-    if not math.isfinite(seconds) or seconds < 0 or isinstance(count, bool) or not isinstance(
-            count, int) or count < 0:
-        raise ValueError(f"the primer's cut must be 0 (all) or more seconds and a whole number "
-                         f"of tokens, got prime_seconds {seconds} and prime_tokens {count!r}")
+    _check_whole("prime_tokens", count, 0)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"prime_seconds must be 0 (all) or more, got {seconds}")
     if hasattr(primer, "read"):  # an open file or BytesIO of MIDI
         primer = primer.read()
     if isinstance(primer, str | os.PathLike):
@@ -112,6 +111,16 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     note = f"primer: {what} of {name} ({piece_seconds(cut):.1f} of {total:.1f} s, {len(cut)} " \
            "tokens)"
     return cut or [START_TOKEN], note
+
+
+def _check_whole(name: str, value: object, least: int, optional: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a whole number >= ``least``
+    (or None, when ``optional``): a float count would fail deep inside torch instead."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}"
+                         f"{' (or None)' if optional else ''}, got {value!r}")
 
 
 def _kind(value: object) -> str:
@@ -363,17 +372,12 @@ class PerceiverMusic:
         ends the take there (stop reason "stopped"). Raises ValueError for impossible
         settings and MidiError for an unreadable primer.
         """
-        counts = {"num_samples": num_samples, "num_beams": num_beams,
-                  "prime_tokens": prime_tokens}  # and those that may be None:
-        optional = {"max_new_tokens": max_new_tokens, "top_k": top_k, "seed": seed,
-                    "cross_attn_seq_len": cross_attn_seq_len, "stride": stride,
-                    "decode_threads": decode_threads}
-        for name, value in {**counts, **optional}.items():
-            least = 0 if name in ("seed", "prime_tokens") else 1
-            if (value is not None or name in counts) and (isinstance(value, bool) or not (
-                    isinstance(value, numbers.Integral) and value >= least)):
-                raise ValueError(f"{name} must be a whole number of at least {least}"
-                                 f"{' (or None)' if name in optional else ''}, got {value!r}")
+        _check_whole("num_samples", num_samples, 1)
+        _check_whole("num_beams", num_beams, 1)
+        for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
+                                   ("seed", seed, 0), ("cross_attn_seq_len", cross_attn_seq_len, 1),
+                                   ("stride", stride, 1), ("decode_threads", decode_threads, 1)):
+            _check_whole(name, value, least, optional=True)
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(
                 seconds, numbers.Real) or not seconds > 0):
             raise ValueError(f"seconds must be positive (or None for no limit), got {seconds!r}")

@@ -119,7 +119,7 @@ def test_every_kind_of_primer(tiny):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
                 {"prime_tokens": -10}):
-        with pytest.raises(ValueError, match="the primer's cut must be|prime_tokens must"):
+        with pytest.raises(ValueError, match=f"{next(iter(cut))} must be"):
             tiny.generate(raw, **cut)
     scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
     assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
