@@ -76,8 +76,8 @@ def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) 
 def continuation_notes(tokens: list[int], primer_seconds: float, seconds: float) -> list:
     """The notes of a take's continuation (``tokens``: primer and continuation) that start
     in its first ``seconds``, from time 0, each ended by ``seconds`` at the latest. A note
-    still sounding at the take's end lasts to it: the decoder's 1 s for such a note hid
-    drones held to the end."""
+    still sounding at the take's end lasts to it, as in the take's MIDI file: a drone held
+    to the end counts as held."""
     from perceiver_music.api import notes_so_far
 
     return [_shifted(n, -primer_seconds, seconds) for n in notes_so_far(tokens)

@@ -26,7 +26,8 @@ from .vocab import (
     VOCAB_SIZE,
 )
 
-# A note still sounding when the tokens run out (a cut-off generation) gets this length.
+# A note still sounding when the tokens run out (a cut-off generation or primer) sounds to
+# the end of the music, and at least this long, so that a note struck at the end is heard.
 DANGLING_NOTE_STEPS = 100
 
 
@@ -213,7 +214,8 @@ def decode_tokens(tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
     Stray NOTE_OFFs are ignored, a NOTE_ON on a sounding pitch ends the earlier note (one
     started on the same step is replaced), a NOTE_OFF on the step its note started gives a
-    one-step note, notes still sounding at the end last ``DANGLING_NOTE_STEPS``, END stops,
+    one-step note, notes still sounding at the end sound to it and at least
+    ``DANGLING_NOTE_STEPS`` (a note held to the end of a take is heard as held), END stops,
     PAD is skipped. Ids outside the vocabulary raise ValueError.
     """
     ids = [int(t) for t in tokens]
@@ -242,7 +244,7 @@ def decode_tokens(tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
             break
         # PAD: skipped
     for p, (s, b) in sounding.items():
-        out.append((s, s + DANGLING_NOTE_STEPS, p, b))
+        out.append((s, max(now, s + DANGLING_NOTE_STEPS), p, b))
     out.sort(key=lambda n: (n[0], n[2]))
     arr = np.array(out, dtype=np.int64).reshape(-1, 4)
     return arr[:, 0], arr[:, 1], arr[:, 2], 4 * arr[:, 3] + 2

@@ -16,14 +16,19 @@ Importing this package imports nothing (the API is loaded on first use), so torc
 scripts such as prep.py start fast.
 """
 
-__all__ = ["DEMO_CHECKPOINT", "DEMO_PRIMER", "Generation", "PerceiverMusic"]
+__all__ = ["DEMO_CHECKPOINT", "DEMO_PRIMER", "Chunk", "Generation", "PerceiverMusic"]
 
 
 def __getattr__(name: str):
-    """The API's names (``PerceiverMusic``, ``Generation``, the bundled demo checkpoint
-    and primer paths), imported from ``api`` on first use."""
+    """The API's names (``PerceiverMusic``, ``Generation``, ``Chunk``, the bundled demo
+    checkpoint and primer paths), imported from ``api`` on first use."""
     if name in __all__:
         from . import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'perceiver_music' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the API's, for ``dir()`` and tab completion."""
+    return sorted({*globals(), *__all__})

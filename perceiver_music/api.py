@@ -260,7 +260,8 @@ class Chunk:
     notes of primer and continuation so far, sorted, times from the start of the primer
     (a note still sounding ends at ``primer_seconds + seconds``, where the music is). The
     last chunk carries ``take``: the finished `Generation`, the same as `generate`
-    returns for the same arguments."""
+    returns for the same arguments, and its notes (there a note never released sounds to
+    the end and at least 1 s, as in the take's MIDI file)."""
 
     tokens: list[int]
     seconds: float
@@ -424,7 +425,8 @@ class PerceiverMusic:
         arguments and seed). Leaving the loop early stops the generation; a ``stop`` that
         returns True ends the take there and still yields it. Takes every argument of
         `generate` but ``progress``; beam search, which picks its sequence only at the
-        end, cannot stream."""
+        end, cannot stream. Impossible settings raise `generate`'s errors before the
+        first chunk, which waits for the first step to be decoded."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
         if settings.get("num_beams", 1) != 1:
@@ -441,9 +443,12 @@ class PerceiverMusic:
         events: queue.Queue = queue.Queue(maxsize=64)
         stopping = threading.Event()
         made: list[int] = []
-        state = {"steps": 0, "shown": 0.0, "ended": False}
+        state = {"steps": 0, "shown": 0.0, "ended": False, "began": False}
 
         def on_step(info: StepInfo) -> None:  # in the decoding thread
+            if not state["began"]:  # the settings passed generate's checks
+                state["began"] = True
+                events.put(None)
             token = int(info.tokens[0])
             if state["ended"] or token == PAD:
                 return
@@ -473,6 +478,9 @@ class PerceiverMusic:
         worker = threading.Thread(target=run, name="perceiver-music-stream", daemon=True)
         worker.start()
         try:
+            began = events.get()
+            if isinstance(began, BaseException):
+                raise began
             yield Chunk([], 0.0, notes_so_far(prime), start)
             while True:
                 item = events.get()

@@ -117,9 +117,6 @@ class DataIndex:
         """A matplotlib Figure: durations and notes/s of the pieces, the share of notes
         on each pitch and of velocity events in each bin, and the token-type shares, each
         per split, with axes and labels."""
-        import matplotlib
-
-        matplotlib.use("Agg")
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(14, 7.5), dpi=100, layout="constrained")
@@ -323,9 +320,6 @@ def run_summary(run: Path, root: Path) -> list[Any]:
 def curves_figure(runs: Sequence[Path], root: Path) -> Any:
     """Training (line) and validation (points) loss against step of ``runs``, on one
     plot, with axes and a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4.5), dpi=100, layout="constrained")

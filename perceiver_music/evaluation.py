@@ -176,8 +176,6 @@ def statistics_figure(groups: Mapping[str, Sequence[Mapping[str, float]]]) -> An
     """One panel per statistic: each group's values (primers, real continuations, each
     checkpoint's continuations) as dots with their mean as a bar."""
     import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     columns = 4
@@ -211,9 +209,6 @@ def statistics_figure(groups: Mapping[str, Sequence[Mapping[str, float]]]) -> An
 def training_curves_figure(runs: Mapping[str, Path]) -> Any:
     """Training and validation loss (nats/token) and the learning rate against the step,
     from each run's metrics.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.5), dpi=110, layout="constrained")

@@ -86,10 +86,9 @@ def pianoroll_figure(
     """A matplotlib Figure of the notes: primer and continuation in two colours (the shade
     follows the velocity), the boundary as a vertical line, a legend, time in seconds on
     the x axis and note names on the y axis. With ``boundary_s`` None the notes are one
-    piece (``primer``): no boundary. Uses the Agg backend (no display needed)."""
+    piece (``primer``): no boundary. Needs no display and leaves matplotlib's backend as it
+    is (a notebook's stays)."""
     import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.collections import PatchCollection
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

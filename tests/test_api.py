@@ -69,6 +69,15 @@ def test_pip_install_editable_then_import_from_another_folder(tmp_path):
     assert "torch" in requires and "perceiver-ar-pytorch==0.0.10" in requires
 
 
+def test_the_package_lists_the_api_it_imports_on_first_use():
+    import perceiver_music
+    from perceiver_music import api
+
+    names = {"PerceiverMusic", "Generation", "Chunk", "DEMO_CHECKPOINT", "DEMO_PRIMER"}
+    assert names <= set(dir(perceiver_music)) and set(perceiver_music.__all__) == names
+    assert all(getattr(perceiver_music, n) is getattr(api, n) for n in names)
+
+
 def readme_example() -> str:
     """The README's Python API example: the first python block under "### Python API"."""
     text = (ROOT / "README.md").read_text()
@@ -140,7 +149,17 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
     notes = take.notes(1)
     assert all(n.start >= take.primer_seconds for n in notes)
     assert take.midi(0).instruments[0].notes[0].start < take.primer_seconds
-    assert take.pianoroll().axes[0].get_xlabel() == "time (s)"
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook's or a user's backend stays as it is
+    try:
+        assert take.pianoroll().axes[0].get_xlabel() == "time (s)"
+        take.pianoroll(tmp_path / "roll.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "roll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(backend)
     info = take.audio(tmp_path / "a.wav")
     assert info.seconds > take.primer_seconds
     assert take.save(tmp_path / "take", audio=False) == []
@@ -202,6 +221,8 @@ def test_stream_yields_the_take_as_it_grows_and_ends_as_generate_does(tiny):
     assert max(n.end for n in first.notes) <= first.primer_seconds + 1e-9
     assert last.take is not None and last.take.continuations == alone.continuations
     assert last.take.settings == alone.settings and last.take.seed == alone.seed
+    assert [(n.start, n.end, n.pitch) for n in last.notes] == [
+        (n.start, n.end, n.pitch) for n in last.take._sorted_notes(0)]
     assert [c.take for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     seconds = [c.seconds for c in chunks]
     assert seconds == sorted(seconds) and len(chunks) >= 4
@@ -228,6 +249,11 @@ def test_stream_yields_the_take_as_it_grows_and_ends_as_generate_does(tiny):
         next(tiny.stream(str(PRIMER), num_beams=2))
     with pytest.raises(TypeError, match="no progress argument"):
         next(tiny.stream(str(PRIMER), progress=print))
+    # impossible settings raise before any chunk, as generate's do
+    for bad, match in ((dict(temperature=-1), "temperature"), (dict(top_p=2), "top_p"),
+                       (dict(stride=10**6), "stride"), (dict(seconds=-1), "seconds")):
+        with pytest.raises(ValueError, match=match):
+            next(tiny.stream(str(PRIMER), **bad))
 
 
 def test_a_stop_ends_sampling_and_beam_search_with_the_music_so_far(tiny):

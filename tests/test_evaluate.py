@@ -137,7 +137,7 @@ def test_bad_settings_are_one_line(setup, tmp_path):
 
 def test_a_note_never_released_counts_as_held_to_the_end():
     """A generated note struck and held to the end of the take is a drone: evaluate.py
-    measures it to the take's end (the decoder alone gives it 1 s), cut at the stretch's
+    measures it to the take's end, as the take's MIDI file holds it, cut at the stretch's
     end as real notes sounding on past it are; notes of the primer or past the stretch
     are left out."""
     from evaluate import continuation_notes

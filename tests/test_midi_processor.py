@@ -122,6 +122,10 @@ def test_decoding_rules_for_non_canonical_ids():
     # note; PAD skipped; 62 and 64 still sounding at END get the fixed length; 65 after END
     # is ignored.
     assert got == [(0, 10, 60, 66), (10, 20, 60, 66), (20, 120, 62, 66), (30, 130, 64, 66)]
+    # a note held to the end sounds to it (a drone stays one), one struck there lasts 1 s
+    held = [60, TIME_SHIFT + 99, TIME_SHIFT + 99, 62, TIME_SHIFT + 9, 64]
+    assert notes_of(decode_midi(held)) == [(0, 210, 60, 66), (200, 300, 62, 66),
+                                           (210, 310, 64, 66)]
     with pytest.raises(ValueError, match="outside the vocabulary"):
         decode_midi([VOCAB_SIZE])
 
