@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import torch
 DATA = Path(__file__).resolve().parent / "data"
 
 REAL_FILES = sorted(DATA.glob("*.mid"))
+
+# A suite started in the background by a shell without job control (`(pytest &)`, some CI
+# runners) inherits an ignored SIGINT, and so would every script it starts: Python leaves
+# an ignored SIGINT ignored, so the Ctrl-C tests would fail on the harness, not on the
+# product. A handler, unlike an ignored signal, is not inherited across exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def make_pm(notes, pedal=(), instruments=1, resolution=480) -> pretty_midi.PrettyMIDI:
