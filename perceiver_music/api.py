@@ -270,6 +270,20 @@ class Chunk:
     take: Generation | None = None
 
 
+@contextlib.contextmanager
+def tf32_products(on: bool) -> Iterator[None]:
+    """With ``on``: CUDA float32 matrix products on TF32 tensor cores for the block, and
+    torch's process-wide setting as it was after it (a caller's own work keeps its
+    precision)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def notes_so_far(tokens: Sequence[int]) -> list[pretty_midi.Note]:
     """The notes of ``tokens``, sorted, those still sounding at its end ending there."""
     closed = [*tokens, *range(NOTE_OFF, NOTE_OFF + 128)]  # stray note-offs are ignored
@@ -297,7 +311,8 @@ class PerceiverMusic:
         ``device`` defaults to CUDA when present. ``dtype`` is the weights' and
         activations' type (`DTYPES`); "auto" is bfloat16 on a CUDA GPU that supports it
         (decoding reads half the bytes; the deviation from float32 is measured in the
-        README) and float32 elsewhere, where on CUDA TF32 matrix products are enabled.
+        README) and float32 elsewhere; float32 on CUDA decodes with TF32 matrix products
+        (only while decoding: torch's process-wide setting is put back after).
         Raises CheckpointError with one line, ValueError for an unknown dtype."""
         path = DEMO_CHECKPOINT if path is None else Path(path)
         if dtype not in DTYPES:
@@ -311,9 +326,6 @@ class PerceiverMusic:
             ) else "float32"
         if dtype == "bfloat16":
             model = model.to(torch.bfloat16)
-        elif device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # float32 products on tensor cores
-            torch.backends.cudnn.allow_tf32 = True
         return cls(model, config, meta, str(path))
 
     @property
@@ -400,12 +412,13 @@ class PerceiverMusic:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                       min_p=min_p, greedy=greedy, creativity=creativity)
         start = time.perf_counter()
-        result = generate(self.model, tokens, max_new_tokens=max_new_tokens,
-                          num_samples=num_samples, sampling=sampling, num_beams=num_beams,
-                          max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
-                          seed=seed, cross_attn_seq_len=cross_attn_seq_len, precision=precision,
-                          cuda_graphs=cuda_graphs, decode_threads=decode_threads,
-                          on_step=progress, stop=stop)
+        with tf32_products(self.device.type == "cuda" and self.dtype == "float32"):
+            result = generate(self.model, tokens, max_new_tokens=max_new_tokens,
+                              num_samples=num_samples, sampling=sampling, num_beams=num_beams,
+                              max_seconds=seconds, stop_on_end=stop_at_end, stride=stride,
+                              seed=seed, cross_attn_seq_len=cross_attn_seq_len,
+                              precision=precision, cuda_graphs=cuda_graphs,
+                              decode_threads=decode_threads, on_step=progress, stop=stop)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
         return Generation(

@@ -256,6 +256,28 @@ def test_stream_yields_the_take_as_it_grows_and_ends_as_generate_does(tiny):
             next(tiny.stream(str(PRIMER), **bad))
 
 
+def test_tf32_is_on_while_decoding_float32_on_cuda_and_put_back_after(tiny, monkeypatch):
+    """What a CPU can show: a model that says it is on CUDA decodes float32 with TF32
+    products on, and torch's process-wide setting is as the caller left it, after a take
+    and after a failed one."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    monkeypatch.setattr(matmul, "allow_tf32", False)
+    monkeypatch.setattr(cudnn, "allow_tf32", False)
+    seen = []
+    tiny.generate(str(PRIMER), max_new_tokens=3, seconds=None,
+                  progress=lambda _: seen.append(matmul.allow_tf32))
+    on_cuda = PerceiverMusic(tiny.model, tiny.config, tiny.meta)
+    monkeypatch.setattr(PerceiverMusic, "device", property(lambda _: torch.device("cuda")))
+    on_cuda.generate(str(PRIMER), max_new_tokens=3, seconds=None,
+                     progress=lambda _: seen.append((matmul.allow_tf32, cudnn.allow_tf32)))
+    assert seen == [False] * 3 + [(True, True)] * 3
+    assert not matmul.allow_tf32 and not cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="boom"):
+        on_cuda.generate(str(PRIMER), max_new_tokens=3, seconds=None,
+                         progress=lambda _: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert not matmul.allow_tf32 and not cudnn.allow_tf32
+
+
 def test_a_stop_ends_sampling_and_beam_search_with_the_music_so_far(tiny):
     steps = []
     for beams in (1, 3):
