@@ -23,6 +23,7 @@ once the files are written (the progress bar and messages stay on standard error
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -130,13 +131,44 @@ def primer_tokens(args) -> tuple[list[int], str]:
 
 def output_folder(args) -> Path:
     """The run folder to write, checked before any work: it must not exist yet, and its
-    parent must be a folder this user can write to (so that no generation is lost)."""
+    parent must be a folder this user can write to (so that no generation is lost). An
+    automatic name (primer and time) that is taken, by a run started in the same second,
+    gets a suffix: NAME-2, NAME-3..."""
     name = args.name or f"{Path(args.primer).stem or 'scratch'}-{time.strftime('%Y%m%d-%H%M%S')}"
     final = Path(args.out_dir) / name
-    if final.exists():
+    if final.exists() and args.name:
         fail(f"{final} already exists: choose another --name")
     check_writable(final.parent, "the output")
-    return final
+    return free_folder(final)
+
+
+def free_folder(final: Path) -> Path:
+    """``final``, or the first of FINAL-2, FINAL-3... that does not exist."""
+    candidate, n = final, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = final.with_name(f"{final.name}-{n}")
+    return candidate
+
+
+def save_take(take, final: Path, **options) -> tuple[Path, list[str]]:
+    """`Generation.save` to ``final``; when another run took that folder while this one
+    was decoding, to the next free FINAL-2, FINAL-3... instead, with a note: a finished
+    take is never thrown away. Returns the folder and the problems `save` met."""
+    asked = final
+    while True:
+        try:
+            problems = take.save(final, **options)
+            break
+        except OSError as exc:  # FileExistsError, or a rename onto a filled folder
+            if not (isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST,
+                                                                     errno.ENOTEMPTY)):
+                raise
+            final = free_folder(final)
+    if final != asked:
+        print(f"note: {asked} was written by another run meanwhile; this take is in {final}",
+              file=sys.stderr)
+    return final, problems
 
 
 def stream_lines(model, primer: list[int], settings: dict, bar, by_seconds: bool,
@@ -233,8 +265,9 @@ def main() -> None:
               "checkpoint_step": model.meta.get("step"), "device": str(state.device),
               "timings": {"load_s": round(load_s, 3)}}
     try:
-        problems = take.save(final, audio=args.audio, soundfont=args.soundfont or None,
-                             renderer=args.renderer, report=report)
+        final, problems = save_take(take, final, audio=args.audio,
+                                    soundfont=args.soundfont or None, renderer=args.renderer,
+                                    report=report)
     except OSError as exc:  # a write error names no file; this says where it went
         fail(f"cannot write the take: {os_error_message(exc, final)}")
     for problem in problems:

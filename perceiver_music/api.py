@@ -387,10 +387,10 @@ class PerceiverMusic:
         """
         _check_whole("num_samples", num_samples, 1)
         _check_whole("num_beams", num_beams, 1)
-        for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
-                                   ("seed", seed, 0), ("cross_attn_seq_len", cross_attn_seq_len, 1),
-                                   ("stride", stride, 1), ("decode_threads", decode_threads, 1)):
-            _check_whole(name, value, least, optional=True)
+        for count in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
+                      ("seed", seed, 0), ("cross_attn_seq_len", cross_attn_seq_len, 1),
+                      ("stride", stride, 1), ("decode_threads", decode_threads, 1)):
+            _check_whole(*count, optional=True)
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(
                 seconds, numbers.Real) or not seconds > 0):
             raise ValueError(f"seconds must be positive (or None for no limit), got {seconds!r}")
@@ -399,7 +399,8 @@ class PerceiverMusic:
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
         settings = {k: v for k, v in locals().items()
-                    if k not in ("self", "primer", "progress", "stop", "tokens", "note")}
+                    if k in inspect.signature(self.generate).parameters
+                    and k not in ("primer", "progress", "stop")}
         given = [name for name, value, default in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
             ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0))

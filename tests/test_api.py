@@ -144,6 +144,12 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
     take = tiny.generate(str(PRIMER), seconds=3, seed=4, num_samples=2, top_p=0.9,
                          creativity=1.0, cross_attn_seq_len=16)
     assert take.settings["cross_attn_seq_len"] == 16 and take.settings["creativity"] == 1.0
+    # the settings are generate's own arguments (nothing else), so a take can be replayed
+    import inspect
+    assert set(take.settings) == set(inspect.signature(tiny.generate).parameters) - {
+        "primer", "progress", "stop"}
+    replayed = tiny.generate(str(PRIMER), **take.settings)
+    assert replayed.continuations == take.continuations
     assert all(s >= 3 or r != "seconds" for s, r in zip(take.seconds, take.stop_reasons,
                                                         strict=True))
     notes = take.notes(1)

@@ -350,3 +350,38 @@ def test_stream_prints_the_music_as_it_grows(ckpt, tmp_path):
     assert report(tmp_path / "w")["samples"][0]["token_ids"] == tokens
     beams = gen(ckpt, tmp_path, "--stream", "--beams", "2")
     assert beams.returncode == 1 and "--stream needs sampling" in beams.stderr
+
+
+def test_a_taken_automatic_name_gets_a_suffix_and_no_take_is_thrown_away(ckpt, tmp_path):
+    """Two runs started in the same second: the automatic name (primer and time) of the
+    second is taken, at the start or while it decodes; its take goes to NAME-2, never
+    discarded. A name the user gave is still refused before any work."""
+    import time
+
+    import generate
+    from perceiver_music.api import PerceiverMusic
+
+    out = tmp_path / "out"
+    now = time.time()
+    taken = [out / f"{PRIMER.stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}"
+             for s in range(-1, 30)]  # every name this run may pick
+    for folder in taken:
+        folder.mkdir(parents=True)
+        (folder / "full.mid").write_bytes(b"the first run's")
+    r = gen(ckpt, out)
+    assert r.returncode == 0, r.stderr
+    written = sorted(p for p in out.iterdir() if p.name.endswith("-2"))
+    assert len(written) == 1 and (written[0] / "full.mid").read_bytes()[:4] == b"MThd"
+    assert all((f / "full.mid").read_bytes() == b"the first run's" for f in taken)
+    r = gen(ckpt, out, "--name", taken[0].name)
+    assert r.returncode == 1 and "already exists: choose another --name" in r.stderr
+    # taken while this run decoded: save_take moves on to the next free name
+    take = PerceiverMusic.from_pretrained(ckpt, device="cpu").generate(
+        str(PRIMER), max_new_tokens=5, seconds=None, seed=1)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "full.mid").write_bytes(b"the first run's")
+    final, problems = generate.save_take(take, busy, audio=False)
+    assert final == tmp_path / "busy-2" and problems == []
+    assert (final / "full.mid").exists()
+    assert (busy / "full.mid").read_bytes() == b"the first run's"
