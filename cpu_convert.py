@@ -2,7 +2,7 @@
 
     python cpu_convert.py ckpt/run/last ckpt/portable            # this project's folders
     python cpu_convert.py old/model.pth ckpt/old --heads 8 --prefix 1024
-    python cpu_convert.py ckpt/run/last/state ckpt/from_state     # accelerate save_state
+    python cpu_convert.py old-run/state ckpt/from_state  # an accelerate save_state folder
 
 Reads this project's checkpoint folders, accelerate save_state folders and the original
 scripts' .pth files (``{'state_dict': ...}``, ``module.`` / ``_orig_mod.`` / ``net.``

@@ -568,6 +568,7 @@ class Run:
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
         self.step, self.best, self.previous_s = step, best, previous_s
         self.first_step = step
+        self.best_step: int | None = None  # the step of the best validation in this sitting
         self.main = accelerator.is_main_process
         self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
         self.val_loss: float | None = None
@@ -647,9 +648,13 @@ class Run:
             self.val_loss = evaluate(self.model, self.val, self.accelerator, self.args.batch_size)
         improved = self.val_loss < self.best
         self.best = min(self.best, self.val_loss)
+        if improved:
+            self.best_step = self.step
         if self.main:
+            start = " (the starting weights: best/ until a step beats them)" if \
+                self.step == 0 else " (best)" if improved else ""
             bar.write(f"step {self.step}: validation loss {self.val_loss:.4f} nats/token"
-                      + (" (best)" if improved else ""))
+                      + start)
             self.log.row(self.step, self.elapsed(), "", f"{self.val_loss:.5f}", f"{lr:.3e}")
             self.log.scalars(self.step, {"loss/val": self.val_loss})
             if improved:
@@ -658,6 +663,15 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.budget.validation_s = time.perf_counter() - t_final
         self.overhead_s += self.budget.validation_s
+
+    def best_line(self) -> str:
+        """The run's last words on its best validation loss, saying plainly when no step
+        of a fine-tuning run beat the weights it started from."""
+        line = f"best validation loss {self.best:.4f} nats/token"
+        if self.best_step == 0:
+            line += (f" at step 0: no step beat the starting weights ({self.args.init}), "
+                     "which best/ holds (try a lower --learning_rate or fewer steps)")
+        return f"{line}; checkpoints in {self.out_dir}"
 
     def save_last(self) -> None:
         t_final = time.perf_counter()
@@ -691,6 +705,8 @@ class Run:
                                    "{postfix}]") if budget_s else dict(total=args.max_steps,
                                                                       initial=self.step)
         with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
+            if args.init and self.step == 0:  # fine-tuning: the loss to beat is the start's
+                self.validate(lr_at(0, args), bar)
             clock = projected = self.previous_s  # the same everywhere
             decay_s = projected  # never back: a measured validation may be shorter than its
             while self.step < args.max_steps:  # estimate, and the rate would rise again
@@ -724,8 +740,7 @@ class Run:
                     if self.main:
                         bar.write(f"time budget of {args.max_minutes:g} min spent at step "
                                   f"{self.step} ({self.elapsed():.0f} s): the schedule is "
-                                  f"complete (lr {lr:.2e}); best validation loss "
-                                  f"{self.best:.4f} nats/token; checkpoints in {self.out_dir}")
+                                  f"complete (lr {lr:.2e}); {self.best_line()}")
                     break
 
 
@@ -821,8 +836,7 @@ def main() -> None:
         check_replicas(accelerator, model)
     log.close()
     if accelerator.is_main_process and run.step == args.max_steps:
-        print(f"done: {run.step} steps, best validation loss {run.best:.4f} nats/token; "
-              f"checkpoints in {out_dir}")
+        print(f"done: {run.step} steps, {run.best_line()}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     # Stopped by Ctrl-C or SIGTERM: the shell's status for that signal (130, 143), after

@@ -610,8 +610,25 @@ def test_init_fine_tunes_from_a_checkpoint_with_a_new_schedule(data_dir, tmp_pat
     assert f"model: from {first / 'last'}" in r.stdout and "context 64" in r.stdout
     assert "note: --preset demo is not used: --init takes the checkpoint's shape" in r.stdout
     assert "note: --warmup_steps 5 exceeds --max_steps 1" in r.stdout
-    val = float((second / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
+    rows = (second / "metrics.csv").read_text().splitlines()
+    start = rows[1].split(",")  # validated before the first step: the loss to beat
+    assert start[0] == "0" and float(start[2]) == pytest.approx(trained, abs=1e-4)
+    assert "step 0: validation loss" in r.stdout and "(the starting weights" in r.stdout
+    val = float(rows[-1].split(",")[2])
     assert val == pytest.approx(trained, abs=0.05)  # the same weights, not a fresh model
     assert '"step": 1,' in (second / "last" / "config.json").read_text()
+    # a fine-tuning that makes things worse: best/ keeps the starting weights, and says so
+    worse = tmp_path / "worse"
+    r = run([*base, "--out_dir", str(worse), "--max_steps", "6", "--eval_interval", "3",
+             "--init", str(first / "last"), "--learning_rate", "0.5", "--warmup_steps", "1"])
+    assert r.returncode == 0, r.stderr
+    assert "no step beat the starting weights" in r.stdout.strip().splitlines()[-1]
+    assert '"step": 0,' in (worse / "best" / "config.json").read_text()
+    import torch
+    from safetensors.torch import load_file
+
+    kept, started = (load_file(f / "model.safetensors") for f in (worse / "best", first / "last"))
+    assert kept.keys() == started.keys()
+    assert all(torch.equal(kept[k], started[k]) for k in kept)
     r = run([*base, "--out_dir", str(second), "--init", str(first / "last"), "--resume"])
     assert r.returncode == 1 and "choose one" in r.stderr
