@@ -144,13 +144,19 @@ def hash_split(group: str, val_share: float, test_share: float) -> str:
     return "test" if u < test_share else "val" if u < test_share + val_share else "train"
 
 
+_FILE_HINT = "if a folder holds different pieces, --group_by file splits file by file"
+
+
 def hash_splits(groups: dict[str, str], val_share: float,
                 test_share: float) -> tuple[dict[str, str], list[str]]:
     """Relative path -> split for ``groups`` (relative path -> group), every file of a
     group in its group's `hash_split`; and warnings. A small folder could leave val/ (which
     train.py needs) or test/ empty: then the train group nearest to that split's share of
-    the hash range moves there, as long as train keeps a group; else a warning says so."""
+    the hash range moves there, as long as train keeps a group; else a warning says so.
+    With few pieces a split can also get far more than its share: a warning says so too.
+    When groups hold several files the warnings say how to split file by file instead."""
     of_group = {g: hash_split(g, val_share, test_share) for g in set(groups.values())}
+    hint = f"; {_FILE_HINT}" if len(of_group) < len(groups) else ""
     warnings = []
     for split, share in (("val", val_share), ("test", test_share)):
         if share <= 0 or split in of_group.values():
@@ -160,8 +166,15 @@ def hash_splits(groups: dict[str, str], val_share: float,
             of_group[train[0]] = split
         else:
             warnings.append(f"warning: {len(of_group)} piece(s) ({len(groups)} MIDI files) "
-                            f"are too few to put one in {split}/")
-    return {p: of_group[g] for p, g in groups.items()}, warnings
+                            f"are too few to put one in {split}/{hint}")
+    splits = {p: of_group[g] for p, g in groups.items()}
+    for split, share in (("val", val_share), ("test", test_share)):
+        got = sum(s == split for s in splits.values())
+        if got > 1 and got / len(splits) > 2 * share + 0.1:
+            warnings.append(f"warning: {split}/ gets {got} of {len(splits)} MIDI files "
+                            f"({got / len(splits):.0%}, --{split}_share {share:g}): "
+                            f"{len(of_group)} piece(s) split coarsely{hint}")
+    return splits, warnings
 
 
 _METADATA = "metadata.csv"  # in the input folder: which piece each file performs
@@ -280,7 +293,8 @@ def gather_sources(folders: dict[str, Path], val_share: float, test_share: float
                     for p, (split, group, piece) in sources.items()})
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
     if val_share > 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
-        warnings.append("warning: no piece went to val/, which train.py needs: add files")
+        warnings.append("warning: no piece went to val/, which train.py needs: add files, "
+                        "or, " + _FILE_HINT)
     return out, warnings
 
 

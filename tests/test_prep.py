@@ -454,6 +454,39 @@ def test_a_small_folder_still_gets_validation_and_test_files(tmp_path: Path) -> 
     assert "train.py needs" not in r.stderr
 
 
+def test_a_folder_of_different_pieces_gets_told_how_to_split_it(tmp_path: Path) -> None:
+    """A user's folder often holds one folder per composer: grouped by folder (the
+    default) it is one piece, so val/ stays empty, and with few folders a split can take
+    most files; the warnings say to split file by file, and --group_by file does."""
+    from prep import hash_split
+
+    flat, nested = tmp_path / "flat", tmp_path / "nested"
+    for i in range(6):
+        write(flat / "Grieg" / f"p{i}.mid", REAL_FILES[i % 5].read_bytes())
+    r = run_prep("--input", flat, "--output", tmp_path / "d1")
+    assert r.returncode == 0
+    assert "too few to put one in val/; if a folder holds different pieces, --group_by " \
+           "file splits file by file" in r.stderr
+    assert "no piece went to val/, which train.py needs: add files, or, if a folder" in r.stderr
+    r = run_prep("--input", flat, "--output", tmp_path / "d2", "--group_by", "file")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert {"train", "val", "test"} == {e["split"] for e in manifest(tmp_path / "d2").values()}
+    # two folders of five files whose hash is test's, three single files in train
+    names = (f"c{i}" for i in range(1000))
+    tested = [n for n in names if hash_split(n, 0.05, 0.05) == "test"][:2]
+    trained = [n for n in (f"t{i}" for i in range(1000))
+               if hash_split(n, 0.05, 0.05) == "train"][:3]
+    for folder in tested:
+        for i in range(5):
+            write(nested / folder / f"p{i}.mid", REAL_FILES[i].read_bytes())
+    for folder in trained:
+        write(nested / folder / "p.mid", REAL_FILES[0].read_bytes())
+    r = run_prep("--input", nested, "--output", tmp_path / "d3")
+    assert r.returncode == 0
+    assert "warning: test/ gets 10 of 13 MIDI files (77%, --test_share 0.05): " \
+           "5 piece(s) split coarsely; if a folder holds different pieces" in r.stderr
+
+
 def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None:
     """An ASAP-like folder (Composer/Work/Piece/Performer.mid and a metadata.csv naming
     each file's piece): every piece's performances land in one split, the manifest records
