@@ -1009,6 +1009,13 @@ def main() -> None:
         fail(f"--port must be from 1 to 65535, got {args.port}")
     if args.primer and not Path(args.primer).is_file():
         fail(f"{args.primer}: primer file not found (--primer; '' offers no bundled primer)")
+    if args.primer:  # unreadable: said now, not at a user's first take
+        from midi_processor import MidiError, encode_midi
+
+        try:
+            encode_midi(args.primer)
+        except MidiError as exc:
+            fail(f"{exc} (--primer)")
     from perceiver_music.render import audio_options_problem
 
     problem = audio_options_problem(args.renderer, args.soundfont)

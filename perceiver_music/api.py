@@ -110,6 +110,8 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
         what = "all"
     note = f"primer: {what} of {name} ({piece_seconds(cut):.1f} of {total:.1f} s, {len(cut)} " \
            "tokens)"
+    if not any(t < NOTE_OFF for t in cut) and any(t < NOTE_OFF for t in tokens):
+        note += "; it holds no notes, only silence, which the model continues"
     return cut or [START_TOKEN], note
 
 

@@ -17,6 +17,7 @@ import torch
 
 from midi_processor import END, MidiError, encode_midi
 from perceiver_music import Generation, PerceiverMusic
+from perceiver_music.api import primer_tokens
 from perceiver_music.checkpoint import CheckpointError, save_checkpoint
 from perceiver_music.config import preset
 from perceiver_music.model import build_model
@@ -130,6 +131,11 @@ def test_every_kind_of_primer(tiny):
                 {"prime_tokens": -10}):
         with pytest.raises(ValueError, match=f"{next(iter(cut))} must be"):
             tiny.generate(raw, **cut)
+    late = pretty_midi.PrettyMIDI()  # a recording that starts with a long rest
+    late.instruments.append(pretty_midi.Instrument(0))
+    late.instruments[0].notes.append(pretty_midi.Note(80, 60, 30.0, 30.5))
+    assert "it holds no notes, only silence" in primer_tokens(late, seconds=20)[1]
+    assert "no notes" not in primer_tokens(late, seconds=0)[1]
     scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
     assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
     with pytest.raises(MidiError, match="is a folder"):

@@ -27,6 +27,8 @@ def test_bad_options_get_one_line(tmp_path):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = str(busy.getsockname()[1])
+    empty = tmp_path / "empty.mid"
+    empty.write_bytes(b"")
     cases = [(["--ckpt", str(tmp_path / "missing")], "does not exist"),
              (["--port", port], f"cannot serve on 127.0.0.1:{port}"),
              (["--port", "99999"], "--port must be from 1 to 65535, got 99999"),
@@ -35,6 +37,7 @@ def test_bad_options_get_one_line(tmp_path):
              (["--max_seconds", "0"], "--max_seconds must be above 0 and at most 3600"),
              (["--stream_seconds", "0"], "--stream_seconds must be from 0.1 to 10"),
              (["--primer", str(tmp_path / "none.mid")], "none.mid: primer file not found"),
+             (["--primer", str(empty)], "empty.mid: empty file (--primer)"),
              (["--out_dir", "/proc/no-takes-here"],
               "cannot write takes (--out_dir): /proc/no-takes-here"),
              (["--renderer", "foo"], "--renderer must be midirenderer or fluidsynth"),
