@@ -274,8 +274,10 @@ def main() -> None:
         print(f"warning: no audio.wav: {problem}; MIDI and piano roll are written",
               file=sys.stderr)
     total = sum(len(t) for t in take.continuations)
+    each = f" ({' + '.join(str(len(t)) for t in take.continuations)})" if len(
+        take.continuations) > 1 else ""
     print(
-        f"wrote {final}: {total} tokens, "
+        f"wrote {final}: {total} tokens{each}, "
         f"{', '.join(f'{s:.1f}' for s in take.seconds)} s of music in {take.generate_s:.1f} s "
         f"({total / take.generate_s:.0f} tokens/s), "
         + ("beam search" if args.beams > 1 else f"seed {take.seed}"),

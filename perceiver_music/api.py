@@ -251,7 +251,9 @@ class Generation:
     def _title(self, i: int) -> str:
         name = self.extra.get("primer_name") or "primer"
         sample = f", sample {i + 1}" if len(self.continuations) > 1 else ""
-        return f"{name}, continued by {Path(self.checkpoint).name}, seed {self.seed}{sample}"
+        ckpt = Path(self.checkpoint)  # a run's best/ or last/ is named with its run
+        model = f"{ckpt.parent.name}/{ckpt.name}" if ckpt.name in ("best", "last") else ckpt.name
+        return f"{name}, continued by {model}, seed {self.seed}{sample}"
 
 
 @dataclass

@@ -150,6 +150,9 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
     take = tiny.generate(str(PRIMER), seconds=3, seed=4, num_samples=2, top_p=0.9,
                          creativity=1.0, cross_attn_seq_len=16)
     assert take.settings["cross_attn_seq_len"] == 16 and take.settings["creativity"] == 1.0
+    assert f"continued by {Path(tiny.source).name}, seed 4" in take._title(0)
+    take.checkpoint = "ckpt/mine/best"  # a run's best/ is named with its run
+    assert "continued by mine/best, seed 4, sample 1" in take._title(0)
     # the settings are generate's own arguments (nothing else), so a take can be replayed
     import inspect
     assert set(take.settings) == set(inspect.signature(tiny.generate).parameters) - {

@@ -102,6 +102,8 @@ def test_same_seed_same_tokens_and_samples_differ(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     three = [s["token_ids"] for s in report(tmp_path / "three")["samples"]]
     assert len({tuple(t) for t in three}) == 3
+    each = " + ".join(str(len(t)) for t in three)  # the total, and each sample's share
+    assert f"{sum(map(len, three))} tokens ({each}), " in r.stdout
     assert (tmp_path / "three" / "full_3.mid").exists()
 
 
