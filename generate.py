@@ -139,7 +139,11 @@ def output_folder(args) -> Path:
     if final.exists() and args.name:
         fail(f"{final} already exists: choose another --name")
     check_writable(final.parent, "the output")
-    return free_folder(final)
+    free = free_folder(final)
+    if free != final:
+        print(f"note: {final} exists (a run started in the same second); this take goes to "
+              f"{free}", file=sys.stderr)
+    return free
 
 
 def free_folder(final: Path) -> Path:
@@ -161,10 +165,12 @@ def save_take(take, final: Path, **options) -> tuple[Path, list[str]]:
             problems = take.save(final, **options)
             break
         except OSError as exc:  # FileExistsError, or a rename onto a filled folder
-            if not (isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST,
-                                                                     errno.ENOTEMPTY)):
+            taken = isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST,
+                                                                     errno.ENOTEMPTY)
+            free = free_folder(asked)
+            if not taken or free == final:  # not a folder another run took: a real error
                 raise
-            final = free_folder(final)
+            final = free
     if final != asked:
         print(f"note: {asked} was written by another run meanwhile; this take is in {final}",
               file=sys.stderr)

@@ -147,16 +147,18 @@ def hash_split(group: str, val_share: float, test_share: float) -> str:
 _FILE_HINT = "if a folder holds different pieces, --group_by file splits file by file"
 
 
-def hash_splits(groups: dict[str, str], val_share: float,
-                test_share: float) -> tuple[dict[str, str], list[str]]:
+def hash_splits(groups: dict[str, str], val_share: float, test_share: float,
+                by_folder: bool = False) -> tuple[dict[str, str], list[str]]:
     """Relative path -> split for ``groups`` (relative path -> group), every file of a
     group in its group's `hash_split`; and warnings. A small folder could leave val/ (which
     train.py needs) or test/ empty: then the train group nearest to that split's share of
     the hash range moves there, as long as train keeps a group; else a warning says so.
     With few pieces a split can also get far more than its share: a warning says so too.
-    When groups hold several files the warnings say how to split file by file instead."""
+    When the groups are folders (``by_folder``) holding several files, the warnings say
+    how to split file by file instead (not for pieces that metadata names: their files
+    are performances of one piece, which must not straddle splits)."""
     of_group = {g: hash_split(g, val_share, test_share) for g in set(groups.values())}
-    hint = f"; {_FILE_HINT}" if len(of_group) < len(groups) else ""
+    hint = f"; {_FILE_HINT}" if by_folder and len(of_group) < len(groups) else ""
     warnings = []
     for split, share in (("val", val_share), ("test", test_share)):
         if share <= 0 or split in of_group.values():
@@ -255,7 +257,8 @@ def find_sources(root: Path, val_share: float, test_share: float,
              f"({below.parent}), or that and the other folders comma-separated, so that its "
              "splits are used")
     groups = file_groups(root, paths, group_by)
-    splits, warnings = hash_splits(groups, val_share, test_share)
+    by_folder = group_by != "file" and groups == file_groups(root, paths, "folder")
+    splits, warnings = hash_splits(groups, val_share, test_share, by_folder)
     return {p: (splits[p], groups[p], ("", "")) for p in paths}, warnings
 
 
@@ -293,8 +296,7 @@ def gather_sources(folders: dict[str, Path], val_share: float, test_share: float
                     for p, (split, group, piece) in sources.items()})
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
     if val_share > 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
-        warnings.append("warning: no piece went to val/, which train.py needs: add files, "
-                        "or, " + _FILE_HINT)
+        warnings.append("warning: no piece went to val/, which train.py needs: add files")
     return out, warnings
 
 

@@ -252,7 +252,8 @@ class Generation:
         name = self.extra.get("primer_name") or "primer"
         sample = f", sample {i + 1}" if len(self.continuations) > 1 else ""
         ckpt = Path(self.checkpoint)  # a run's best/ or last/ is named with its run
-        model = f"{ckpt.parent.name}/{ckpt.name}" if ckpt.name in ("best", "last") else ckpt.name
+        model = f"{ckpt.absolute().parent.name}/{ckpt.name}" if ckpt.name in (
+            "best", "last") else ckpt.name
         return f"{name}, continued by {model}, seed {self.seed}{sample}"
 
 
@@ -274,18 +275,31 @@ class Chunk:
     take: Generation | None = None
 
 
+_TF32 = {"users": 0, "saved": "highest"}  # decodings inside tf32_products, the setting before
+_TF32_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def tf32_products(on: bool) -> Iterator[None]:
-    """With ``on``: CUDA float32 matrix products on TF32 tensor cores for the block, and
-    torch's process-wide setting as it was after it (a caller's own work keeps its
-    precision)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if on:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    """With ``on``: float32 matrix products on TF32 tensor cores (precision "high") for
+    the block, and torch's process-wide setting as it was once the last of several
+    overlapping blocks (streams decode in threads) ends: a caller's own work keeps its
+    precision. Without ``on`` nothing is touched."""
+    if not on:
+        yield
+        return
+    with _TF32_LOCK:
+        if _TF32["users"] == 0:
+            _TF32["saved"] = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+        _TF32["users"] += 1
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _TF32_LOCK:
+            _TF32["users"] -= 1
+            if _TF32["users"] == 0:
+                torch.set_float32_matmul_precision(_TF32["saved"])
 
 
 def notes_so_far(tokens: Sequence[int]) -> list[pretty_midi.Note]:
@@ -402,9 +416,9 @@ class PerceiverMusic:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
+        arguments = inspect.signature(self.generate).parameters
         settings = {k: v for k, v in locals().items()
-                    if k in inspect.signature(self.generate).parameters
-                    and k not in ("primer", "progress", "stop")}
+                    if k in arguments and k not in ("primer", "progress", "stop")}
         given = [name for name, value, default in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
             ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0))
@@ -426,9 +440,9 @@ class PerceiverMusic:
                               decode_threads=decode_threads, on_step=progress, stop=stop)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
-        return Generation(
+        return Generation(  # settings with the seed drawn: they replay the take
             primer=tokens, continuations=result.tokens, stop_reasons=result.stop_reasons,
-            seconds=result.seconds, seed=result.seed, settings=settings,
+            seconds=result.seconds, seed=result.seed, settings={**settings, "seed": result.seed},
             checkpoint=self.source, generate_s=time.perf_counter() - start,
             primer_note=note, extra={"primer_name": name,
                                      "scores": result.scores,
@@ -436,15 +450,15 @@ class PerceiverMusic:
 
     def stream(self, primer: Primer = None, *, chunk_seconds: float = 1.0,
                **settings: Any) -> Iterator[Chunk]:
-        """`generate` a chunk at a time: yields a first `Chunk` at once (no new tokens: the
-        primer, so that a player can start), another each time the first sample's music
-        has grown by ``chunk_seconds``, while decoding goes on in a thread, and a last one
-        holding the finished take (the same as `generate` with the same
-        arguments and seed). Leaving the loop early stops the generation; a ``stop`` that
-        returns True ends the take there and still yields it. Takes every argument of
-        `generate` but ``progress``; beam search, which picks its sequence only at the
-        end, cannot stream. Impossible settings raise `generate`'s errors before the
-        first chunk, which waits for the first step to be decoded."""
+        """`generate` a chunk at a time: yields a first `Chunk` once the first token is
+        decoded (no new tokens: the primer, so that a player can start), another each
+        time the first sample's music has grown by ``chunk_seconds``, while decoding goes
+        on in a thread, and a last one holding the finished take (the same as `generate`
+        with the same arguments and seed). Leaving the loop early stops the generation; a
+        ``stop`` that returns True ends the take there and still yields it. Takes every
+        argument of `generate` but ``progress``; beam search, which picks its sequence
+        only at the end, cannot stream. Impossible settings raise `generate`'s errors
+        before the first chunk."""
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
         if settings.get("num_beams", 1) != 1:
@@ -488,6 +502,8 @@ class PerceiverMusic:
             try:
                 take = self.generate(primer, **settings, progress=on_step,
                                      stop=lambda: stopping.is_set() or asked())
+                if not state["began"]:  # no step was reported: the reader waits for one
+                    events.put(None)
                 events.put(Chunk(take.continuations[0], take.seconds[0],
                                  take._sorted_notes(0), start, take))
             except BaseException as exc:  # noqa: BLE001 (raised again in the reader)

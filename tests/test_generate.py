@@ -366,7 +366,7 @@ def test_a_taken_automatic_name_gets_a_suffix_and_no_take_is_thrown_away(ckpt, t
     out = tmp_path / "out"
     now = time.time()
     taken = [out / f"{PRIMER.stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}"
-             for s in range(-1, 30)]  # every name this run may pick
+             for s in range(-1, 180)]  # every name this run may pick
     for folder in taken:
         folder.mkdir(parents=True)
         (folder / "full.mid").write_bytes(b"the first run's")
@@ -374,6 +374,7 @@ def test_a_taken_automatic_name_gets_a_suffix_and_no_take_is_thrown_away(ckpt, t
     assert r.returncode == 0, r.stderr
     written = sorted(p for p in out.iterdir() if p.name.endswith("-2"))
     assert len(written) == 1 and (written[0] / "full.mid").read_bytes()[:4] == b"MThd"
+    assert f"this take goes to {written[0]}" in r.stderr
     assert all((f / "full.mid").read_bytes() == b"the first run's" for f in taken)
     r = gen(ckpt, out, "--name", taken[0].name)
     assert r.returncode == 1 and "already exists: choose another --name" in r.stderr

@@ -119,7 +119,7 @@ def test_decoding_rules_for_non_canonical_ids():
     ids = [NOTE_OFF + 61, 60, ts, 60, ts, NOTE_OFF + 60, 62, 62, ts, PAD, 64, END, 65]
     got = notes_of(decode_midi(ids))
     # stray off ignored; re-struck 60 ends the first; 62 struck twice on one step is one
-    # note; PAD skipped; 62 and 64 still sounding at END get the fixed length; 65 after END
+    # note; PAD skipped; 62 and 64 still sounding at END last 1 s, the least; 65 after END
     # is ignored.
     assert got == [(0, 10, 60, 66), (10, 20, 60, 66), (20, 120, 62, 66), (30, 130, 64, 66)]
     # a note held to the end sounds to it (a drone stays one), one struck there lasts 1 s

@@ -467,7 +467,7 @@ def test_a_folder_of_different_pieces_gets_told_how_to_split_it(tmp_path: Path) 
     assert r.returncode == 0
     assert "too few to put one in val/; if a folder holds different pieces, --group_by " \
            "file splits file by file" in r.stderr
-    assert "no piece went to val/, which train.py needs: add files, or, if a folder" in r.stderr
+    assert "no piece went to val/, which train.py needs: add files" in r.stderr
     r = run_prep("--input", flat, "--output", tmp_path / "d2", "--group_by", "file")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     assert {"train", "val", "test"} == {e["split"] for e in manifest(tmp_path / "d2").values()}
@@ -516,6 +516,8 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
             by_group.setdefault(e["group"], set()).add(e["split"])
         assert len(by_group) == expected_groups, sorted(by_group)
         assert all(len(splits) == 1 for splits in by_group.values())  # no group straddles
+        if group_by in ("auto", "composer"):  # pieces named by metadata: never split by file
+            assert "--group_by file" not in r.stderr
         if expected_groups >= 12:
             assert {e["split"] for e in entries} == {"train", "val", "test"}
     assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
