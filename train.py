@@ -316,9 +316,9 @@ def trim_metrics(path: Path, step: int) -> None:
         write_atomic(path, "".join(kept).encode())
 
 
-def resume_meta(meta: dict, where: Path) -> tuple[int, float, float]:
-    """The step, best validation loss and training seconds of the run being resumed,
-    checked."""
+def resume_meta(meta: dict, where: Path) -> tuple[int, float, float, int | None]:
+    """The step, best validation loss, training seconds and the step of the best
+    validation (None when unknown) of the run being resumed, checked."""
     step, best, seconds = meta.get("step"), meta.get("best_val_loss"), meta.get(
         "train_seconds", 0.0)
     if type(step) is not int or step < 0:
@@ -327,7 +327,9 @@ def resume_meta(meta: dict, where: Path) -> tuple[int, float, float]:
         if value is not None and (not isinstance(value, int | float) or not math.isfinite(
                 value) or isinstance(value, bool)):
             fail(f"cannot resume: {where}: {name} {value!r} is not a number")
-    return step, math.inf if best is None else float(best), float(seconds or 0.0)
+    best_step = meta.get("best_step")
+    return (step, math.inf if best is None else float(best), float(seconds or 0.0),
+            best_step if type(best_step) is int else None)
 
 
 def mixed_precision(args) -> dict[str, str]:
@@ -439,8 +441,9 @@ def inherit_settings(args) -> list[str]:
 
 def starting_point(args, out_dir: Path):
     """Where the run starts: (model, config, step, best validation loss, training seconds
-    so far). Resumed from ``out_dir/last``, started from --init's weights, or a new model
-    of the preset (model None: it is built once the seed is set)."""
+    so far, the best validation's step). Resumed from ``out_dir/last``, started from
+    --init's weights, or a new model of the preset (model None: it is built once the seed
+    is set)."""
     from perceiver_music.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -454,16 +457,17 @@ def starting_point(args, out_dir: Path):
             fail(f"cannot resume: {exc}")
         if not (out_dir / "last" / "state").is_dir():
             fail(f"cannot resume: {out_dir / 'last' / 'state'} is missing")
-        step, best, previous_s = resume_meta(meta, out_dir / "last" / "config.json")
+        step, best, previous_s, best_step = resume_meta(meta,
+                                                        out_dir / "last" / "config.json")
         if step >= args.max_steps:
             fail(f"the run in {out_dir} already did {step} steps; raise --max_steps")
         spent = meta.get("budget_spent")
         if isinstance(spent, int | float) and spent >= args.max_minutes > 0:
             fail(f"the run in {out_dir} spent its time budget of {args.max_minutes:g} min; "
                  "raise --max_minutes to train on")
-        return model, cfg, step, best, previous_s
+        return model, cfg, step, best, previous_s, best_step
     model, cfg = init_from(args) if args.init else (None, model_config(args))
-    return model, cfg, 0, math.inf, 0.0
+    return model, cfg, 0, math.inf, 0.0, None
 
 
 def load_data(args, cfg, data_dir: Path):
@@ -562,13 +566,14 @@ class Run:
     reads as its steps: `train_step`, `log_train`, `validate`, `save_last`."""
 
     def __init__(self, args, accelerator, model, optimizer, sampler, tuner, cfg, val,
-                 out_dir: Path, log: RunLog, step: int, best: float, previous_s: float) -> None:
+                 out_dir: Path, log: RunLog, step: int, best: float, previous_s: float,
+                 best_step: int | None = None) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
         self.step, self.best, self.previous_s = step, best, previous_s
         self.first_step = step
-        self.best_step: int | None = None  # the step of the best validation in this sitting
+        self.best_step = best_step  # the step of the best validation (0: the start's)
         self.main = accelerator.is_main_process
         self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
         self.val_loss: float | None = None
@@ -598,6 +603,7 @@ class Run:
         """What a checkpoint of this moment records about the run."""
         return {"step": self.step, "val_loss": self.val_loss,
                 "best_val_loss": self.best if self.best < math.inf else None,
+                "best_step": self.best_step,
                 "train_seconds": round(self.elapsed(), 3), "train": self.settings,
                 **({"budget_spent": self.args.max_minutes} if self.spent else {})}
 
@@ -669,8 +675,8 @@ class Run:
         of a fine-tuning run beat the weights it started from."""
         line = f"best validation loss {self.best:.4f} nats/token"
         if self.best_step == 0:
-            line += (f" at step 0: no step beat the starting weights ({self.args.init}), "
-                     "which best/ holds (try a lower --learning_rate or fewer steps)")
+            line += (" at step 0: no step beat the weights the run started from, which "
+                     "best/ holds (try a lower --learning_rate or fewer steps)")
         return f"{line}; checkpoints in {self.out_dir}"
 
     def save_last(self) -> None:
@@ -792,7 +798,7 @@ def main() -> None:
     from perceiver_music.model import build_model, use_fast_forward
 
     out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
-    model, cfg, step, best, previous_s = starting_point(args, out_dir)
+    model, cfg, step, best, previous_s, best_step = starting_point(args, out_dir)
     train_split, spec, val = load_data(args, cfg, data_dir)
     accelerator, tuner = make_accelerator(args)
     set_seed(args.seed)  # the same initial weights in every process
@@ -827,7 +833,7 @@ def main() -> None:
     if accelerator.is_main_process:
         print("\n".join([describe(args, accelerator, model, cfg, train_split, tuner), *notes]))
     run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
-              step, best, previous_s)
+              step, best, previous_s, best_step)
     signal.signal(signal.SIGINT, run.request_stop)
     signal.signal(signal.SIGTERM, run.request_stop)
     run.loop()

@@ -619,10 +619,13 @@ def test_init_fine_tunes_from_a_checkpoint_with_a_new_schedule(data_dir, tmp_pat
     assert '"step": 1,' in (second / "last" / "config.json").read_text()
     # a fine-tuning that makes things worse: best/ keeps the starting weights, and says so
     worse = tmp_path / "worse"
-    r = run([*base, "--out_dir", str(worse), "--max_steps", "6", "--eval_interval", "3",
+    r = run([*base, "--out_dir", str(worse), "--max_steps", "3", "--eval_interval", "3",
              "--init", str(first / "last"), "--learning_rate", "0.5", "--warmup_steps", "1"])
     assert r.returncode == 0, r.stderr
-    assert "no step beat the starting weights" in r.stdout.strip().splitlines()[-1]
+    assert "no step beat the weights the run started from" in r.stdout.strip().splitlines()[-1]
+    r = run(["--out_dir", str(worse), "--resume", "--max_steps", "6"])  # a second sitting
+    assert r.returncode == 0, r.stderr
+    assert "no step beat the weights the run started from" in r.stdout.strip().splitlines()[-1]
     assert '"step": 0,' in (worse / "best" / "config.json").read_text()
     import torch
     from safetensors.torch import load_file
