@@ -188,8 +188,9 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
 
     A metadata.csv in ``root`` names each file in some column (the one whose values cover
     the most of ``paths``, also as paths below an extra leading folder); its group is that
-    row's piece column. Files it does not list fall back to their folder; a file at the
-    top of ``root`` is a group of its own."""
+    row's piece column, groups of one composer and title joined (`same_piece`). Files it
+    does not list fall back to their folder; a file at the top of ``root`` is a group of
+    its own."""
     folder = {p: p.rsplit("/", 1)[0] if "/" in p else p for p in paths}  # top level: alone
     if group_by == "file":
         return {p: p for p in paths}
@@ -222,7 +223,25 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
     path_column = max(columns, key=lambda c: sum(named(r.get(c)) is not None for r in rows))
     listed = {named(r[path_column]): r[column] for r in rows
               if named(r.get(path_column)) is not None and r.get(column)}
+    if group_by == "auto":  # folders of one composer and title are one piece
+        twins = same_piece(rows, column)
+        listed = {p: twins.get(g, g) for p, g in listed.items()}
     return {p: f"{column}:{listed[p]}" if p in listed else folder[p] for p in paths}
+
+
+def same_piece(rows: list[dict], column: str) -> dict[str, str]:
+    """Groups (values of ``column``) whose metadata rows share a composer and a title, each
+    mapped to the first of them: one piece, whatever the column says. ASAP keeps some
+    movements twice, with and without the repeat (``21-1`` and ``21-1_no_repeat``), and
+    its folder column split them apart. The first name keeps its split; every group that
+    has no twin keeps its name and split. Empty without composer and title columns."""
+    first: dict[tuple[str, str], str] = {}
+    for row in sorted(rows, key=lambda r: r.get(column) or ""):
+        if row.get(column) and row.get("composer") and row.get("title"):
+            first.setdefault((row["composer"], row["title"]), row[column])
+    return {row[column]: first[(row["composer"], row["title"])] for row in rows
+            if row.get(column) and row.get("composer") and row.get("title")
+            and first[(row["composer"], row["title"])] != row[column]}
 
 
 Source = tuple[str, str, tuple[str, str]]  # split, group, (composer, title) from a listing

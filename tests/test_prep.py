@@ -490,21 +490,22 @@ def test_a_folder_of_different_pieces_gets_told_how_to_split_it(tmp_path: Path) 
 def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None:
     """An ASAP-like folder (Composer/Work/Piece/Performer.mid and a metadata.csv naming
     each file's piece): every piece's performances land in one split, the manifest records
-    the group, and --group_by folder / file change the grouping."""
+    the group, and --group_by folder / file change the grouping. A movement kept in two
+    folders (with and without its repeat, one composer and title) is one piece."""
     src = tmp_path / "asap"
     rows = []
-    for piece in range(12):
-        folder = f"Comp{piece % 3}/Work/piece_{piece}"
+    for piece in range(13):  # piece 12 is piece 0 without its repeat, in a folder of its own
+        folder = f"Comp{piece % 3}/Work/piece_{piece % 12}" + ("_no_repeat" if piece == 12 else "")
         for player in range(3):
             path = f"{folder}/Player{player}.mid"
             write(src / path, REAL_FILES[(piece + player) % len(REAL_FILES)].read_bytes())
-            rows.append({"composer": f"Comp{piece % 3}", "title": f"piece_{piece}",
+            rows.append({"composer": f"Comp{piece % 3}", "title": f"piece_{piece % 12}",
                          "folder": folder, "midi_performance": path})
     with open(src / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    for group_by, expected_groups in (("auto", 12), ("folder", 12), ("file", 36),
+    for group_by, expected_groups in (("auto", 12), ("folder", 13), ("file", 39),
                                       ("composer", 3)):
         out = tmp_path / f"data-{group_by}"
         r = run_prep("--input", src, "--output", out, "--val_share", "0.25", "--test_share",
@@ -518,6 +519,9 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
         assert all(len(splits) == 1 for splits in by_group.values())  # no group straddles
         if group_by in ("auto", "composer"):  # pieces named by metadata: never split by file
             assert "--group_by file" not in r.stderr
+        if group_by == "auto":  # the twin joins the first folder's group, under its name
+            twins = {e["group"] for p, e in manifest(out).items() if "piece_0" in p}
+            assert twins == {"folder:Comp0/Work/piece_0"}
         if expected_groups >= 12:
             assert {e["split"] for e in entries} == {"train", "val", "test"}
     assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
