@@ -207,7 +207,10 @@ def main() -> None:
                     out / "training_curves.png")
         images.append(("training_curves.png", "Training curves from metrics.csv"))
     report["seconds"] = round(time.perf_counter() - start, 1)
+    replacing = (out / "report.json").exists()
     write_report(out, report, images)
+    for stale in {"statistics.png", "training_curves.png"} - {name for name, _ in images}:
+        (out / stale).unlink(missing_ok=True)  # an earlier report's, which this one lacks
     for name, loss in report["loss"].items():
         print(printable(f"{name}: {loss['nats_per_token']:.4f} nats/token on {args.split}"))
     real = report["statistics"].get("real continuations", {})
@@ -219,7 +222,8 @@ def main() -> None:
             print(printable(f"{name}: {label}: {report['statistics'][name][stat]['mean']:.3g}, "
                             f"real {real[stat]['mean']:.3g} ({delta:+.3g}{spread})"))
     print(f"wrote {out / 'report.html'} and {out / 'report.json'} "
-          f"({report['seconds']:.0f} s)")
+          f"({report['seconds']:.0f} s)" + (", replacing the earlier report there" if
+                                            replacing else ""))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,14 @@ def test_report_with_two_checkpoints_and_training_curves(setup):
     assert 'src="statistics.png"' in page and 'src="training_curves.png"' in page
     assert (out / "statistics.png").stat().st_size > 10_000
     assert (out / "training_curves.png").stat().st_size > 10_000
+    assert "replacing" not in r.stdout
+    # a second report in the same folder says it replaces the first, and leaves none of
+    # the first one's plots that it does not draw itself
+    r = zygote.run([sys.executable, "evaluate.py", "--ckpts", "", "--runs", str(setup / "run"),
+                    "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "replacing the earlier report there" in r.stdout
+    assert (out / "training_curves.png").exists() and not (out / "statistics.png").exists()
 
 
 def test_difference_errors_pair_the_takes_by_primer():
