@@ -42,9 +42,10 @@ DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bflo
 
 
 def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) -> list:
-    """(piece name, primer tokens, real continuation notes, primer notes) for ``count``
-    primers: pieces long enough for primer and continuation, drawn across the split by
-    ``seed`` (each piece once, until all were drawn), each at a seeded offset. The real
+    """(file name, primer tokens, real continuation notes, primer notes) for ``count``
+    primers: files long enough for primer and continuation, drawn across the split by
+    ``seed`` (each file once, until all were drawn; performances of one piece are files
+    of their own), each at a seeded offset. The real
     continuation's notes start at 0 where the primer ends."""
     import numpy as np
 
