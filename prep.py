@@ -183,8 +183,10 @@ _METADATA = "metadata.csv"  # in the input folder: which piece each file perform
 _PIECE_COLUMNS = ("piece", "folder", "title")  # what GROUP_BY auto takes, in this order
 
 
-def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
+def file_groups(root: Path, paths: list[str], group_by: str,
+                warnings: list[str] | None = None) -> dict[str, str]:
     """Relative path -> group (the piece it performs) by ``group_by`` (see GROUP_BY).
+    A warning for metadata rows that name no file here goes to ``warnings``.
 
     A metadata.csv in ``root`` names each file in some column (the one whose values cover
     the most of ``paths``, also as paths below an extra leading folder); its group is that
@@ -223,6 +225,12 @@ def file_groups(root: Path, paths: list[str], group_by: str) -> dict[str, str]:
     path_column = max(columns, key=lambda c: sum(named(r.get(c)) is not None for r in rows))
     listed = {named(r[path_column]): r[column] for r in rows
               if named(r.get(path_column)) is not None and r.get(column)}
+    unmatched = [r[path_column] for r in rows if r.get(path_column) and named(
+        r[path_column]) is None]
+    if unmatched and warnings is not None:
+        warnings.append(f"warning: {len(unmatched)} row(s) of {root / _METADATA} name no "
+                        f"file here (e.g. {unmatched[0]}; names are case-sensitive): "
+                        "such files are grouped by their folder")
     if group_by == "auto":  # folders of one composer and title are one piece
         twins = same_piece(rows, column)
         listed = {p: twins.get(g, g) for p, g in listed.items()}
@@ -275,9 +283,11 @@ def find_sources(root: Path, val_share: float, test_share: float,
         fail(f"{below}: a MAESTRO listing below the input folder; give its folder as --input "
              f"({below.parent}), or that and the other folders comma-separated, so that its "
              "splits are used")
-    groups = file_groups(root, paths, group_by)
+    unlisted: list[str] = []
+    groups = file_groups(root, paths, group_by, unlisted)
     by_folder = group_by != "file" and groups == file_groups(root, paths, "folder")
     splits, warnings = hash_splits(groups, val_share, test_share, by_folder)
+    warnings = unlisted + warnings
     return {p: (splits[p], groups[p], ("", "")) for p in paths}, warnings
 
 

@@ -501,6 +501,7 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
             write(src / path, REAL_FILES[(piece + player) % len(REAL_FILES)].read_bytes())
             rows.append({"composer": f"Comp{piece % 3}", "title": f"piece_{piece % 12}",
                          "folder": folder, "midi_performance": path})
+    rows.append({**rows[0], "midi_performance": "Comp0/Work/piece_0/player0.mid"})  # case
     with open(src / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
@@ -520,6 +521,8 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
         if group_by in ("auto", "composer"):  # pieces named by metadata: never split by file
             assert "--group_by file" not in r.stderr
         if group_by == "auto":  # the twin joins the first folder's group, under its name
+            assert "warning: 1 row(s) of " in r.stderr and "name no file here (e.g. " \
+                   "Comp0/Work/piece_0/player0.mid; names are case-sensitive)" in r.stderr
             twins = {e["group"] for p, e in manifest(out).items() if "piece_0" in p}
             assert twins == {"folder:Comp0/Work/piece_0"}
         if expected_groups >= 12:
