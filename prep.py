@@ -243,13 +243,12 @@ def same_piece(rows: list[dict], column: str) -> dict[str, str]:
     movements twice, with and without the repeat (``21-1`` and ``21-1_no_repeat``), and
     its folder column split them apart. The first name keeps its split; every group that
     has no twin keeps its name and split. Empty without composer and title columns."""
+    named = sorted((r[column], (r["composer"], r["title"])) for r in rows
+                   if r.get(column) and r.get("composer") and r.get("title"))
     first: dict[tuple[str, str], str] = {}
-    for row in sorted(rows, key=lambda r: r.get(column) or ""):
-        if row.get(column) and row.get("composer") and row.get("title"):
-            first.setdefault((row["composer"], row["title"]), row[column])
-    return {row[column]: first[(row["composer"], row["title"])] for row in rows
-            if row.get(column) and row.get("composer") and row.get("title")
-            and first[(row["composer"], row["title"])] != row[column]}
+    for group, piece in named:
+        first.setdefault(piece, group)
+    return {group: first[piece] for group, piece in named if first[piece] != group}
 
 
 Source = tuple[str, str, tuple[str, str]]  # split, group, (composer, title) from a listing

@@ -657,10 +657,10 @@ class Run:
         if improved:
             self.best_step = self.step
         if self.main:
-            start = " (the starting weights: best/ until a step beats them)" if \
+            mark = " (the starting weights: best/ until a step beats them)" if \
                 self.step == 0 else " (best)" if improved else ""
             bar.write(f"step {self.step}: validation loss {self.val_loss:.4f} nats/token"
-                      + start)
+                      + mark)
             self.log.row(self.step, self.elapsed(), "", f"{self.val_loss:.5f}", f"{lr:.3e}")
             self.log.scalars(self.step, {"loss/val": self.val_loss})
             if improved:
