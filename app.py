@@ -665,11 +665,13 @@ class Browser:
         return (line, str(roll), str(wav) if wav.exists() else None,
                 tokens_to_text(tokens, limit=300))
 
-    def figure(self):
-        """The data's figure (`DataIndex.figure`), drawn once."""
+    def figure(self, encode):
+        """The data's figure (`DataIndex.figure`), drawn and encoded by ``encode`` (the
+        plot's ``postprocess``) once: Gradio would otherwise encode it again for every page
+        that loads, about a second and a half of the server's CPU."""
         with self.lock:
             if self.drawn is None:
-                self.drawn = self.index.figure()
+                self.drawn = encode(self.index.figure())
             return self.drawn
 
     def runs(self) -> list:
@@ -739,7 +741,7 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
                 rows, line, shown = browser.table(split_name, text or "", number)
             except BrowseError as exc:
                 return [], f"**No data to show:** {exc}", 1, None
-            return rows, line, shown, browser.figure()
+            return rows, line, shown, browser.figure(overview.postprocess)
 
         def pick(rows, evt: gr.SelectData):
             try:
