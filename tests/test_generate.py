@@ -270,17 +270,23 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):
+    import os
+    import re
+    import select
     import signal
     import time
 
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(tmp_path / "out"), "--new_tokens", "1000000", "--seconds", "0",
            "--no-stop_at_end"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    time.sleep(6)  # imports, then generation
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shown, deadline = b"", time.monotonic() + 120
+    while not re.search(rb" [1-9]\d*/1000000 ", shown) and time.monotonic() < deadline:
+        if select.select([proc.stderr], [], [], 1.0)[0]:  # the bar: it is generating
+            shown += os.read(proc.stderr.fileno(), 65536)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    err = (shown + err).decode()
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted: nothing was written"
     assert not list((tmp_path / "out").iterdir())

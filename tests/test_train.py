@@ -229,24 +229,6 @@ def test_width_depth_and_heads_override_the_preset(data_dir, tmp_path):
     assert model["max_seq_len"] == 64  # the rest is the preset's
 
 
-def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
-    out = tmp_path / "ddp"
-    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
-    launch += f"--dynamo_backend no --main_process_port {free_port()}"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch.split(), "train.py",
-           "--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "10",
-           "--eval_interval", "10", "--save_interval", "10"]
-    r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 process(es)" in r.stdout
-    assert "weights identical across 2 processes: True" in r.stdout
-    assert (out / "last" / "state" / "process_1.json").exists()
-    # each process seeds its own RNG (its dropout masks differ), the weights stay one
-    states = [load_file(str(out / "last" / "state" / f"process_{i}.safetensors"))["torch_cpu"]
-              for i in (0, 1)]
-    assert not np.array_equal(*states)
-
-
 def test_the_resume_command_drops_init_and_names_the_launcher(monkeypatch):
     """A fine-tuning run's hint must not keep --init (refused beside --resume); under
     accelerate launch it says where the launch options go."""
@@ -376,22 +358,24 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("launcher", ["python", "accelerate launch"])
-def test_a_new_run_never_replaces_one_in_its_folder(data_dir, tmp_path, launcher):
+def refused_in_an_occupied_folder(r: subprocess.CompletedProcess) -> None:
+    """``r`` was refused in one line naming --resume and another --out_dir."""
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a training run" in errors[0], r.stderr
+    assert "--resume" in errors[0] and "--out_dir" in errors[0]
+
+
+def test_a_new_run_never_replaces_one_in_its_folder(data_dir, tmp_path):
     """A second run started into a folder that holds one, without --resume, is refused
-    in one line naming --resume and another --out_dir; the first run's files stay
-    byte-identical."""
+    in one line; the first run's files stay byte-identical (under accelerate launch too:
+    `test_two_processes_through_accelerate_launch`)."""
     out = tmp_path / "run"
     args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
             "--save_interval", "2", "--eval_interval", "2"]
     assert run(args).returncode == 0
     before = folder_bytes(out)
-    r = run([*args, "--max_steps", "6"]) if launcher == "python" else launch_two(
-        *args, "--max_steps", "6")
-    assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "already holds a training run" in errors[0], r.stderr
-    assert "--resume" in errors[0] and "--out_dir" in errors[0]
+    refused_in_an_occupied_folder(run([*args, "--max_steps", "6"]))
     assert folder_bytes(out) == before
 
 
@@ -419,19 +403,34 @@ def launch_two(*args: str) -> subprocess.CompletedProcess:
     return zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_report_a_problem_once_and_never_hang(data_dir, tmp_path):
-    """A bad setting both processes meet is one line, not two; a problem one process
-    meets alone (its resume state is missing) stops both instead of leaving one waiting.
-    (accelerate's launcher then adds its own report of the failed command.)"""
+def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
+    """Two processes train one model (each with its own RNG); a second run into their
+    folder is refused and leaves it as it was; a bad setting both processes meet is one
+    line, not two; a problem one process meets alone (its resume state is missing) stops
+    both instead of leaving one waiting. (accelerate's launcher then adds its own report
+    of the failed command.) One test, as each launch costs two processes' start-up."""
+    out = tmp_path / "ddp"
+    common = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
+              "--save_interval", "2", "--eval_interval", "2"]
+    r = launch_two(*common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 process(es)" in r.stdout
+    assert "weights identical across 2 processes: True" in r.stdout
+    assert (out / "last" / "state" / "process_1.json").exists()
+    # each process seeds its own RNG (its dropout masks differ), the weights stay one
+    states = [load_file(str(out / "last" / "state" / f"process_{i}.safetensors"))["torch_cpu"]
+              for i in (0, 1)]
+    assert not np.array_equal(*states)
+
+    before = folder_bytes(out)
+    refused_in_an_occupied_folder(launch_two(*common, "--max_steps", "6"))
+    assert folder_bytes(out) == before
+
     r = launch_two("--data_dir", str(data_dir), "--out_dir", str(tmp_path / "x"), *TINY,
                    "--batch_size", "0")
     assert r.returncode != 0
     assert r.stderr.count("error: --batch_size must be at least 1") == 1, r.stderr
 
-    out = tmp_path / "run"
-    common = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
-              "--save_interval", "2", "--eval_interval", "2"]
-    assert launch_two(*common).returncode == 0
     for f in (out / "last" / "state").glob("process_1.*"):
         f.unlink()
     r = launch_two(*common, "--max_steps", "6", "--resume")
