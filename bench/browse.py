@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from perceiver_music.browse import index_data
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from perceiver_music.browse import index_data  # noqa: E402
 
 
 def main() -> None:

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
-import perceiver_music.model as model_module
-from midi_processor.vocab import PAD
-from perceiver_music.config import ModelConfig
-from perceiver_music.engine import StepInfo, generate
-from perceiver_music.model import DecodeCache, build_model, decode_step, forward
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+import perceiver_music.model as model_module  # noqa: E402
+from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.config import ModelConfig  # noqa: E402
+from perceiver_music.engine import StepInfo, generate  # noqa: E402
+from perceiver_music.model import DecodeCache, build_model, decode_step, forward  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -13,14 +13,18 @@ the largest difference over those steps is printed. Figures only: no assertions.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from midi_processor.vocab import PAD
-from perceiver_music.config import ModelConfig, preset
-from perceiver_music.engine import SamplingConfig, StepInfo, generate
-from perceiver_music.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.config import ModelConfig, preset  # noqa: E402
+from perceiver_music.engine import SamplingConfig, StepInfo, generate  # noqa: E402
+from perceiver_music.model import build_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

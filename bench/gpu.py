@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from midi_processor.vocab import PAD
-from perceiver_music.config import preset
-from perceiver_music.engine import StepInfo, generate
-from perceiver_music.model import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.config import preset  # noqa: E402
+from perceiver_music.engine import StepInfo, generate  # noqa: E402
+from perceiver_music.model import (  # noqa: E402
     CudaGraphStep,
     DecodeCache,
     build_model,

@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.decode import model_config, step_ms
-from midi_processor.vocab import PAD, VOCAB_SIZE
-from perceiver_music.config import ModelConfig
-from perceiver_music.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from bench.decode import model_config, step_ms  # noqa: E402
+from midi_processor.vocab import PAD, VOCAB_SIZE  # noqa: E402
+from perceiver_music.config import ModelConfig  # noqa: E402
+from perceiver_music.model import build_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from perceiver_music.api import PerceiverMusic
-from perceiver_music.checkpoint import save_checkpoint
-from perceiver_music.config import PRESETS, preset
-from perceiver_music.model import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from perceiver_music.api import PerceiverMusic  # noqa: E402
+from perceiver_music.checkpoint import save_checkpoint  # noqa: E402
+from perceiver_music.config import PRESETS, preset  # noqa: E402
+from perceiver_music.model import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIMER = ROOT / "samples" / "primers" / "mz_570_3_opening.mid"

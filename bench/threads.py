@@ -27,17 +27,21 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from midi_processor.vocab import PAD
-from perceiver_music.api import DEMO_PRIMER, PerceiverMusic
-from perceiver_music.cli import bundled
-from perceiver_music.config import preset
-from perceiver_music.model import build_model, loss_fn, use_fast_forward
-from perceiver_music.threads import ThreadTuner
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.api import DEMO_PRIMER, PerceiverMusic  # noqa: E402
+from perceiver_music.cli import bundled  # noqa: E402
+from perceiver_music.config import preset  # noqa: E402
+from perceiver_music.model import build_model, loss_fn, use_fast_forward  # noqa: E402
+from perceiver_music.threads import ThreadTuner  # noqa: E402
 
 
 def _busy() -> None:

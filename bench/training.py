@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
-from midi_processor.vocab import PAD
-from perceiver_music.config import ModelConfig, preset
-from perceiver_music.model import build_model, forward, loss_fn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
+
+from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.config import ModelConfig, preset  # noqa: E402
+from perceiver_music.model import build_model, forward, loss_fn  # noqa: E402
 
 VARIANTS = ("library", "fast")
 ROOT = Path(__file__).resolve().parent.parent
