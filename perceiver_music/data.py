@@ -14,6 +14,7 @@ before its piece (PAD prefix), so piece openings are learned too.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,14 @@ class DataError(Exception):
 
 def load_token_file(path: Path) -> np.ndarray:
     """One piece's tokens from a pickle that may hold nothing but a list of ints."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
     try:
-        obj = RestrictedUnpickler(io.BytesIO(path.read_bytes()), allow={}).load()
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(raw), allow={}).load()
     except Exception as exc:
         raise DataError(f"{path}: not a token pickle ({exc})") from None
     if not isinstance(obj, list | tuple) or not all(type(t) is int for t in obj):

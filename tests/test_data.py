@@ -133,6 +133,11 @@ def test_malicious_or_malformed_pickles_are_refused(tmp_path):
         ids.write_bytes(pickle.dumps([1, 2, huge]))
         with pytest.raises(DataError, match="outside"):
             load_token_file(ids)
+    link = tmp_path / "moved.pickle"  # a link to a piece that has moved is named as such
+    link.symlink_to(tmp_path / "elsewhere" / "piece.pickle")
+    with pytest.raises(DataError, match=r"moved\.pickle: a link to .*piece\.pickle, which does "
+                       "not exist"):
+        load_token_file(link)
     with pytest.raises(DataError, match="no such data folder"):
         load_split(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
