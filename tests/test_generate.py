@@ -283,7 +283,10 @@ def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):
     shown, deadline = b"", time.monotonic() + 120
     while not re.search(rb" [1-9]\d*/1000000 ", shown) and time.monotonic() < deadline:
         if select.select([proc.stderr], [], [], 1.0)[0]:  # the bar: it is generating
-            shown += os.read(proc.stderr.fileno(), 65536)
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:  # it ended before generating: the checks below say how
+                break
+            shown += chunk
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     err = (shown + err).decode()

@@ -44,11 +44,6 @@ PRELOAD = ("torch", "torch._dynamo", "numpy", "pretty_midi", "mido", "safetensor
            "tqdm", "accelerate")
 STARTUP_VARIABLES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "TORCH",
                      "PYTORCH", "CUDA", "LD_", "MALLOC", "TQDM_", "LC_", "LANG", "HF_")
-# Set by torch itself in the test process once it has compiled something (test_engine's
-# torch.compile), and read only when compiling: a child that inherits it starts the same
-# way. Counted as a difference, it sent every later script of that worker to a real
-# process, a third of the suite's time on a 2-core machine.
-SET_BY_TORCH_AT_RUN_TIME = ("TORCHINDUCTOR_CACHE_DIR",)
 _lock = threading.Lock()
 _zygote: dict = {}
 
@@ -61,7 +56,19 @@ def _environment(kw: dict) -> dict:
 def _startup_env(env: dict) -> dict:
     """The variables in ``env`` that take effect only while Python or torch starts."""
     return {k: v for k, v in env.items()
-            if k.startswith(STARTUP_VARIABLES) and k not in SET_BY_TORCH_AT_RUN_TIME}
+            if k.startswith(STARTUP_VARIABLES) and not _set_by_torch(k, v)}
+
+
+def _set_by_torch(name: str, value: str) -> bool:
+    """Whether ``name=value`` is what torch sets in its own process when torch._dynamo is
+    imported (a torch optimizer imports it): the inductor cache folder at its default. A
+    child that inherits it starts as one without it; counted as a difference, it sent every
+    later script of a worker that had made an optimizer to a real process."""
+    if name != "TORCHINDUCTOR_CACHE_DIR":
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return value == os.path.abspath(default_cache_dir())
 
 
 def _start() -> subprocess.Popen:
