@@ -567,7 +567,7 @@ class Run:
 
     def __init__(self, args, accelerator, model, optimizer, sampler, tuner, cfg, val,
                  out_dir: Path, log: RunLog, step: int, best: float, previous_s: float,
-                 best_step: int | None = None) -> None:
+                 best_step: int | None) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log

@@ -14,7 +14,6 @@ before its piece (PAD prefix), so piece openings are learned too.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +32,12 @@ class DataError(Exception):
 
 def load_token_file(path: Path) -> np.ndarray:
     """One piece's tokens from a pickle that may hold nothing but a list of ints."""
-    if path.is_symlink() and not path.exists():
-        raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        why = (f"a link to {path.readlink()}, which does not exist" if path.is_symlink()
+               and not path.exists() else f"cannot read it ({exc.strerror or exc})")
+        raise DataError(f"{path}: {why}") from None
     try:
         obj = RestrictedUnpickler(io.BytesIO(raw), allow={}).load()
     except Exception as exc:
