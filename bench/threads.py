@@ -24,7 +24,6 @@ Figures only.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python bench/NAME.py too
 
+from app import Workers, process_context  # noqa: E402
 from midi_processor.vocab import PAD  # noqa: E402
 from perceiver_music.api import DEMO_PRIMER, PerceiverMusic  # noqa: E402
 from perceiver_music.cli import bundled  # noqa: E402
@@ -121,7 +121,7 @@ def _control_process(tokens: int, adds: int, out, start) -> None:
 def alone_and_paired(tokens: int, adds: int, rounds: int) -> list[tuple[float, float]]:
     """For each of `CONTROLS`: the median rate of one `_control_process` alone, and of the
     slower of two started together, over ``rounds`` rounds."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = process_context()
     alone: list[list[float]] = [[] for _ in CONTROLS]
     paired: list[list[float]] = [[] for _ in CONTROLS]
     for _ in range(rounds):
@@ -180,8 +180,7 @@ def main() -> None:
     settings = {"1 thread": 1, f"{cores} threads": cores, "auto (default)": None}
     print(f"{cores} cores; tokens/s, median of {args.rounds} rounds")
     print(f"{'load':>5} {'what':7} " + " ".join(f"{name:>15}" for name in settings))
-    ctx = multiprocessing.get_context("spawn")
-    from app import Workers
+    ctx = process_context()
 
     workers = Workers(bundled("ckpt/demo"), "cpu", "float32", 2)
     for _ in range(2):
