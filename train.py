@@ -538,7 +538,7 @@ class RunLog:
         if not new:
             trim_metrics(path, step)
         self.file = open(path, "w" if new else "a", newline="")  # noqa: SIM115
-        self.rows = csv.writer(self.file)
+        self.rows = csv.writer(self.file, lineterminator="\n")  # not csv's CRLF
         if new:
             self.rows.writerow(self.HEADER)
 
@@ -587,12 +587,15 @@ class Run:
                                        / args.batch_size))
         self.tokens_per_step = (args.batch_size * args.grad_accum * accelerator.num_processes
                                 * sampler.spec.latents)  # the latents' targets
-        self.loss_sum, self.loss_n, self.t_log = 0.0, 0, time.perf_counter()
+        # since the last row: the summed loss, its micro-steps, and the seconds of training
+        # steps (not of validations and saves, which would lower the row's tokens/s)
+        self.loss_sum, self.loss_n, self.steps_s = 0.0, 0, 0.0
 
     def request_stop(self, signum, frame) -> None:
-        """SIGINT/SIGTERM: finish the step, save last/, exit; a second one interrupts."""
+        """SIGINT/SIGTERM: finish the step, save last/, exit; a second one interrupts at
+        once, with the shell's status for it (130, 143)."""
         if self.signal:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(128 + signum)
         self.signal = signum
 
     def elapsed(self) -> float:
@@ -631,18 +634,20 @@ class Run:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.budget.record_step(time.perf_counter() - t_step)
+        step_s = time.perf_counter() - t_step
+        self.steps_s += step_s
+        self.budget.record_step(step_s)
 
     def log_train(self, lr: float, bar) -> None:
-        """The mean training loss and tokens/s since the last row: bar, metrics.csv, tb."""
-        seconds = time.perf_counter() - self.t_log
-        tps = self.tokens_per_step * (self.loss_n / self.args.grad_accum) / seconds
+        """The mean training loss and tokens/s of the steps since the last row: bar,
+        metrics.csv, tb."""
+        tps = self.tokens_per_step * (self.loss_n / self.args.grad_accum) / self.steps_s
         train_loss = float(self.loss_sum) / self.loss_n
         self.shown = {"loss": f"{train_loss:.3f}", "tok_s": f"{tps:,.0f}", "lr": f"{lr:.2e}"}
         bar.set_postfix(**({"step": self.step} if self.budget_s else {}), **self.shown)
         self.log.row(self.step, self.elapsed(), f"{train_loss:.5f}", "", f"{lr:.3e}", f"{tps:.0f}")
         self.log.scalars(self.step, {"loss/train": train_loss, "lr": lr, "tokens_per_s": tps})
-        self.t_log, self.loss_sum, self.loss_n = time.perf_counter(), 0.0, 0
+        self.loss_sum, self.loss_n, self.steps_s = 0.0, 0, 0.0
 
     def validate(self, lr: float, bar) -> None:
         """Validation loss on the fixed windows; best/ when it is the lowest so far."""

@@ -188,15 +188,16 @@ def check_writable(folder: Path, what: str) -> None:
 
 def run_script(main: Callable[[], object], interrupted: str = "interrupted (Ctrl-C)") -> None:
     """Run a script's ``main`` so that whatever happens ends in one ``error:`` line, never
-    a traceback: Ctrl-C exits with status 130 and the ``interrupted`` line, a failed file
-    operation (disk full, read-only folder...) and running out of memory with status 1.
-    ``main`` removes its own temporary files on the way out (its ``finally`` blocks run
-    before this reports)."""
+    a traceback: Ctrl-C exits with status 130 and the ``interrupted`` line (a
+    KeyboardInterrupt raised with a status, as train.py's second stop signal, exits with
+    that), a failed file operation (disk full, read-only folder...) and running out of
+    memory with status 1. ``main`` removes its own temporary files on the way out (its
+    ``finally`` blocks run before this reports)."""
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(file=sys.stderr)  # end the progress bar's line
-        fail(interrupted, 130)
+        fail(interrupted, stop.args[0] if stop.args and type(stop.args[0]) is int else 130)
     except OSError as err:
         fail(os_error_message(err), every_rank=True)
     except MemoryError:

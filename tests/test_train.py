@@ -165,6 +165,47 @@ def test_resume_after_kill_is_bitwise_equal_to_an_uninterrupted_run(data_dir, tm
     assert all(np.array_equal(a[k], b[k]) for k in a)
     # metrics.csv holds each step's rows once, as the uninterrupted run's does
     assert metric_rows(cut) == metric_rows(full)
+    assert all(b"\r" not in (run / "metrics.csv").read_bytes() for run in (full, cut))  # LF
+
+
+def test_a_second_stop_signal_ends_at_once_with_its_status():
+    """The first SIGINT/SIGTERM lets the step finish and saves (below); a second one ends
+    the run at once, with the shell's status for that signal, not always Ctrl-C's 130."""
+    import train
+    from perceiver_music.cli import run_script
+
+    run = train.Run.__new__(train.Run)  # the handler reads nothing else
+    for sig, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        run.signal = 0
+        run.request_stop(sig, None)
+        assert run.signal == sig
+        with pytest.raises(SystemExit) as stop:
+            run_script(lambda: run.request_stop(sig, None), "interrupted")  # noqa: B023
+        assert stop.value.code == code
+    with pytest.raises(SystemExit) as stop:  # Ctrl-C anywhere else in a script
+        run_script(lambda: (_ for _ in ()).throw(KeyboardInterrupt), "interrupted")
+    assert stop.value.code == 130
+
+
+def test_a_rows_tokens_per_second_leaves_out_validations_and_saves():
+    """metrics.csv's and the bar's tokens/s is the rate of the training steps since the
+    last row: the minutes of a validation or a save between them do not lower it (they
+    did: the row after each validation showed a fraction of the real rate)."""
+    from types import SimpleNamespace
+
+    import train
+
+    rows: list[tuple] = []
+    run = train.Run.__new__(train.Run)
+    run.args = SimpleNamespace(grad_accum=2)
+    run.tokens_per_step, run.budget_s, run.step = 1000, 0, 2
+    run.previous_s, run.started = 0.0, time.time() - 60  # a minute in, mostly validating
+    run.loss_sum, run.loss_n, run.steps_s = 8.0, 4, 0.5  # two steps that took 0.5 s
+    run.log = SimpleNamespace(row=lambda *values: rows.append(values),
+                              scalars=lambda *values: None)
+    run.log_train(1e-3, SimpleNamespace(set_postfix=lambda **shown: None))
+    assert rows[0][2] == "2.00000" and rows[0][-1] == "4000", rows
+    assert run.steps_s == 0.0 and run.loss_n == 0  # the next row counts from here
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
