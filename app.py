@@ -823,6 +823,23 @@ def build_page(studio: Studio, args):
         slider.preprocess = lambda payload: payload
         return slider
 
+    def File(**kwargs):  # noqa: N802 (stands for gr.File)
+        """A gr.File whose own refusal of a request (another file type: met only by HTTP
+        API clients, as the page refuses one before sending it) reaches the client as its
+        message without a traceback in the terminal, as `Slider`'s values do."""
+        upload = gr.File(**kwargs)
+        check = upload.preprocess
+
+        def preprocess(payload):
+            try:
+                return check(payload)
+            except gr.Error as exc:
+                exc.print_exception = False
+                raise
+
+        upload.preprocess = preprocess
+        return upload
+
     with gr.Blocks(title="Perceiver AR piano continuations", analytics_enabled=False) as page:
         history = gr.State([])
         gr.Markdown(f"## Perceiver AR piano continuations\nModel **{studio.name}** "
@@ -833,9 +850,9 @@ def build_page(studio: Studio, args):
                 with gr.Column(scale=1):
                     source = gr.Radio(list(SOURCES), value=SOURCES[0], label="primer",
                                       elem_id="source")
-                    upload = gr.File(label="MIDI primer (.mid, .midi)", type="filepath",
-                                     file_types=[".mid", ".midi"], visible=False,
-                                     elem_id="upload")
+                    upload = File(label="MIDI primer (.mid, .midi)", type="filepath",
+                                  file_types=[".mid", ".midi"], visible=False,
+                                  elem_id="upload")
                     prime_seconds = Slider(0, 120, value=20, step=1, elem_id="prime-seconds",
                                               label="seconds of the primer to use (0: all)")
                     seconds = Slider(1, args.max_seconds, value=20, step=1, elem_id="seconds",

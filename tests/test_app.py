@@ -467,15 +467,28 @@ def test_stop_keeps_what_was_heard(app_url, browser, app_out):
     assert "Generating" not in page.locator("#status").inner_text()
 
 
-def api_call(url: str, session: str, **settings) -> str:
+def api_call(url: str, session: str, upload: tuple[str, bytes] | None = None,
+             **settings) -> str:
     """The app's HTTP API as any client can call it (raw JSON, NaN included), with a
-    session id of its choosing; returns the status line."""
+    session id of its choosing and the bundled primer or an ``upload`` (name, bytes);
+    returns the status line, or "error: " and the message of a request Gradio refused."""
     import json
 
     values = dict(prime_s=4, length=1, temp=1.0, k=0, p=0, min_p_=0, greedy_=False, width=1,
                   samples=1, seed_=1, prefix=0, bias=0, stop=True, int8_=False)
     values.update(settings)
-    body = json.dumps({"data": ["bundled primer", None, None, None, *values.values()],
+    source, primer = "bundled primer", None
+    if upload:
+        name, content = upload
+        form = (b"--pm\r\nContent-Disposition: form-data; name=\"files\"; filename=\""
+                + name.encode() + b"\"\r\n\r\n" + content + b"\r\n--pm--\r\n")
+        sent = urllib.request.Request(f"{url}/gradio_api/upload", form,
+                                      {"Content-Type": "multipart/form-data; boundary=pm"})
+        with urllib.request.urlopen(sent, timeout=60) as r:
+            path = json.loads(r.read())[0]
+        source = "upload a MIDI file"
+        primer = {"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+    body = json.dumps({"data": [source, primer, None, None, *values.values()],
                        "session_hash": session}).encode()
     request = urllib.request.Request(f"{url}/gradio_api/call/generate", body,
                                      {"Content-Type": "application/json"})
@@ -484,6 +497,8 @@ def api_call(url: str, session: str, **settings) -> str:
     with urllib.request.urlopen(f"{url}/gradio_api/call/generate/{event}", timeout=300) as r:
         lines = r.read().decode().splitlines()
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    if "event: error" in lines:
+        return f"error: {data[-1]['error']}"
     assert "event: complete" in lines, lines
     return data[-1][0]
 
@@ -491,7 +506,13 @@ def api_call(url: str, session: str, **settings) -> str:
 def test_no_client_input_becomes_a_path(app_url, app_out, tmp_path):
     """Gradio's session hash is the client's to choose: traversal and absolute values
     still write each session's takes to a folder the server names, inside the output
-    folder, and NaN or huge numbers are refused naming the setting."""
+    folder, and NaN or huge numbers are refused naming the setting; so is a file of
+    another type, sent past the page (which refuses it itself), without a traceback in
+    the app's terminal (the fixture's end reads its log)."""
+    line = api_call(app_url, "x", upload=("notes.txt", b"hello"))
+    assert line.startswith("error: Invalid file type"), line
+    assert "s of new music" in api_call(app_url, "x", upload=(
+        "scn15_4.mid", (DATA / "scn15_4.mid").read_bytes()))  # the same way, a MIDI file
     outside = tmp_path / "absolute"
     hostile = ["../../escaped", "..", str(outside), "/" + str(outside), "a/../../../b", "."]
     for session in hostile:
