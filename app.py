@@ -15,14 +15,17 @@ another's page. Each of the CONCURRENCY generations that run at once decodes in 
 of its own (`Workers`): threads of one process would share its interpreter lock.
 """
 
+import contextlib
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue
 import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -290,8 +293,16 @@ def _serve(conn, stop, ckpt: str, device: str | None, dtype: str,
            threads: int | None) -> None:
     """A generation process: load the model once, say "ready" (or why it cannot), then run
     each job ``(fn, job)`` sent on ``conn`` as ``fn(model, job, link)`` (a `Link` back to
-    the server), then send ("done", result) or ("error", exc)."""
+    the server), then send ("done", result) or ("error", exc). It ends quietly when the
+    server has gone (stopped while this process started or worked)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    with contextlib.suppress(EOFError, OSError):  # the server's end of the pipe is closed
+        _work(conn, stop, ckpt, device, dtype, threads)
+
+
+def _work(conn, stop, ckpt: str, device: str | None, dtype: str,
+          threads: int | None) -> None:
+    """`_serve`'s work, which a closed pipe to the server ends."""
     import torch
 
     from perceiver_music.api import PerceiverMusic
@@ -306,10 +317,7 @@ def _serve(conn, stop, ckpt: str, device: str | None, dtype: str,
         return
     conn.send(("ready", (model.config, str(model.device))))
     while True:
-        try:
-            fn, job = conn.recv()
-        except (EOFError, OSError):  # the server has gone
-            return
+        fn, job = conn.recv()
         try:
             conn.send(("done", fn(model, job, Link(conn, stop, threads))))
         except Exception as exc:  # noqa: BLE001 (ValueError and MidiError are the user's)
@@ -322,12 +330,23 @@ def process_context():
     imports torch once, not twice, and a process that died is replaced in a fraction of
     a second instead of the 4 CPU-seconds of a fresh interpreter (torch's import). The
     server is started with no thread running and before torch has run anything, which
-    makes its forks safe, unlike forks of this server process (Gradio's threads).
-    Elsewhere (macOS's frameworks, Windows): fresh interpreters."""
+    makes its forks safe, unlike forks of this server process (Gradio's threads); it
+    starts with Ctrl-C ignored (it ignores it anyway once it runs: the app's Ctrl-C would
+    otherwise print a traceback from its import of torch). The model code is preloaded
+    when the server can import it (the app run from its folder, or the package
+    installed; Python 3.11's fork server ignores the app's sys.path), else each process
+    imports it itself (0.5 s). Elsewhere (macOS's frameworks, Windows): fresh
+    interpreters."""
     if sys.platform != "linux":
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "torch", "perceiver_music.api"])
+    ctx.set_forkserver_preload(["torch", "perceiver_music.api"])
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return ctx
 
 
@@ -360,10 +379,14 @@ class Workers:
     def _start(self, i: int) -> None:
         ctx = process_context()
         here, there = ctx.Pipe()
-        self.stops[i] = ctx.Value("d", -1.0)
+        # no lock: a process started as the app exited found its semaphore gone (a traceback)
+        self.stops[i] = ctx.Value("d", -1.0, lock=False)
         self.procs[i] = ctx.Process(target=_serve, args=(there, self.stops[i], *self.args),
                                     daemon=True)
-        self.procs[i].start()
+        try:
+            self.procs[i].start()
+        except (EOFError, OSError) as exc:  # the fork server died (a preload crashed it)
+            raise RuntimeError(f"cannot start a generation process ({exc!r})") from None
         there.close()
         self.conns[i] = here
 

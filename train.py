@@ -634,9 +634,7 @@ class Run:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        step_s = time.perf_counter() - t_step
-        self.steps_s += step_s
-        self.budget.record_step(step_s)
+        self.budget.record_step(time.perf_counter() - t_step)
 
     def log_train(self, lr: float, bar) -> None:
         """The mean training loss and tokens/s of the steps since the last row: bar,
@@ -725,11 +723,13 @@ class Run:
                 self.spent = bool(budget_s) and projected >= budget_s
                 decay_s = max(decay_s, projected)
                 lr = lr_at(self.step, args, clock, decay_s)
+                t_step = time.perf_counter()
                 self.train_step(lr)
                 bar.update(min(self.elapsed(), budget_s) - bar.n if budget_s else 1)
                 if budget_s:
                     bar.set_postfix(step=self.step, **self.shown, refresh=False)
                 signalled, clock, projected = self.agree()
+                self.steps_s += time.perf_counter() - t_step  # agree() waited for the device
                 final = self.step == args.max_steps or self.spent
                 if self.step % args.log_interval == 0 or final or signalled:
                     self.log_train(lr, bar)
