@@ -5,7 +5,8 @@
 
 For each checkpoint: the loss in nats per token over every window of the split (as
 train.py validates, all of them), beside a unigram model's; then continuations of
-NUM_PRIMERS primers taken from the split's pieces (PRIME_SECONDS each, at seeded offsets),
+NUM_PRIMERS primers taken from the split's pieces (PRIME_SECONDS each, at seeded offsets;
+the performances of one piece, as prep.py's manifest groups them, count as one piece),
 SECONDS long, compared with the pieces' real continuations and with the primers by
 notes per second, polyphony, pitch range and mean, velocity, note durations (median,
 share held over 4 s) and the correlation of their pitch-class histogram with the
@@ -41,25 +42,54 @@ CPU = False  # run on the CPU even if an accelerator is present
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 
 
-def primer_windows(split, count: int, prime_s: float, cont_s: float, seed: int) -> list:
+def piece_of_each(data_dir: Path, split: str, names: list[str]) -> list[str]:
+    """The piece each file of ``split`` (``names``) performs: its group in prep.py's
+    ``manifest.jsonl`` beside the split (ASAP's performances of one piece share one), or
+    the file itself where the manifest is missing or does not name it."""
+    import json
+
+    groups = {}
+    try:
+        lines = (data_dir / "manifest.jsonl").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:  # a later line (a re-run's) supersedes an earlier one
+        try:
+            entry = json.loads(line)
+            where, _, name = entry["output"].partition("/")
+            if where == split and entry["status"] == "ok":
+                groups[name] = str(entry["group"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # not one of prep.py's lines: that file is a piece of its own
+    return [groups.get(name, name) for name in names]
+
+
+def primer_windows(split, pieces: list[str], count: int, prime_s: float, cont_s: float,
+                   seed: int) -> list:
     """(file name, primer tokens, real continuation notes, primer notes) for ``count``
-    primers: files long enough for primer and continuation, drawn across the split by
-    ``seed`` (each file once, until all were drawn; performances of one piece are files
-    of their own), each at a seeded offset. The real
-    continuation's notes start at 0 where the primer ends."""
+    primers from files long enough for primer and continuation, drawn across the split
+    by ``seed`` piece by piece (``pieces``: each file's piece): every piece once in a
+    seeded order, then again, each time its next performance (in a seeded order), so a
+    piece with many performances counts no more than one with one; each primer at a
+    seeded offset. The real continuation's notes start at 0 where the primer ends."""
     import numpy as np
 
     from midi_processor import cut_tokens, decode_midi, piece_seconds
 
     rng = np.random.default_rng(seed)
-    long_enough = [i for i in range(len(split.names))
-                   if piece_seconds(split.piece(i)) >= prime_s + cont_s + 1]
-    if not long_enough:
+    files: dict[str, list[int]] = {}
+    for i in range(len(split.names)):
+        if piece_seconds(split.piece(i)) >= prime_s + cont_s + 1:
+            files.setdefault(pieces[i], []).append(i)
+    if not files:
         fail(f"no piece of the {SPLIT} split lasts {prime_s + cont_s + 1:g} s "
              "(lower --prime_seconds and --seconds)")
-    order = []  # every piece once in a seeded order, again when more primers are asked
-    while len(order) < count:
-        order += rng.permutation(long_enough).tolist()
+    names = sorted(files)
+    turns = {name: rng.permutation(files[name]).tolist() for name in names}
+    order: list[int] = []
+    for round_ in range(math.ceil(count / len(names))):
+        order += [turns[names[k]][round_ % len(turns[names[k]])]
+                  for k in rng.permutation(len(names))]
     out = []
     for i in order[:count]:
         tokens = split.piece(i).tolist()
@@ -169,8 +199,9 @@ def main() -> None:
                 loss, count = split_loss(model.model, split, args.batch_size, bar.update)
             report["loss"][ckpt] = {"nats_per_token": loss, "tokens": count}
 
-        windows = primer_windows(split, args.num_primers, args.prime_seconds, args.seconds,
-                                 args.seed)
+        pieces = piece_of_each(Path(args.data_dir), args.split, split.names)
+        windows = primer_windows(split, pieces, args.num_primers, args.prime_seconds,
+                                 args.seconds, args.seed)
         groups = {"primers": [music_statistics(p, args.prime_seconds)
                               for _, _, _, p in windows],
                   "real continuations": [music_statistics(r, args.seconds, p,

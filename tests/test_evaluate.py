@@ -228,14 +228,30 @@ def test_one_primer_reports_no_error_bar_and_strict_json(setup, tmp_path):
 
 def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path):
     """A data folder with only test/ is evaluated (without the unigram baseline, which
-    needs train/), and the primers are drawn across the split by seed: with as many
-    primers as pieces, every piece once."""
+    needs train/), and the primers are drawn across the split by seed, piece by piece:
+    with as many primers as pieces, every piece once, however many performances of one
+    piece prep.py's manifest lists (a file it does not list is a piece of its own)."""
     import shutil
+
+    import evaluate
+    from perceiver_music.data import load_split
 
     data = tmp_path / "data"
     shutil.copytree(setup / "data" / "test", data / "test")
     pieces = sorted(p.stem for p in (data / "test").glob("*.pickle"))
     assert len(pieces) == 2
+    for k in (2, 3):  # two more performances of the first piece
+        shutil.copy(data / "test" / f"{pieces[0]}.pickle", data / "test" / f"take{k}.pickle")
+    lines = [json.dumps({"output": f"test/{name}.pickle", "group": "folder:first",
+                         "status": "ok"}) for name in (pieces[0], "take2", "take3")]
+    (data / "manifest.jsonl").write_text("\n".join([*lines, "not a manifest line"]) + "\n")
+    split = load_split(data / "test")
+    of = evaluate.piece_of_each(data, "test", split.names)
+    assert sorted(of) == sorted(["folder:first"] * 3 + [f"{pieces[1]}.pickle"])
+    for seed in range(12):  # by file, 2 in 3 first draws would be the first piece's
+        drawn = evaluate.primer_windows(split, of, 2, 4, 2, seed)
+        assert len({of[split.names.index(name)] for name, *_ in drawn}) == 2, seed
+    assert evaluate.piece_of_each(tmp_path, "test", split.names) == split.names  # none
     out = tmp_path / "report"
     r = zygote.run([sys.executable, "evaluate.py", "--ckpts", str(setup / "tiny0"),
                         "--data_dir", str(data), "--num_primers", "2", "--prime_seconds",
@@ -245,4 +261,6 @@ def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path)
     report = json.loads((out / "report.json").read_text())
     assert set(report["loss"]) == {str(setup / "tiny0")}
     drawn = [take["piece"] for take in report["continuations"][str(setup / "tiny0")]]
-    assert sorted(Path(p).stem for p in drawn) == pieces
+    assert len(drawn) == 2 and {Path(p).stem for p in drawn} & {pieces[0], "take2",
+                                                                  "take3"}
+    assert f"{pieces[1]}.pickle" in drawn
