@@ -267,6 +267,9 @@ def main() -> None:
         else:
             take = model.generate(primer, **settings, progress=on_step)
     take.extra["primer_name"] = Path(args.primer).name or "from scratch"
+    # the primer as the user gave it replays the take: its cut, not the cut tokens passed
+    take.settings.update(prime_seconds=args.prime_seconds, prime_tokens=args.num_prime,
+                         prime_from_end=args.prime_from_end)
     report = {"settings": vars(args), "model": cfg.to_dict(),
               "checkpoint_step": model.meta.get("step"), "device": str(state.device),
               "timings": {"load_s": round(load_s, 3)}}

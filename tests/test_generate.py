@@ -308,6 +308,22 @@ def test_outputs_follow_the_umask(ckpt, tmp_path):
     assert (tmp_path / "u").stat().st_mode & 0o777 == 0o750
 
 
+def test_generation_json_replays_the_take_from_the_primer_file(ckpt, tmp_path):
+    """`generation` in generation.json holds the API's arguments for the primer file as
+    given (its cut: --prime_seconds, --num_prime, --prime_from_end), not for the cut
+    tokens generate.py passed on, so ``model.generate(primer, **generation)`` replays."""
+    from perceiver_music.api import PerceiverMusic
+
+    model = PerceiverMusic.from_pretrained(ckpt, device="cpu")
+    for extra in (["--prime_seconds", "3"], ["--num_prime", "30", "--prime_from_end"]):
+        name = f"r{len(extra)}"
+        assert gen(ckpt, tmp_path, "--name", name, *extra).returncode == 0
+        done = report(tmp_path / name)
+        replay = model.generate(str(PRIMER), **done["generation"])
+        assert replay.primer_seconds == pytest.approx(done["primer_seconds"]), extra
+        assert replay.continuations[0] == done["samples"][0]["token_ids"], extra
+
+
 def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
     r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2")
     assert r.returncode == 0, r.stderr
