@@ -412,13 +412,15 @@ class PerceiverMusic:
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(
                 seconds, numbers.Real) or not seconds > 0):
             raise ValueError(f"seconds must be positive (or None for no limit), got {seconds!r}")
+        # the arguments as given, numpy scalars as Python numbers (generation.json holds
+        # them), before max_new_tokens is derived: a replay with other seconds derives anew
+        arguments = inspect.signature(self.generate).parameters
+        settings = {k: v.item() if isinstance(v, np.generic) else v for k, v in locals().items()
+                    if k in arguments and k not in ("primer", "progress", "stop")}
         if max_new_tokens is None:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
-        arguments = inspect.signature(self.generate).parameters
-        settings = {k: v for k, v in locals().items()
-                    if k in arguments and k not in ("primer", "progress", "stop")}
         given = [name for name, value, default in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
             ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0))
@@ -440,9 +442,10 @@ class PerceiverMusic:
                               decode_threads=decode_threads, on_step=progress, stop=stop)
         name = Path(primer).name if isinstance(primer, str | os.PathLike) else (
             "from scratch" if primer is None else "primer")
+        drawn = None if result.seed is None else int(result.seed)
         return Generation(  # settings with the seed drawn: they replay the take
             primer=tokens, continuations=result.tokens, stop_reasons=result.stop_reasons,
-            seconds=result.seconds, seed=result.seed, settings={**settings, "seed": result.seed},
+            seconds=result.seconds, seed=drawn, settings={**settings, "seed": drawn},
             checkpoint=self.source, generate_s=time.perf_counter() - start,
             primer_note=note, extra={"primer_name": name,
                                      "scores": result.scores,

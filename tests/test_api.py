@@ -4,6 +4,7 @@ save, and the README's example, run as written."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -159,6 +160,15 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
         "primer", "progress", "stop"}
     replayed = tiny.generate(str(PRIMER), **take.settings)
     assert replayed.continuations == take.continuations
+    assert take.settings["max_new_tokens"] is None  # as given: derived from seconds again,
+    longer = tiny.generate(str(PRIMER), **{**take.settings, "seconds": 6})  # not capped
+    assert max(longer.seconds) > max(take.seconds) + 1, (longer.seconds, take.seconds)
+    # numpy numbers are numbers: the settings hold them as Python's, and save writes them
+    numpy_take = tiny.generate(str(PRIMER), seconds=np.float32(1.0), seed=np.int64(3),
+                               num_samples=np.int64(1), top_p=np.float64(0.9))
+    numpy_take.save(tmp_path / "numpy")
+    saved = json.loads((tmp_path / "numpy" / "generation.json").read_text())["generation"]
+    assert saved["seed"] == 3 and saved["num_samples"] == 1 and saved["seconds"] == 1.0
     drawn = tiny.generate(str(PRIMER), max_new_tokens=8, seconds=None)  # a seed drawn
     assert drawn.settings["seed"] == drawn.seed is not None
     assert tiny.generate(str(PRIMER), **drawn.settings).continuations == drawn.continuations
