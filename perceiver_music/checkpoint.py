@@ -186,7 +186,8 @@ def load_checkpoint(
     ``last/state``, or is inferred), or a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``
     file of the original scripts (inferred). When inferring, ``heads`` and ``prefix``
     (default: the original scripts' 8 and 1024) supply what shapes cannot tell. ``meta``
-    holds config.json's other entries, or ``{"source": ..., "inferred": True}``.
+    holds config.json's other entries, or ``{"source": ..., "inferred": True, "assumed":
+    [...]}`` (which of heads and prefix were not given).
 
     A checkpoint is untrusted input: no pickle is read but through the restricted
     unpickler, and nothing is allocated before the config passed its bounds, the parameter
@@ -205,7 +206,8 @@ def load_checkpoint(
             cfg, meta = _read_config(path.parent / CONFIG_NAME)
         else:
             cfg = infer_config(state, path, heads=heads, prefix=prefix)
-            meta = {"source": "accelerate state folder", "inferred": True}
+            meta = {"source": "accelerate state folder", "inferred": True,
+                    "assumed": _assumed(heads, prefix)}
     elif path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             _no_config_hint(path)
@@ -218,7 +220,8 @@ def load_checkpoint(
         else:
             state = _state_dict_of(read_torch_checkpoint(path), path)
         cfg = infer_config(state, path, heads=heads, prefix=prefix)
-        meta = {"source": f"{path.suffix} file", "inferred": True}
+        meta = {"source": f"{path.suffix} file", "inferred": True,
+                "assumed": _assumed(heads, prefix)}
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory or file ({_what_is(path)})")
     _check_weights(state, cfg, path, max_parameters)
@@ -267,6 +270,10 @@ def infer_config(
     dim_head) and the feed-forward multiplier; a mismatch with the given heads or prefix
     is reported with what the shapes say.
     """
+    for name, value in (("heads", heads), ("prefix", prefix)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise CheckpointError(f"{path}: --{name} must be a whole number of at least 1, "
+                                  f"got {value!r}")
     heads = ORIGINAL_HEADS if heads is None else heads
     try:
         num_tokens, dim = state["token_emb.weight"].shape
@@ -302,11 +309,17 @@ def config_origin(meta: Mapping[str, Any], heads: int | None = None,
     given, assumed (shapes cannot tell them, so a wrong guess must not look inferred)."""
     if not meta.get("inferred"):
         return "from its config"
-    assumed = [name for name, given in (("heads", heads), ("prefix", prefix)) if given is None]
+    given = {"heads": heads, "prefix": prefix}  # now, or when it was converted (its meta)
+    assumed = [name for name in meta.get("assumed", given) if given[name] is None]
     if not assumed:
         return "shapes, with the given heads and prefix"
     return (f"shapes; {' and '.join(assumed)} assumed (see --heads and --prefix): give "
             + " and ".join(f"--{name}" for name in assumed) + " if the model used others")
+
+
+def _assumed(heads: int | None, prefix: int | None) -> list[str]:
+    """Which of heads and prefix an inferred config assumed (the user gave the others)."""
+    return [name for name, given in (("heads", heads), ("prefix", prefix)) if given is None]
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, Tensor]:

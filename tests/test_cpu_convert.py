@@ -91,6 +91,19 @@ def test_original_pth_with_module_prefixes_and_optimizer(model, tmp_path):
     r = convert(tmp_path / "model.pth", tmp_path / "dest", *TINY_FLAGS)
     check_converted(r, tmp_path / "dest", model)
     assert "(shapes, with the given heads and prefix)" in r.stdout
+    # generate.py on the result does not call the given heads and prefix assumed
+    g = zygote.run([sys.executable, "generate.py", "--ckpt", str(tmp_path / "dest"),
+                    "--new_tokens", "2", "--seconds", "0", "--no-audio", "--out_dir",
+                    str(tmp_path / "takes")], cwd=ROOT, capture_output=True, text=True,
+                   timeout=300)
+    assert g.returncode == 0 and "shapes, with the given heads and prefix" in g.stderr, (
+        g.stderr)
+    for bad in (["--heads", "0"], ["--prefix", "0"]):  # one line, not a ZeroDivisionError
+        r = convert(tmp_path / "model.pth", tmp_path / "no", *bad)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{bad[0]} must be a whole number of at least 1, got 0" in r.stderr
+    with pytest.raises(CheckpointError, match="--heads must be a whole number"):
+        load_checkpoint(tmp_path / "model.pth", heads="4")
     # without --heads and --prefix the result is a guess (a 4-head model read as 8 heads
     # of half the width), and the line says so
     four = build_model(preset("tiny", heads=4, dim_head=64))
