@@ -125,6 +125,16 @@ def _check_whole(name: str, value: object, least: int, optional: bool = False) -
                          f"{' (or None)' if optional else ''}, got {value!r}")
 
 
+def _check_number(name: str, value: object, optional: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a real number (or None, when
+    ``optional``): a string would fail as a TypeError that names no setting. Its range
+    is checked where it is used."""
+    if not (value is None and optional) and (isinstance(value, bool) or not isinstance(
+            value, numbers.Real)):
+        raise ValueError(f"{name} must be a number{' (or None)' if optional else ''}, "
+                         f"got {_kind(value)}")
+
+
 def _kind(value: object) -> str:
     """How an error names a value of the wrong kind: its type, and a short repr."""
     text = repr(value)
@@ -405,13 +415,23 @@ class PerceiverMusic:
         """
         _check_whole("num_samples", num_samples, 1)
         _check_whole("num_beams", num_beams, 1)
+        for name, value, optional in (("temperature", temperature, False),
+                                      ("top_p", top_p, True), ("min_p", min_p, True),
+                                      ("creativity", creativity, False),
+                                      ("prime_seconds", prime_seconds, False)):
+            _check_number(name, value, optional)
+        for name, value in (("greedy", greedy), ("prime_from_end", prime_from_end),
+                            ("stop_at_end", stop_at_end)):
+            if not isinstance(value, bool | np.bool_):  # "no" would count as True
+                raise ValueError(f"{name} must be True or False, got {_kind(value)}")
         for count in (("max_new_tokens", max_new_tokens, 1), ("top_k", top_k, 1),
                       ("seed", seed, 0), ("cross_attn_seq_len", cross_attn_seq_len, 1),
                       ("stride", stride, 1), ("decode_threads", decode_threads, 1)):
             _check_whole(*count, optional=True)
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(
-                seconds, numbers.Real) or not seconds > 0):
-            raise ValueError(f"seconds must be positive (or None for no limit), got {seconds!r}")
+                seconds, numbers.Real) or not 0 < seconds < math.inf):
+            raise ValueError("seconds must be positive and finite (or None for no limit), "
+                             f"got {seconds!r}")
         # the arguments as given, numpy scalars as Python numbers (generation.json holds
         # them), before max_new_tokens is derived: a replay with other seconds derives anew
         arguments = inspect.signature(self.generate).parameters
@@ -462,6 +482,7 @@ class PerceiverMusic:
         argument of `generate` but ``progress``; beam search, which picks its sequence
         only at the end, cannot stream. Impossible settings raise `generate`'s errors
         before the first chunk."""
+        _check_number("chunk_seconds", chunk_seconds)
         if not chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds}")
         if settings.get("num_beams", 1) != 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -125,9 +126,15 @@ def test_every_kind_of_primer(tiny):
                                          "out temperature, creativity"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0)
     for wrong in ({"num_samples": 2.0}, {"num_samples": None}, {"top_k": 2.5}, {"seed": -1},
-                  {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"}):
+                  {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"},
+                  {"seconds": math.inf}, {"temperature": "hot"}, {"temperature": None},
+                  {"top_p": "0.9"}, {"min_p": "x"}, {"creativity": "lots"},
+                  {"prime_seconds": None}, {"greedy": "yes"}, {"prime_from_end": "no"},
+                  {"stop_at_end": 1}):
         with pytest.raises(ValueError, match=f"{next(iter(wrong))} must be"):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
+    with pytest.raises(ValueError, match="chunk_seconds must be a number"):
+        next(tiny.stream(raw, chunk_seconds="1"))
     for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
                 {"prime_tokens": -10}):
         with pytest.raises(ValueError, match=f"{next(iter(cut))} must be"):
