@@ -135,6 +135,23 @@ def _check_number(name: str, value: object, optional: bool = False) -> None:
                          f"got {_kind(value)}")
 
 
+def _device(device: object) -> torch.device:
+    """``device`` as a torch.device this machine has, or a ValueError naming it (torch
+    would fail on first use with an AssertionError or a list of device types)."""
+    try:
+        if isinstance(device, bool) or not isinstance(device, str | torch.device):
+            raise ValueError(_kind(device))
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', got "
+                         f"{_kind(device)}") from exc
+    if device.type == "cuda" and (not torch.cuda.is_available() or (
+            device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s) that torch can use")
+    return device
+
+
 def _kind(value: object) -> str:
     """How an error names a value of the wrong kind: its type, and a short repr."""
     text = repr(value)
@@ -347,7 +364,7 @@ class PerceiverMusic:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = _device(device)
         model, config, meta = load_checkpoint(path, device, heads=heads, prefix=prefix)
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported(

@@ -135,6 +135,10 @@ def test_every_kind_of_primer(tiny):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     with pytest.raises(ValueError, match="chunk_seconds must be a number"):
         next(tiny.stream(raw, chunk_seconds="1"))
+    for device, message in (("tpu", "device must be a device name"), (5, "got int 5"),
+                            ("cuda:7", "device cuda:7: this machine has")):
+        with pytest.raises(ValueError, match=message):  # not torch's AssertionError
+            PerceiverMusic.from_pretrained(tiny.source, device=device)
     for cut in ({"prime_seconds": -1}, {"prime_seconds": float("nan")},
                 {"prime_tokens": -10}):
         with pytest.raises(ValueError, match=f"{next(iter(cut))} must be"):
