@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -124,6 +125,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
         default_permissions(tmp)
         os.replace(tmp, path)
+    except IsADirectoryError:  # named as the folder, not the temporary file's name
+        Path(tmp).unlink(missing_ok=True)
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file to write", str(path)) \
+            from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -195,6 +195,10 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
     try:
         assert take.pianoroll().axes[0].get_xlabel() == "time (s)"
         take.pianoroll(tmp_path / "roll.png")
+        (tmp_path / "a folder").mkdir()  # a folder given for a file: named, nothing left
+        with pytest.raises(IsADirectoryError, match="a folder.*'.*a folder'$"):
+            take.pianoroll(tmp_path / "a folder")
+        assert not list(tmp_path.glob(".a folder.*"))
         assert matplotlib.get_backend() == "svg"
         assert (tmp_path / "roll.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
