@@ -224,6 +224,12 @@ def load_checkpoint(
                 "assumed": _assumed(heads, prefix)}
     else:
         raise CheckpointError(f"{path}: not a checkpoint directory or file ({_what_is(path)})")
+    stated = {"heads": (heads, cfg.heads), "prefix": (prefix, cfg.cross_attn_seq_len)}
+    differ = [f"{name} {have}" for name, (given, have) in stated.items()
+              if given is not None and given != have]
+    if differ:  # only a config.json can disagree: it says what the model is (not ignored)
+        raise CheckpointError(f"{path}: its config.json says {' and '.join(differ)}; --heads "
+                              "and --prefix are for checkpoints without one (leave them out)")
     _check_weights(state, cfg, path, max_parameters)
     model = build_model(cfg, initialise=False)  # every tensor is filled from the file
     model.load_state_dict({k: v.float() for k, v in state.items()})

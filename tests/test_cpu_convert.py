@@ -104,6 +104,10 @@ def test_original_pth_with_module_prefixes_and_optimizer(model, tmp_path):
         assert f"{bad[0]} must be a whole number of at least 1, got 0" in r.stderr
     with pytest.raises(CheckpointError, match="--heads must be a whole number"):
         load_checkpoint(tmp_path / "model.pth", heads="4")
+    # a checkpoint with a config.json is what it says: other heads or prefix are refused
+    with pytest.raises(CheckpointError, match="config.json says heads 2 and prefix 32; "):
+        load_checkpoint(tmp_path / "dest", heads=8, prefix=100)
+    assert load_checkpoint(tmp_path / "dest", heads=2, prefix=32)[1].heads == 2  # the same
     # without --heads and --prefix the result is a guess (a 4-head model read as 8 heads
     # of half the width), and the line says so
     four = build_model(preset("tiny", heads=4, dim_head=64))
