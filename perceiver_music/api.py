@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import math
 import numbers
@@ -75,6 +76,9 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     _check_whole("prime_tokens", count, 0)
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"prime_seconds must be 0 (all) or more, got {seconds}")
+    if isinstance(primer, io.TextIOBase):  # its read() decodes the MIDI bytes as text
+        raise ValueError(f"a primer file must be opened in binary mode (open(path, 'rb')), "
+                         f"got {_kind(primer)}")
     if hasattr(primer, "read"):  # an open file or BytesIO of MIDI
         primer = primer.read()
     if isinstance(primer, str | os.PathLike):

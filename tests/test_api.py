@@ -122,6 +122,8 @@ def test_every_kind_of_primer(tiny):
     for bad in (60, {"a": 1}, [60.7], ["60"]):
         with pytest.raises(ValueError, match="a primer is a MIDI file's path"):
             tiny.generate(bad)
+    with open(PRIMER) as text, pytest.raises(ValueError, match="opened in binary mode"):
+        tiny.generate(text)  # not a UnicodeDecodeError, nor its bytes taken for a path
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
                                          "out temperature, creativity"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0)
