@@ -46,21 +46,13 @@ def piece_of_each(data_dir: Path, split: str, names: list[str]) -> list[str]:
     """The piece each file of ``split`` (``names``) performs: its group in prep.py's
     ``manifest.jsonl`` beside the split (ASAP's performances of one piece share one), or
     the file itself where the manifest is missing or does not name it."""
-    import json
+    from prep import load_manifest  # the last line of a file wins; broken lines are skipped
 
     groups = {}
-    try:
-        lines = (data_dir / "manifest.jsonl").read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        lines = []
-    for line in lines:  # a later line (a re-run's) supersedes an earlier one
-        try:
-            entry = json.loads(line)
-            where, _, name = entry["output"].partition("/")
-            if where == split and entry["status"] == "ok":
-                groups[name] = str(entry["group"])
-        except (ValueError, TypeError, KeyError, AttributeError):
-            continue  # not one of prep.py's lines: that file is a piece of its own
+    for entry in load_manifest(data_dir / "manifest.jsonl").values():
+        where, _, name = str(entry.get("output")).partition("/")
+        if where == split and entry.get("status") == "ok":
+            groups[name] = str(entry.get("group"))
     return [groups.get(name, name) for name in names]
 
 

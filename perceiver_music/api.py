@@ -143,17 +143,16 @@ def _device(device: object) -> torch.device:
     """``device`` as a torch.device this machine has, or a ValueError naming it (torch
     would fail on first use with an AssertionError or a list of device types)."""
     try:
-        if isinstance(device, bool) or not isinstance(device, str | torch.device):
-            raise ValueError(_kind(device))
-        device = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
+        parsed = torch.device(device) if isinstance(device, str | torch.device) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is None:
         raise ValueError(f"device must be a device name such as 'cpu' or 'cuda:0', got "
-                         f"{_kind(device)}") from exc
-    if device.type == "cuda" and (not torch.cuda.is_available() or (
-            device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {device}: this machine has "
+                         f"{_kind(device)}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {parsed}: this machine has "
                          f"{torch.cuda.device_count()} CUDA GPU(s) that torch can use")
-    return device
+    return parsed
 
 
 def _kind(value: object) -> str:
@@ -449,8 +448,8 @@ class PerceiverMusic:
                       ("seed", seed, 0), ("cross_attn_seq_len", cross_attn_seq_len, 1),
                       ("stride", stride, 1), ("decode_threads", decode_threads, 1)):
             _check_whole(*count, optional=True)
-        if seconds is not None and (isinstance(seconds, bool) or not isinstance(
-                seconds, numbers.Real) or not 0 < seconds < math.inf):
+        _check_number("seconds", seconds, optional=True)
+        if seconds is not None and not 0 < seconds < math.inf:
             raise ValueError("seconds must be positive and finite (or None for no limit), "
                              f"got {seconds!r}")
         # the arguments as given, numpy scalars as Python numbers (generation.json holds

@@ -315,8 +315,8 @@ def config_origin(meta: Mapping[str, Any], heads: int | None = None,
     given, assumed (shapes cannot tell them, so a wrong guess must not look inferred)."""
     if not meta.get("inferred"):
         return "from its config"
-    given = {"heads": heads, "prefix": prefix}  # now, or when it was converted (its meta)
-    assumed = [name for name in meta.get("assumed", given) if given[name] is None]
+    # not given now, nor when it was converted (its meta says which were assumed then)
+    assumed = [n for n in _assumed(heads, prefix) if n in meta.get("assumed", (n,))]
     if not assumed:
         return "shapes, with the given heads and prefix"
     return (f"shapes; {' and '.join(assumed)} assumed (see --heads and --prefix): give "

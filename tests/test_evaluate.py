@@ -242,8 +242,9 @@ def test_a_test_folder_alone_and_primers_drawn_across_the_split(setup, tmp_path)
     assert len(pieces) == 2
     for k in (2, 3):  # two more performances of the first piece
         shutil.copy(data / "test" / f"{pieces[0]}.pickle", data / "test" / f"take{k}.pickle")
-    lines = [json.dumps({"output": f"test/{name}.pickle", "group": "folder:first",
-                         "status": "ok"}) for name in (pieces[0], "take2", "take3")]
+    lines = [json.dumps({"path": f"first/{name}.mid", "output": f"test/{name}.pickle",
+                         "group": "folder:first", "status": "ok"})
+             for name in (pieces[0], "take2", "take3")]
     (data / "manifest.jsonl").write_text("\n".join([*lines, "not a manifest line"]) + "\n")
     split = load_split(data / "test")
     of = evaluate.piece_of_each(data, "test", split.names)
