@@ -58,6 +58,7 @@ DEMO_PRIMER = DEMO_CHECKPOINT.parent.parent / "samples" / "primers" / "mz_570_3_
 START_TOKEN = VELOCITY + 16  # an empty primer starts from VELOCITY(16), as many pieces open
 TOKENS_PER_SECOND = 100  # a generous bound on the music's density, for default lengths
 DTYPES = ("auto", "float32", "bfloat16")  # what from_pretrained(dtype=...) takes
+RELEASE = 3.0  # generate()'s default `SamplingConfig.release`
 
 Primer = str | os.PathLike | bytes | pretty_midi.PrettyMIDI | Sequence[int] | np.ndarray | None
 
@@ -403,6 +404,7 @@ class PerceiverMusic:
         min_p: float | None = None,
         greedy: bool = False,
         creativity: float = 0.0,
+        release: float = RELEASE,
         num_beams: int = 1,
         seed: int | None = None,
         stop_at_end: bool = True,
@@ -438,6 +440,7 @@ class PerceiverMusic:
         for name, value, optional in (("temperature", temperature, False),
                                       ("top_p", top_p, True), ("min_p", min_p, True),
                                       ("creativity", creativity, False),
+                                      ("release", release, False),
                                       ("prime_seconds", prime_seconds, False)):
             _check_number(name, value, optional)
         for name, value in (("greedy", greedy), ("prime_from_end", prime_from_end),
@@ -463,15 +466,16 @@ class PerceiverMusic:
                                      from_end=prime_from_end)
         given = [name for name, value, default in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
-            ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0))
-            if value != default]
+            ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0),
+            ("release", release, RELEASE)) if value != default]
         if num_beams != 1 and given:
             raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
                              f"leave out {', '.join(given)}")
         sampling = None
         if num_beams == 1:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                      min_p=min_p, greedy=greedy, creativity=creativity)
+                                      min_p=min_p, greedy=greedy, creativity=creativity,
+                                      release=release)
         start = time.perf_counter()
         with tf32_products(self.device.type == "cuda" and self.dtype == "float32"):
             result = generate(self.model, tokens, max_new_tokens=max_new_tokens,

@@ -50,6 +50,7 @@ STOP_END = "end"
 STOP_SECONDS = "seconds"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_ASKED = "stopped"  # the caller's ``stop`` said so
+RELEASE_AFTER_S = 1.0  # `SamplingConfig.release` acts on notes held longer than this
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,13 @@ class SamplingConfig:
     becomes e**creativity times as likely against time shifts and the other events, so
     positive values give more notes and fewer rests, negative values sparser music (0: the
     model's own distribution). Filters then compose in this order: temperature, top-k,
-    top-p, min-p. ``greedy`` takes the most likely token (after the bias; the filters
+    top-p, min-p. ``greedy`` takes the most likely token (after the biases; the filters
     cannot change it, so they are ignored). PAD is never drawn: it is not a musical event.
+
+    ``release`` counters drones: for every second a note has sounded past
+    ``RELEASE_AFTER_S``, its NOTE_OFF gets ``release`` added to its logit (0: the model's
+    own distribution). The demo model under-predicts the end of notes it has held a while
+    (its card measures how), so without it some notes sound on for many seconds.
     """
 
     temperature: float = 1.0
@@ -70,10 +76,13 @@ class SamplingConfig:
     min_p: float | None = None
     greedy: bool = False
     creativity: float = 0.0
+    release: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.creativity):
             raise ValueError(f"creativity must be a finite number, got {self.creativity}")
+        if not (math.isfinite(self.release) and self.release >= 0.0):
+            raise ValueError(f"release must be a finite number >= 0, got {self.release}")
         if not self.temperature > 0.0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -262,7 +271,7 @@ def generate(
                          decode_threads, m, precision, cuda_graphs)
         generators = _row_generators(seed, num_samples, device)
         return _sample(window, sampling or SamplingConfig(), generators, seed, limits,
-                       on_step, progress)
+                       on_step, progress, primer_ids)
     finally:
         model.train(was_training)
         if window is not None:
@@ -421,6 +430,45 @@ class _Limits:
         return None
 
 
+class _Sounding:
+    """The notes sounding in each sample and when each started (10 ms steps), kept as
+    `midi_processor.decode_tokens` pairs them, for `SamplingConfig.release`."""
+
+    def __init__(self, primer: list[int], rows: int) -> None:
+        self.now: list[int] = [0]
+        self.started: list[dict[int, int]] = [{}]
+        for token in primer:
+            self.add(0, token)
+        self.now *= rows
+        self.started += [dict(self.started[0]) for _ in range(rows - 1)]
+
+    def add(self, row: int, token: int) -> None:
+        """Follow ``token`` in sample ``row``."""
+        if token < NOTE_OFF:  # a NOTE_ON on a sounding pitch ends it and starts it anew
+            self.started[row][token] = self.now[row]
+        elif token < TIME_SHIFT:
+            self.started[row].pop(token - NOTE_OFF, None)
+        elif token < TIME_SHIFT + MAX_SHIFT_STEPS:
+            self.now[row] += token - TIME_SHIFT + 1
+
+    def biased(self, logits: Tensor, release: float) -> Tensor:
+        """``logits`` with ``release`` per second past `RELEASE_AFTER_S` added to the
+        NOTE_OFF of every note held that long (the same tensor when none is)."""
+        after = RELEASE_AFTER_S * STEPS_PER_SECOND
+        rows, cols, add = [], [], []
+        for row, started in enumerate(self.started):
+            for pitch, start in started.items():
+                if self.now[row] - start > after:
+                    rows.append(row)
+                    cols.append(NOTE_OFF + pitch)
+                    add.append(release * (self.now[row] - start - after) / STEPS_PER_SECOND)
+        if not add:
+            return logits
+        where = torch.tensor([rows, cols], device=logits.device)
+        return logits.float().index_put(tuple(where), torch.tensor(add, device=logits.device),
+                                        accumulate=True)
+
+
 # ---------------------------------------------------------------------------------------
 # decoding loops
 
@@ -433,9 +481,11 @@ def _sample(
     limits: _Limits,
     on_step: Callable[[StepInfo], object] | None,
     progress: Callable[[int], object] | None,
+    primer: list[int],
 ) -> GenerationResult:
     batch = window.buf.shape[0]
     shift = _shift_steps_table(window.buf.device).tolist()
+    sounding = _Sounding(primer, batch) if sampling.release else None
     outputs: list[list[int]] = [[] for _ in range(batch)]
     steps = [0] * batch
     reasons: list[str | None] = [None] * batch
@@ -443,11 +493,14 @@ def _sample(
 
     logits = window.encode()
     for step in range(limits.max_new_tokens):
-        tokens = sample_next(logits, sampling, generators).masked_fill(finished, PAD)
+        biased = logits if sounding is None else sounding.biased(logits, sampling.release)
+        tokens = sample_next(biased, sampling, generators).masked_fill(finished, PAD)
         ended = False
         for row, token in enumerate(tokens.tolist()):
             if reasons[row] is None:
                 outputs[row].append(token)
+                if sounding is not None:
+                    sounding.add(row, token)
                 steps[row] += shift[token]
                 reasons[row] = limits.reason(token, steps[row], len(outputs[row]))
                 ended = ended or reasons[row] is not None

@@ -125,14 +125,14 @@ def test_every_kind_of_primer(tiny):
     with open(PRIMER) as text, pytest.raises(ValueError, match="opened in binary mode"):
         tiny.generate(text)  # not a UnicodeDecodeError, nor its bytes taken for a path
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
-                                         "out temperature, creativity"):
-        tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0)
+                                         "out temperature, creativity, release"):
+        tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0)
     for wrong in ({"num_samples": 2.0}, {"num_samples": None}, {"top_k": 2.5}, {"seed": -1},
                   {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"},
                   {"seconds": math.inf}, {"temperature": "hot"}, {"temperature": None},
                   {"top_p": "0.9"}, {"min_p": "x"}, {"creativity": "lots"},
                   {"prime_seconds": None}, {"greedy": "yes"}, {"prime_from_end": "no"},
-                  {"stop_at_end": 1}):
+                  {"stop_at_end": 1}, {"release": "lots"}, {"release": -1.0}):
         with pytest.raises(ValueError, match=f"{next(iter(wrong))} must be"):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     with pytest.raises(ValueError, match="chunk_seconds must be a number"):

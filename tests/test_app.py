@@ -27,6 +27,7 @@ import pretty_midi
 import pytest
 import zygote
 
+from perceiver_music.api import RELEASE
 from tests.conftest import DATA, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -475,7 +476,8 @@ def api_call(url: str, session: str, upload: tuple[str, bytes] | None = None,
     import json
 
     values = dict(prime_s=4, length=1, temp=1.0, k=0, p=0, min_p_=0, greedy_=False, width=1,
-                  samples=1, seed_=1, prefix=0, bias=0, stop=True, int8_=False)
+                  samples=1, seed_=1, prefix=0, bias=0, release_=RELEASE, stop=True,
+                  int8_=False)
     values.update(settings)
     source, primer = "bundled primer", None
     if upload:

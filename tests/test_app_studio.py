@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zygote
 
+from perceiver_music.api import RELEASE
 from tests.conftest import DATA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def studio_of(tmp_path: Path, *argv: str):
 
 SHORT = dict(prime_seconds=4, seconds=3, temperature=1.0, top_k=0, top_p=0, min_p=0,
              greedy=False, beams=1, num_samples=1, seed=3, prefix_len=0, creativity=0,
-             stop_at_end=False, int8=False)
+             release=RELEASE, stop_at_end=False, int8=False)
 
 
 def test_two_generations_decode_at_once_in_two_processes(tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from midi_processor.vocab import END, PAD, TIME_SHIFT, VOCAB_SIZE
+from midi_processor.vocab import END, NOTE_OFF, PAD, TIME_SHIFT, VELOCITY, VOCAB_SIZE
 from perceiver_music.config import preset
 from perceiver_music.engine import (
     STOP_END,
@@ -329,6 +329,8 @@ def test_sampling_config_validation():
         {"top_p": 0.0},
         {"top_p": 1.5},
         {"min_p": -0.1},
+        {"release": -0.5},
+        {"release": math.inf},
     ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
@@ -590,6 +592,51 @@ def test_creativity_makes_notes_likelier_than_rests():
     assert low < none < high and high > 0.5
     with pytest.raises(ValueError, match="creativity"):
         SamplingConfig(creativity=math.inf)
+
+
+def test_release_ends_notes_held_past_a_second():
+    """Each step, every note sounding for over 1 s (as decode_tokens pairs them: a
+    re-struck note starts anew, a NOTE_OFF ends it) gets ``release`` per second past 1 s
+    on its NOTE_OFF logit, and nothing else changes."""
+    second = TIME_SHIFT + 99
+    primer = [VELOCITY + 16, 60, 64, 72, second, second, NOTE_OFF + 64, 67, 72, TIME_SHIFT + 49]
+    # 60: held 2.5 s; 64: ended; 67 and 72 (struck again): 0.5 s
+
+    def expected_bias(tokens: list[int]) -> torch.Tensor:
+        now, started = 0, {}
+        for t in tokens:
+            if t < NOTE_OFF:
+                started[t] = now
+            elif t < TIME_SHIFT:
+                started.pop(t - NOTE_OFF, None)
+            elif t < VELOCITY:
+                now += t - TIME_SHIFT + 1
+        bias = torch.zeros(VOCAB_SIZE)
+        for pitch, start in started.items():
+            bias[NOTE_OFF + pitch] = 0.7 * max(0, now - start - 100) / 100
+        return bias
+
+    assert expected_bias(primer).nonzero().flatten().tolist() == [NOTE_OFF + 60]
+    # a model that would rest for ever, holding its notes: a drone
+    model = biased(tiny_model(3), torch.zeros(VOCAB_SIZE).index_fill(
+        0, torch.tensor([second]), 4.0))
+    alone = generate(model, primer, max_new_tokens=40, sampling=SamplingConfig(greedy=True),
+                     stop_on_end=False).tokens[0]
+    assert alone == [second] * 40
+    made: list[int] = []
+
+    def check(info: StepInfo) -> None:
+        want = int((without_pad(info.logits[0]) + expected_bias(primer + made)).argmax())
+        assert int(info.tokens[0]) == want
+        made.append(want)
+
+    generate(model, primer, max_new_tokens=40, sampling=SamplingConfig(greedy=True,
+             release=0.7), stop_on_end=False, on_step=check)
+    ends = [t - NOTE_OFF for t in made if NOTE_OFF <= t < TIME_SHIFT]
+    assert ends[0] == 60 and sorted(ends) == [60, 67, 72] and made.count(second) == 37
+    first = generate(model, primer, max_new_tokens=1, sampling=SamplingConfig(
+        greedy=True, release=50.0)).tokens[0]
+    assert first == [NOTE_OFF + 60]  # 75 nats: the note held 2.5 s ends at once
 
 
 def test_prefix_length_at_generation_is_checked():

@@ -216,8 +216,10 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--renderer", "timidity"], "--renderer must be"),
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
-        (["--beams", "3", "--top_p", "0.5", "--creativity", "1"],
-         "beam search (--beams) takes no sampling setting: leave out --top_p --creativity"),
+        (["--beams", "3", "--top_p", "0.5", "--creativity", "1", "--release", "9"],
+         "beam search (--beams) takes no sampling setting: leave out --top_p --creativity "
+         "--release"),
+        (["--release", "-1"], "--release must not be negative"),
         (["--stride", "1000"], "--stride"),
         (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
         (["--prime_seconds", "inf"], "--prime_seconds: invalid finite number value: 'inf'"),
@@ -325,10 +327,12 @@ def test_generation_json_replays_the_take_from_the_primer_file(ckpt, tmp_path):
 
 
 def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
-    r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2")
+    r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2",
+            "--release", "3")
     assert r.returncode == 0, r.stderr
     settings = report(tmp_path / "n")["generation"]
     assert settings["cross_attn_seq_len"] == 16 and settings["creativity"] == 2.0
+    assert settings["release"] == 3.0
     r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
     assert r.returncode == 1 and "--cross_attn_seq_len must be in [1, 63]" in r.stderr
     assert not (tmp_path / "m").exists()
