@@ -992,10 +992,11 @@ def build_page(studio: Studio, args):
             request (for the session) and a progress tracker, as the parameters say."""
 
             def handle(source_name, upload_path, takes, selected, prime_s, length, temp, k,
-                       p, min_p_, greedy_, width, samples, seed_, prefix, bias, stop, int8_,
-                       request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's way)
+                       p, min_p_, greedy_, width, samples, seed_, prefix, bias, release_, stop,
+                       int8_, request: gr.Request,
+                       progress=gr.Progress()):  # noqa: B008 (Gradio's way)
                 values = [prime_s, length, temp, k, p, min_p_, greedy_, width, samples, seed_,
-                          prefix, bias, stop, int8_]
+                          prefix, bias, release_, stop, int8_]
                 yield from respond(values, source_name, upload_path, takes, selected, extend,
                                    request, progress)
 

@@ -5,6 +5,7 @@ tests/test_app.py so that the two files can run on two workers."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
 
     app, studio = studio_of(tmp_path / "app")
     try:
-        settings = {**SHORT, "seconds": 4, "greedy": True}
+        settings = {**SHORT, "seconds": 4, "greedy": True, "release": 6.0}
         messages = list(studio.stream(settings, DATA / "scn15_4.mid", []))
         take, line = messages[-1][1]
         streamed = take.folder.parent / ".take-1-stream"
@@ -155,8 +156,10 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
     assert len(chunks[-1]["notes"]) > len(chunks[0]["notes"]) > 0
     whole = PerceiverMusic.from_pretrained(app.bundled("ckpt/demo"), device="cpu").generate(
         DATA / "scn15_4.mid", seconds=4, prime_seconds=4, greedy=True, seed=3,
-        stop_at_end=False)
+        stop_at_end=False, release=6.0)
     whole.save(tmp_path / "whole")
+    assert json.loads((take.folder / "generation.json").read_text())["generation"][
+        "release"] == 6.0  # every setting of the page reaches the take
     for name in ("full.mid", "continuation.mid", "audio.wav"):
         assert (take.folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
