@@ -79,6 +79,8 @@ def check_settings(args) -> None:
                  "cross_attn_seq_len", "num_latents", "release"):
         if getattr(args, name) < 0:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.seed < -1:
+        fail(f"--seed must be -1 (random) or a whole number >= 0, got {args.seed}")
     if args.num_samples < 1:
         fail(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.temperature == 0:

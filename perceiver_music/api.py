@@ -83,10 +83,14 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     if hasattr(primer, "read"):  # an open file or BytesIO of MIDI
         primer = primer.read()
     if isinstance(primer, str | os.PathLike):
+        if not os.fspath(primer):  # Path("") would be the working folder
+            raise MidiError("the primer path is empty: give a MIDI file, or None for none")
         path = Path(primer)
         if path.is_dir():
-            example = next(iter(sorted(path.glob("*.mid"))), path / "piece.mid")
-            raise MidiError(f"{path} is a folder: give one MIDI file (e.g. {example})")
+            example = next(iter(sorted(p for p in path.iterdir()
+                                       if p.suffix.lower() in (".mid", ".midi"))), None)
+            raise MidiError(f"{path} is a folder: give one MIDI file" + (
+                f" (e.g. {example})" if example else ", and it holds none"))
         if not path.is_file():
             raise MidiError(f"{path}: primer file not found")
         tokens, name = encode_midi(path), path.name
@@ -207,7 +211,11 @@ class Generation:
 
     def audio(self, path: str | os.PathLike, i: int = 0, soundfont: str | None = None,
               renderer: str = "midirenderer") -> AudioInfo:
-        """Render primer + continuation ``i`` to a WAV file (see `render.render_audio`)."""
+        """Render primer + continuation ``i`` to a WAV file (see `render.render_audio`);
+        ``path`` must end in .wav (ValueError otherwise: WAV is the only format written)."""
+        if Path(path).suffix.lower() != ".wav":
+            raise ValueError(f"audio is written as WAV: give a path ending in .wav, got "
+                             f"{os.fspath(path)!r}")
         return render_audio(self.midi(i), path, soundfont, renderer)
 
     def pianoroll(self, path: str | os.PathLike | None = None, i: int = 0,

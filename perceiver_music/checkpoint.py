@@ -280,6 +280,7 @@ def infer_config(
         if value is not None and (type(value) is not int or value < 1):
             raise CheckpointError(f"{path}: --{name} must be a whole number of at least 1, "
                                   f"got {value!r}")
+    assumed_heads = heads is None
     heads = ORIGINAL_HEADS if heads is None else heads
     try:
         num_tokens, dim = state["token_emb.weight"].shape
@@ -291,6 +292,11 @@ def infer_config(
                               f"keys start {_some(sorted(state), 3)})") from None
     depth = len({k.split(".")[1] for k in state if re.match(r"layers\.\d+\.", k)})
     perceive = len({k.split(".")[1] for k in state if re.match(r"perceive_layers\.\d+\.", k)})
+    if inner % heads and assumed_heads:
+        fits = [str(d) for d in range(1, inner // 32 + 1) if inner % d == 0]
+        raise CheckpointError(f"{path}: attention width {inner} is not divisible by the "
+                              f"{heads} heads assumed without a config: give --heads (one of "
+                              f"{', '.join(fits) or 'none'}: heads of 32 dimensions or more)")
     if inner % heads:
         raise CheckpointError(f"{path}: attention width {inner} is not divisible by "
                               f"--heads {heads}")

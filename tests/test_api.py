@@ -103,7 +103,7 @@ def test_the_readme_api_example_runs(tmp_path):
     assert (tmp_path / "ckpt" / "demo-copy" / "model.safetensors").is_file()
 
 
-def test_every_kind_of_primer(tiny):
+def test_every_kind_of_primer(tiny, tmp_path):
     tokens = encode_midi(PRIMER)
     raw = PRIMER.read_bytes()
     kinds = {"path": str(PRIMER), "bytes": raw, "bytearray": bytearray(raw),
@@ -152,8 +152,12 @@ def test_every_kind_of_primer(tiny):
     assert "no notes" not in primer_tokens(late, seconds=0)[1]
     scratch = tiny.generate(None, max_new_tokens=5, seconds=None, seed=1)
     assert "from scratch" in scratch.primer_note and len(scratch.primer) == 1
-    with pytest.raises(MidiError, match="is a folder"):
+    with pytest.raises(MidiError, match=r"is a folder: give one MIDI file \(e.g. .*\.mid\)"):
         tiny.generate(str(PRIMER.parent))
+    with pytest.raises(MidiError, match="is a folder: give one MIDI file, and it holds none"):
+        tiny.generate(tmp_path)
+    with pytest.raises(MidiError, match="the primer path is empty"):
+        tiny.generate("")  # not "." taken for the working folder
     with pytest.raises(ValueError, match="not an event id"):
         tiny.generate([1, 2, 10_000])
     with pytest.raises(ValueError, match="seconds must be positive"):
@@ -207,6 +211,9 @@ def test_generation_gives_midi_notes_audio_and_piano_roll(tiny, tmp_path):
         matplotlib.use(backend)
     info = take.audio(tmp_path / "a.wav")
     assert info.seconds > take.primer_seconds
+    with pytest.raises(ValueError, match="audio is written as WAV: give a path ending in .wav"):
+        take.audio(tmp_path / "a.mp3")  # not WAV bytes under an .mp3 name
+    assert not (tmp_path / "a.mp3").exists()
     assert take.save(tmp_path / "take", audio=False) == []
     with pytest.raises(FileExistsError):
         take.save(tmp_path / "take")

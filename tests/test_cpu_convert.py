@@ -141,7 +141,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text", "not_state_dict", "wrong_prefix",
-                                  "bad_heads", "missing", "dest_exists"])
+                                  "bad_heads", "assumed_heads", "missing", "dest_exists"])
 def test_bad_sources_fail_with_one_line(model, tmp_path, kind):
     src, extra = tmp_path / "src.pth", list(TINY_FLAGS)
     torch.save({"state_dict": model.state_dict()}, src)
@@ -152,6 +152,8 @@ def test_bad_sources_fail_with_one_line(model, tmp_path, kind):
         "not_state_dict": "no state dict of tensors",
         "wrong_prefix": "--prefix 64 must be between",
         "bad_heads": "not divisible by --heads 3",
+        "assumed_heads": "108 is not divisible by the 8 heads assumed without a config: give "
+                         "--heads (one of 1, 2, 3: heads of 32 dimensions or more)",
         "missing": "does not exist",
         "dest_exists": "already exists",
     }[kind]
@@ -165,6 +167,9 @@ def test_bad_sources_fail_with_one_line(model, tmp_path, kind):
         extra = ["--heads", "2", "--prefix", "64"]
     elif kind == "bad_heads":
         extra = ["--heads", "3"]
+    elif kind == "assumed_heads":  # 3 heads of 36: a width of 108, which 8 does not divide
+        torch.save(build_model(preset("tiny", heads=3, dim_head=36)).state_dict(), src)
+        extra = []
     elif kind == "missing":
         src = tmp_path / "nowhere.pth"
     elif kind == "dest_exists":

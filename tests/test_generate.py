@@ -220,6 +220,7 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
          "beam search (--beams) takes no sampling setting: leave out --top_p --creativity "
          "--release"),
         (["--release", "-1"], "--release must not be negative"),
+        (["--seed", "-5"], "--seed must be -1 (random) or a whole number >= 0, got -5"),
         (["--stride", "1000"], "--stride"),
         (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
         (["--prime_seconds", "inf"], "--prime_seconds: invalid finite number value: 'inf'"),
