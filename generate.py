@@ -100,7 +100,7 @@ def check_settings(args) -> None:
     sampling = [f"--{n}" for n, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 0.0),
                                         ("min_p", 0.0), ("greedy", False), ("creativity", 0.0),
                                         ("release", RELEASE))
-                if getattr(args, n) != off]
+                if getattr(args, n) != off and not (n == "release" and args.release == 0)]
     if args.beams > 1 and sampling:
         fail(f"beam search (--beams) takes no sampling setting: leave out {' '.join(sampling)}")
     if args.beams > 1 and args.num_samples > 1:

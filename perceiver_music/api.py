@@ -83,12 +83,15 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     if hasattr(primer, "read"):  # an open file or BytesIO of MIDI
         primer = primer.read()
     if isinstance(primer, str | os.PathLike):
-        if not os.fspath(primer):  # Path("") would be the working folder
+        if not os.fspath(primer):  # "" would be read as the working folder
             raise MidiError("the primer path is empty: give a MIDI file, or None for none")
         path = Path(primer)
         if path.is_dir():
-            example = next(iter(sorted(p for p in path.iterdir()
-                                       if p.suffix.lower() in (".mid", ".midi"))), None)
+            try:
+                example = next(iter(sorted(p for p in path.iterdir()
+                                           if p.suffix.lower() in (".mid", ".midi"))), None)
+            except OSError:  # a folder that cannot be listed: no example to name
+                example = None
             raise MidiError(f"{path} is a folder: give one MIDI file" + (
                 f" (e.g. {example})" if example else ", and it holds none"))
         if not path.is_file():
@@ -429,8 +432,10 @@ class PerceiverMusic:
 
         The primer is cut to its first ``prime_seconds`` (or ``prime_tokens`` tokens; from
         its end with ``prime_from_end``; 0: all). Sampling: ``temperature``, ``top_k``,
-        ``top_p``, ``min_p``, ``greedy``, ``creativity`` (a bias towards notes over rests,
-        see `SamplingConfig`); ``num_beams`` > 1 runs beam search instead.
+        ``top_p``, ``min_p``, ``greedy``, ``creativity`` (a bias towards notes over rests),
+        ``release`` (ends long-held notes; see `SamplingConfig`); ``num_beams`` > 1 runs
+        beam search instead, which applies no release (it takes 0 or the default, and the
+        take's settings record 0).
         ``num_samples`` continuations decode as one batch; ``seed`` repeats a run.
         ``cross_attn_seq_len`` sets the prefix length at generation (default: the
         model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.7x as
@@ -475,12 +480,15 @@ class PerceiverMusic:
         given = [name for name, value, default in (
             ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
             ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0),
-            ("release", release, RELEASE)) if value != default]
+            ("release", release, RELEASE)) if value != default and not (
+                name == "release" and value == 0.0)]
         if num_beams != 1 and given:
             raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
                              f"leave out {', '.join(given)}")
         sampling = None
-        if num_beams == 1:
+        if num_beams != 1:
+            settings["release"] = 0.0  # what beam search applies: a replay gives the same
+        else:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                       min_p=min_p, greedy=greedy, creativity=creativity,
                                       release=release)

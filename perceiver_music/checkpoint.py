@@ -295,8 +295,10 @@ def infer_config(
     if inner % heads and assumed_heads:
         fits = [str(d) for d in range(1, inner // 32 + 1) if inner % d == 0]
         raise CheckpointError(f"{path}: attention width {inner} is not divisible by the "
-                              f"{heads} heads assumed without a config: give --heads (one of "
-                              f"{', '.join(fits) or 'none'}: heads of 32 dimensions or more)")
+                              f"{heads} heads assumed without a config: " + (
+                                  f"give --heads (one of {', '.join(fits)}: heads of 32 "
+                                  "dimensions or more)" if fits else
+                                  "no head count of 32 dimensions or more fits it"))
     if inner % heads:
         raise CheckpointError(f"{path}: attention width {inner} is not divisible by "
                               f"--heads {heads}")

@@ -464,9 +464,9 @@ class _Sounding:
                     add.append(release * (self.now[row] - start - after) / STEPS_PER_SECOND)
         if not add:
             return logits
-        where = torch.tensor([rows, cols], device=logits.device)
-        return logits.float().index_put(tuple(where), torch.tensor(add, device=logits.device),
-                                        accumulate=True)
+        bias = torch.zeros(logits.shape, dtype=torch.float32)  # built on the host, sent once
+        bias[rows, cols] = torch.tensor(add)
+        return logits.float() + bias.to(logits.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def test_every_kind_of_primer(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
                                          "out temperature, creativity, release"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0)
+    beam = tiny.generate(raw, num_beams=2, max_new_tokens=3, seconds=None)
+    assert beam.settings["release"] == 0.0  # beam search applies none, and says so
+    assert tiny.generate(raw, **beam.settings).continuations == beam.continuations  # replays
     for wrong in ({"num_samples": 2.0}, {"num_samples": None}, {"top_k": 2.5}, {"seed": -1},
                   {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"},
                   {"seconds": math.inf}, {"temperature": "hot"}, {"temperature": None},

@@ -329,11 +329,11 @@ def test_generation_json_replays_the_take_from_the_primer_file(ckpt, tmp_path):
 
 def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
     r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2",
-            "--release", "3")
+            "--release", "2.5")
     assert r.returncode == 0, r.stderr
     settings = report(tmp_path / "n")["generation"]
     assert settings["cross_attn_seq_len"] == 16 and settings["creativity"] == 2.0
-    assert settings["release"] == 3.0
+    assert settings["release"] == 2.5
     r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
     assert r.returncode == 1 and "--cross_attn_seq_len must be in [1, 63]" in r.stderr
     assert not (tmp_path / "m").exists()
