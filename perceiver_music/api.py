@@ -87,13 +87,12 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
             raise MidiError("the primer path is empty: give a MIDI file, or None for none")
         path = Path(primer)
         if path.is_dir():
-            try:
+            hint = ""  # a folder that cannot be listed: no example to name
+            with contextlib.suppress(OSError):
                 example = next(iter(sorted(p for p in path.iterdir()
                                            if p.suffix.lower() in (".mid", ".midi"))), None)
-            except OSError:  # a folder that cannot be listed: no example to name
-                example = None
-            raise MidiError(f"{path} is a folder: give one MIDI file" + (
-                f" (e.g. {example})" if example else ", and it holds none"))
+                hint = f" (e.g. {example})" if example else ", and it holds none"
+            raise MidiError(f"{path} is a folder: give one MIDI file{hint}")
         if not path.is_file():
             raise MidiError(f"{path}: primer file not found")
         tokens, name = encode_midi(path), path.name

@@ -103,7 +103,7 @@ def test_the_readme_api_example_runs(tmp_path):
     assert (tmp_path / "ckpt" / "demo-copy" / "model.safetensors").is_file()
 
 
-def test_every_kind_of_primer(tiny, tmp_path):
+def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
     tokens = encode_midi(PRIMER)
     raw = PRIMER.read_bytes()
     kinds = {"path": str(PRIMER), "bytes": raw, "bytearray": bytearray(raw),
@@ -158,6 +158,12 @@ def test_every_kind_of_primer(tiny, tmp_path):
     with pytest.raises(MidiError, match=r"is a folder: give one MIDI file \(e.g. .*\.mid\)"):
         tiny.generate(str(PRIMER.parent))
     with pytest.raises(MidiError, match="is a folder: give one MIDI file, and it holds none"):
+        tiny.generate(tmp_path)
+    def unreadable(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    with monkeypatch.context() as patch, pytest.raises(MidiError, match="file$"):
+        patch.setattr(Path, "iterdir", unreadable)  # one line, not the listing's error
         tiny.generate(tmp_path)
     with pytest.raises(MidiError, match="the primer path is empty"):
         tiny.generate("")  # not "." taken for the working folder
