@@ -466,13 +466,16 @@ def remove_temporaries(output: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: Path) -> str:
-    """The report printed at the end: what happened, totals per split, first failures."""
+def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: Path,
+              moved: int = 0) -> str:
+    """The report printed at the end: what happened (``moved``: files an earlier run had
+    put in another split), totals per split, first failures."""
     n = len(entries)
     lines = [
         f"{n} files in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} files/s): "
         f"{outcomes['encoded']} encoded, {outcomes['unchanged']} unchanged (skipped), "
-        f"{outcomes['failed']} failed",
+        f"{outcomes['failed']} failed" + (f"; {moved} moved to another split than the "
+                                          "last run's" if moved else ""),
         f"{'split':6}{'ok':>8}{'failed':>8}{'notes':>13}{'tokens':>14}{'hours':>9}",
     ]
     for split in (*_SPLITS, "total"):
@@ -543,7 +546,9 @@ def main(argv: list[str] | None = None) -> None:
         remove_temporaries(output)
     entries = [done[job.path] for job in jobs]
     finish(output, entries, {e["output"] for e in recorded.values() if e.get("output")})
-    print(summarize(entries, outcomes, time.perf_counter() - start, manifest))
+    moved = sum(1 for e in entries if recorded.get(e["path"], {}).get("status") == "ok"
+                and recorded[e["path"]].get("split") != e["split"])
+    print(summarize(entries, outcomes, time.perf_counter() - start, manifest, moved))
     for line in warnings:
         print(printable(line), file=sys.stderr)
     if not any(e["status"] == "ok" for e in entries):

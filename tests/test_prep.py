@@ -528,6 +528,13 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
         if expected_groups >= 12:
             assert {e["split"] for e in entries} == {"train", "val", "test"}
     assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
+    # grouping anew moves files between splits: the summary counts them
+    before = {p: e["split"] for p, e in manifest(tmp_path / "data-file").items()}
+    r = run_prep("--input", src, "--output", tmp_path / "data-file", "--val_share", "0.25",
+                 "--test_share", "0.25", "--group_by", "composer")
+    moved = sum(before[p] != e["split"] for p, e in manifest(tmp_path / "data-file").items())
+    assert r.returncode == 0 and moved > 0, r.stderr
+    assert f"; {moved} moved to another split than the last run's" in r.stdout, r.stdout
     bad = run_prep("--input", src, "--output", tmp_path / "x", "--group_by", "nonsense")
     assert bad.returncode == 1 and "not auto, folder, file or a column" in bad.stderr
 
