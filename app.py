@@ -333,20 +333,24 @@ def process_context():
     server is started with no thread running and before torch has run anything, which
     makes its forks safe, unlike forks of this server process (Gradio's threads); it
     starts with Ctrl-C ignored (it ignores it anyway once it runs: the app's Ctrl-C would
-    otherwise print a traceback from its import of torch). The model code is preloaded
-    when the server can import it (the app run from its folder, or the package
-    installed; Python 3.11's fork server ignores the app's sys.path), else each process
-    imports it itself (0.5 s). Elsewhere (macOS's frameworks, Windows): fresh
-    interpreters."""
+    otherwise print a traceback from its import of torch). It starts in this file's
+    folder: Python 3.11's fork server ignores the app's sys.path and imports from its
+    working folder first, so started elsewhere it could preload another copy of the
+    model code (an older clone there), which each process would then use (its forks
+    still run in the app's working folder: multiprocessing moves them there).
+    Elsewhere (macOS's frameworks, Windows): fresh interpreters."""
     if sys.platform != "linux":
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "perceiver_music.api"])
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # no other thread yet
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        here = os.getcwd()
         try:
+            os.chdir(Path(__file__).resolve().parent)
             multiprocessing.forkserver.ensure_running()
         finally:
+            os.chdir(here)
             signal.signal(signal.SIGINT, previous)
     return ctx
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,6 +121,38 @@ def test_two_generations_decode_at_once_in_two_processes(tmp_path):
             assert studio.generate(SHORT, DATA / "scn15_4.mid", [])[0].tokens == alone.tokens
     finally:
         studio.workers.close()
+
+
+def test_generation_processes_use_the_apps_own_code_from_any_folder(tmp_path):
+    """Started from a folder that holds another copy of the package (an older clone),
+    the app's generation processes still import the code beside app.py (Python 3.11's
+    fork server imports from its working folder first), and work in the user's folder."""
+    stale = tmp_path / "perceiver_music"
+    stale.mkdir()
+    (stale / "__init__.py").write_text("")
+    (stale / "api.py").write_text("raise ImportError('the stale copy was imported')\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import app
+
+def where(queue):
+    import perceiver_music.api
+    queue.put((perceiver_music.api.__file__, os.getcwd()))
+
+if __name__ == "__main__":
+    ctx = app.process_context()
+    queue = ctx.Queue()
+    process = ctx.Process(target=where, args=(queue,))
+    process.start()
+    print(*queue.get(timeout=60))
+    process.join()
+""")
+    # a real process: the app's own start-up, fork server included, as a user starts it
+    r = subprocess.run([sys.executable, str(probe)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(ROOT / "perceiver_music" / "api.py"), str(tmp_path)]
 
 
 def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
