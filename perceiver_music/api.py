@@ -482,8 +482,10 @@ class PerceiverMusic:
             ("release", release, RELEASE)) if value != default and not (
                 name == "release" and value == 0.0)]
         if num_beams != 1 and given:
+            named = [f"release (or set it to 0 or {RELEASE:g}: beam search applies none)"
+                     if name == "release" else name for name in given]
             raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
-                             f"leave out {', '.join(given)}")
+                             f"leave out {', '.join(named)}")
         sampling = None
         if num_beams != 1:
             settings["release"] = 0.0  # what beam search applies: a replay gives the same

@@ -125,7 +125,8 @@ def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
     with open(PRIMER) as text, pytest.raises(ValueError, match="opened in binary mode"):
         tiny.generate(text)  # not a UnicodeDecodeError, nor its bytes taken for a path
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
-                                         "out temperature, creativity, release"):
+                                         r"out temperature, creativity, release \(or set "
+                                         r"it to 0 or 3: beam search applies none\)"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0)
     beam = tiny.generate(raw, num_beams=2, max_new_tokens=3, seconds=None)
     assert beam.settings["release"] == 0.0  # beam search applies none, and says so
