@@ -144,6 +144,22 @@ def _check_number(name: str, value: object, optional: bool = False) -> None:
             value, numbers.Real)):
         raise ValueError(f"{name} must be a number{' (or None)' if optional else ''}, "
                          f"got {_kind(value)}")
+    try:
+        if value is not None:
+            float(value)  # type: ignore[arg-type]
+    except OverflowError:  # 10**400: torch and json would fail on it later
+        raise ValueError(f"{name} must be a number a float can hold, got one beyond "
+                         "1.8e308") from None
+
+
+def _plain_number(value: Any) -> Any:
+    """``value`` as generation.json can hold it: numpy scalars as Python's, other real
+    numbers (a Fraction, a Decimal) as floats; anything else as it is."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+        return float(value)
+    return value
 
 
 def _device(device: object) -> torch.device:
@@ -470,7 +486,7 @@ class PerceiverMusic:
         # the arguments as given, numpy scalars as Python numbers (generation.json holds
         # them), before max_new_tokens is derived: a replay with other seconds derives anew
         arguments = inspect.signature(self.generate).parameters
-        settings = {k: v.item() if isinstance(v, np.generic) else v for k, v in locals().items()
+        settings = {k: _plain_number(v) for k, v in locals().items()
                     if k in arguments and k not in ("primer", "progress", "stop")}
         if max_new_tokens is None:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000

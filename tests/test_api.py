@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,8 @@ def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
                                          r"out temperature, creativity, release \(or set "
                                          r"it to 0 or 3: beam search applies none\)"):
         tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0)
+    exact = tiny.generate(raw, release=Fraction(7, 2), max_new_tokens=2, seconds=None)
+    assert type(exact.settings["release"]) is float and exact.settings["release"] == 3.5
     beam = tiny.generate(raw, num_beams=2, max_new_tokens=3, seconds=None)
     assert beam.settings["release"] == 0.0  # beam search applies none, and says so
     assert tiny.generate(raw, **beam.settings).continuations == beam.continuations  # replays
@@ -136,7 +139,8 @@ def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
                   {"seconds": math.inf}, {"temperature": "hot"}, {"temperature": None},
                   {"top_p": "0.9"}, {"min_p": "x"}, {"creativity": "lots"},
                   {"prime_seconds": None}, {"greedy": "yes"}, {"prime_from_end": "no"},
-                  {"stop_at_end": 1}, {"release": "lots"}, {"release": -1.0}):
+                  {"stop_at_end": 1}, {"release": "lots"}, {"release": -1.0},
+                  {"release": 10**400}):
         with pytest.raises(ValueError, match=f"{next(iter(wrong))} must be"):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     with pytest.raises(ValueError, match="chunk_seconds must be a number"):
