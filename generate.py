@@ -97,10 +97,11 @@ def check_settings(args) -> None:
         fail(f"--beams must be at least 1, got {args.beams}")
     if args.stream and args.beams > 1:
         fail("--stream needs sampling: beam search picks its sequence only at the end")
-    sampling = [f"--{n}" for n, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 0.0),
-                                        ("min_p", 0.0), ("greedy", False), ("creativity", 0.0),
-                                        ("release", RELEASE))
-                if getattr(args, n) != off and not (n == "release" and args.release == 0)]
+    sampling = [f"--{n}" for n, off in (("temperature", (1.0,)), ("top_k", (0,)),
+                                        ("top_p", (0.0,)), ("min_p", (0.0,)),
+                                        ("greedy", (False,)), ("creativity", (0.0,)),
+                                        ("release", (RELEASE, 0.0)))  # unused by --beams
+                if getattr(args, n) not in off]
     if args.beams > 1 and sampling:
         fail(f"beam search (--beams) takes no sampling setting: leave out {' '.join(sampling)}")
     if args.beams > 1 and args.num_samples > 1:

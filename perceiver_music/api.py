@@ -492,11 +492,11 @@ class PerceiverMusic:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
-        given = [name for name, value, default in (
-            ("temperature", temperature, 1.0), ("top_k", top_k, None), ("top_p", top_p, None),
-            ("min_p", min_p, None), ("greedy", greedy, False), ("creativity", creativity, 0.0),
-            ("release", release, RELEASE)) if value != default and not (
-                name == "release" and value == 0.0)]
+        given = [name for name, value, unused in (  # values beam search can take: unused
+            ("temperature", temperature, (1.0,)), ("top_k", top_k, (None,)),
+            ("top_p", top_p, (None,)), ("min_p", min_p, (None,)), ("greedy", greedy, (False,)),
+            ("creativity", creativity, (0.0,)), ("release", release, (RELEASE, 0.0)))
+            if value not in unused]
         if num_beams != 1 and given:
             named = [f"release (or set it to 0 or {RELEASE:g}: beam search applies none)"
                      if name == "release" else name for name in given]

@@ -292,16 +292,16 @@ def infer_config(
                               f"keys start {_some(sorted(state), 3)})") from None
     depth = len({k.split(".")[1] for k in state if re.match(r"layers\.\d+\.", k)})
     perceive = len({k.split(".")[1] for k in state if re.match(r"perceive_layers\.\d+\.", k)})
-    if inner % heads and assumed_heads:
+    if inner % heads and not assumed_heads:
+        raise CheckpointError(f"{path}: attention width {inner} is not divisible by "
+                              f"--heads {heads}")
+    if inner % heads:
         fits = [str(d) for d in range(1, inner // 32 + 1) if inner % d == 0]
         raise CheckpointError(f"{path}: attention width {inner} is not divisible by the "
                               f"{heads} heads assumed without a config: " + (
                                   f"give --heads (one of {', '.join(fits)}: heads of 32 "
                                   "dimensions or more)" if fits else
                                   "no head count of 32 dimensions or more fits it"))
-    if inner % heads:
-        raise CheckpointError(f"{path}: attention width {inner} is not divisible by "
-                              f"--heads {heads}")
     if prefix is None:
         prefix = ORIGINAL_PREFIX if max_seq_len > ORIGINAL_PREFIX else max_seq_len // 2
     if not 0 < prefix < max_seq_len:
