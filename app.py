@@ -17,6 +17,7 @@ would share its interpreter lock.
 """
 
 import contextlib
+import json
 import math
 import multiprocessing
 import multiprocessing.forkserver
@@ -917,7 +918,9 @@ def build_page(studio: Studio, args):
                     # the take as it is generated: heard at once, drawn as it plays (_PLAYER_JS)
                     gr.HTML('<canvas width="1200" height="260"></canvas><div id="live-clock">'
                             "</div>", elem_id="live-roll", label="now playing")
-                    live = gr.JSON(None, elem_id="live", elem_classes=["pm-hidden"])
+                    # as JSON text: a JSON component would redraw its tree of every note
+                    # and chunk so far (hidden or not) at each update, most of a core
+                    live = gr.Textbox("", elem_id="live", elem_classes=["pm-hidden"])
                     heard = gr.Number(0, elem_classes=["pm-hidden"])  # Stop sends where it was
                     job = gr.State("")
                     audio = gr.Audio(label="listen", type="filepath", interactive=False,
@@ -946,7 +949,7 @@ def build_page(studio: Studio, args):
             # the previous take's player, roll and downloads go: what stayed would look
             # like the result of this request (earlier takes stay in the list of takes)
             yield ("Generating: the take plays as it grows.", None, None, None, takes, keep,
-                   stream, job_id)
+                   json.dumps(stream), job_id)
             base = next((t for t in takes if t.label == selected), takes[-1] if takes else None)
             try:
                 primer = None
@@ -976,7 +979,7 @@ def build_page(studio: Studio, args):
                                   "primer": value["primer_seconds"], "done": value["done"],
                                   "chunks": stream["chunks"] + [value["audio"]] * bool(
                                       value["audio"])}
-                        yield (keep, keep, keep, keep, keep, keep, stream, keep)
+                        yield (keep, keep, keep, keep, keep, keep, json.dumps(stream), keep)
                     else:
                         take, line = value
             except (ValueError, MidiError, RuntimeError) as exc:  # RuntimeError: a died process
@@ -984,7 +987,7 @@ def build_page(studio: Studio, args):
                 if source_name == SOURCES[1] and upload_path:
                     problem = problem.replace(str(upload_path), Path(upload_path).name)
                 yield (f"**Could not generate:** {problem}", None, None, None, takes,
-                       gr.update(value=None), None, "")
+                       gr.update(value=None), "", "")
                 return
             takes = [*takes, take]
             wav, png, files = studio.files(take)
@@ -1023,7 +1026,8 @@ def build_page(studio: Studio, args):
                    api_name="extend")
         chosen.input(show, [history, chosen], [status, audio, roll, downloads], queue=False)
         chosen.input(None, None, None, js="() => { window.pmLive.clear(); }")  # stale now
-        live.change(None, [live], None, js="(v) => { window.pmLive.update(v); }")
+        live.change(None, [live], None,
+                    js="(v) => { window.pmLive.update(v ? JSON.parse(v) : null); }")
         # Stop: the sound stops at once, and the take keeps what was heard (outside the
         # queue, which may be full of generations)
         def stop_take(job_id: str, seconds: float | None) -> None:
