@@ -69,7 +69,7 @@ CPU = False  # run on the CPU even if an accelerator is present
 INT8 = False  # CPU: decode with int8 weights (about 1.7x faster, near-identical odds)
 DTYPE = "auto"  # auto (bfloat16 on GPUs with it, else float32), float32 or bfloat16
 CUDA_GRAPHS = True  # GPU: replay each decoding step as one captured CUDA graph
-STREAM = False  # print the music as it grows, a JSON line a second on stdout (see above)
+STREAM = False  # print the music as it grows, a JSON line a second on stdout (README: Streaming)
 
 def check_settings(args) -> None:
     """Refuse impossible settings before any work, with one line each."""
@@ -259,6 +259,8 @@ def main() -> None:
                 bar.update(1)
                 bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
+        if args.beams > 1:  # it applies none: recorded as it was applied
+            args.release = 0.0
         settings = dict(
             seconds=args.seconds or None, max_new_tokens=args.new_tokens,
             prime_seconds=0, num_samples=args.num_samples, temperature=args.temperature,

@@ -198,6 +198,9 @@ def file_groups(root: Path, paths: list[str], group_by: str,
         return {p: p for p in paths}
     if group_by == "folder" or (group_by == "auto" and not (root / _METADATA).is_file()):
         return folder
+    if not (root / _METADATA).is_file():  # a column name, or a typo of auto/folder/file
+        fail(f"--group_by {group_by!r}: not auto, folder or file, and {root} has no "
+             f"{_METADATA} to name a column of")
     try:
         with open(root / _METADATA, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
@@ -494,6 +497,24 @@ def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: 
     return printable("\n".join(lines))
 
 
+def twins_across_splits(entries: list[dict]) -> str | None:
+    """A warning when byte-identical files (one recording under two names) are in
+    different splits: a held-out split would then hold music the model trained on."""
+    by_hash: dict[str, list[dict]] = {}
+    for e in entries:
+        if e["status"] == "ok" and e.get("sha256"):
+            by_hash.setdefault(e["sha256"], []).append(e)
+    straddling = [g for g in by_hash.values() if len({e["split"] for e in g}) > 1]
+    if not straddling:
+        return None
+    a = straddling[0][0]
+    b = next(e for e in straddling[0] if e["split"] != a["split"])
+    return (f"warning: {len(straddling)} recording(s) are byte-identical files in different "
+            f"splits (e.g. {a['path']} in {a['split']}/ and {b['path']} in {b['split']}/): "
+            "held-out figures would count music the model trained on; remove the copies, or "
+            "keep them in one folder or metadata.csv piece")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Encode the input folder into the output folder (see the module docstring)."""
     args = parse_constants(__file__, globals(), __doc__.split("\n\n")[0], argv)
@@ -549,7 +570,8 @@ def main(argv: list[str] | None = None) -> None:
     moved = sum(1 for e in entries if recorded.get(e["path"], {}).get("status") == "ok"
                 and recorded[e["path"]].get("split") != e["split"])
     print(summarize(entries, outcomes, time.perf_counter() - start, manifest, moved))
-    for line in warnings:
+    twins = twins_across_splits(entries)
+    for line in warnings + [twins] * bool(twins):
         print(printable(line), file=sys.stderr)
     if not any(e["status"] == "ok" for e in entries):
         fail(f"no file could be encoded ({len(entries)} failed; reasons in {manifest})")

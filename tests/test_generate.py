@@ -131,6 +131,8 @@ def test_stop_on_seconds_and_greedy_and_beams(ckpt, tmp_path):
     assert r.stdout.rstrip().endswith("beam search") and "seed None" not in r.stdout
     # the token cap, not the length in seconds, ended it: said, with what to change
     assert "note: --new_tokens 10 ended the music before --seconds 100" in r.stderr
+    beam = report(tmp_path / "beam")  # the command's settings say what beam search did
+    assert beam["settings"]["release"] == beam["generation"]["release"] == 0
 
 
 def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):

@@ -129,6 +129,7 @@ def test_maestro_splits_from_listing(tmp_path: Path, listing: str) -> None:
     assert "note: --group_by does not apply to" in proc.stderr  # the listing's groups
     assert "1 MIDI file(s) that maestro-v" in proc.stderr and "2018/not_listed.midi" in proc.stderr
     assert "1 file(s) that maestro-v" in proc.stderr and "2018/missing.midi" in proc.stderr
+    assert "byte-identical" not in proc.stderr  # every split's files differ
     entries = manifest(out)
     assert list(entries) == sorted(name for name, _ in MAESTRO_ROWS)
     splits = {"train": "train", "validation": "val", "test": "test"}
@@ -527,6 +528,8 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
             assert twins == {"folder:Comp0/Work/piece_0"}
         if expected_groups >= 12:
             assert {e["split"] for e in entries} == {"train", "val", "test"}
+        # a few files' bytes stand for all 13 pieces: copies straddle splits, said once
+        assert r.stderr.count("byte-identical files in different splits (e.g. ") == 1
     assert any(g.startswith("folder:Comp0/Work/") for g in by_group) is False
     # grouping anew moves files between splits: the summary counts them
     before = {p: e["split"] for p, e in manifest(tmp_path / "data-file").items()}
@@ -537,6 +540,12 @@ def test_performances_of_one_piece_never_straddle_splits(tmp_path: Path) -> None
     assert f"; {moved} moved to another split than the last run's" in r.stdout, r.stdout
     bad = run_prep("--input", src, "--output", tmp_path / "x", "--group_by", "nonsense")
     assert bad.returncode == 1 and "not auto, folder, file or a column" in bad.stderr
+    plain = tmp_path / "plain"  # no metadata.csv: a typo is named as one, not a bad CSV
+    write(plain / "a.mid", REAL_FILES[0].read_bytes())
+    bad = run_prep("--input", plain, "--output", tmp_path / "x", "--group_by", "flie")
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        f"error: --group_by 'flie': not auto, folder or file, and {plain} has no "
+        "metadata.csv to name a column of"), bad.stderr
 
 
 def test_several_input_folders_are_each_split_as_alone(tmp_path: Path) -> None:
