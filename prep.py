@@ -13,7 +13,9 @@ output file. Bad files are recorded as
 failed and never stop the run. Results are appended to the manifest as they arrive, so a
 rerun skips every file whose bytes are unchanged and resumes an interrupted run; the end of
 a run rewrites the manifest in path order and removes leftovers, so the output does not
-depend on how often the run was interrupted. With several input folders, each is split as
+depend on how often the run was interrupted. Files the manifest records that are no longer
+in the input (another input given the same OUTPUT, or files deleted) stop the run before
+any work: their token files go only with PRUNE. With several input folders, each is split as
 it would be alone and its files are recorded under its name ("asap/Bach/...").
 """
 
@@ -63,6 +65,7 @@ TEST_SHARE = 0.05  # share of pieces for test/ (not MAESTRO: split by a hash of 
 GROUP_BY = "auto"  # files of one piece share a split: auto, folder, file, or a metadata.csv column
 MAX_SECONDS = 4 * 3600.0  # a piece longer than this is recorded as failed (absurd tempo/ticks)
 FORCE = False  # re-encode every file, also those unchanged since the last run
+PRUNE = False  # remove the token files of recorded files no longer in the input (else: refused)
 
 _SPLITS = ("train", "val", "test")
 _MAESTRO_SPLITS = {"train": "train", "validation": "val", "test": "test"}
@@ -470,15 +473,17 @@ def remove_temporaries(output: Path) -> None:
 
 
 def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: Path,
-              moved: int = 0) -> str:
+              moved: int = 0, pruned: int = 0) -> str:
     """The report printed at the end: what happened (``moved``: files an earlier run had
-    put in another split), totals per split, first failures."""
+    put in another split; ``pruned``: recorded files no longer in the input, removed),
+    totals per split, first failures."""
     n = len(entries)
     lines = [
         f"{n} files in {seconds:.2f} s ({n / max(seconds, 1e-9):.0f} files/s): "
         f"{outcomes['encoded']} encoded, {outcomes['unchanged']} unchanged (skipped), "
         f"{outcomes['failed']} failed" + (f"; {moved} moved to another split than the "
-                                          "last run's" if moved else ""),
+                                          "last run's" if moved else "")
+        + (f"; {pruned} no longer in the input removed (--prune)" if pruned else ""),
         f"{'split':6}{'ok':>8}{'failed':>8}{'notes':>13}{'tokens':>14}{'hours':>9}",
     ]
     for split in (*_SPLITS, "total"):
@@ -540,6 +545,12 @@ def main(argv: list[str] | None = None) -> None:
         (output / split).mkdir(parents=True, exist_ok=True)
     manifest = output / _MANIFEST
     recorded = load_manifest(manifest)
+    gone = sorted(p for p, e in recorded.items() if p not in sources and e.get("output"))
+    if gone and not args.prune:  # another input into the same folder would empty it
+        fail(f"{manifest}: {len(gone)} of the {len(recorded)} files it records are not in "
+             f"this input (e.g. {gone[0]}), and this run would remove their token files: "
+             "give this input another --output, or add --prune to remove them (after "
+             "deleting files from the input)")
     previous = {} if args.force else recorded
     names = output_names(sources)
     jobs = [Job(p, source, s, f"{s}/{names[p]}", previous.get(p), group, piece)
@@ -569,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     finish(output, entries, {e["output"] for e in recorded.values() if e.get("output")})
     moved = sum(1 for e in entries if recorded.get(e["path"], {}).get("status") == "ok"
                 and recorded[e["path"]].get("split") != e["split"])
-    print(summarize(entries, outcomes, time.perf_counter() - start, manifest, moved))
+    print(summarize(entries, outcomes, time.perf_counter() - start, manifest, moved,
+                    len(gone)))
     twins = twins_across_splits(entries)
     for line in warnings + [twins] * bool(twins):
         print(printable(line), file=sys.stderr)

@@ -315,7 +315,11 @@ def test_interrupted_runs_resume_to_the_same_output(tmp_path: Path) -> None:
                               "output": "val/gone.mid.pickle"}) + "\n")
     write(out / "val" / "mine.pickle", pickle.dumps([2, END]))  # not prep's: kept
 
-    summary = ok_run(*args, workers=2)
+    before = snapshot(out)  # a recorded file left the input: refused until --prune
+    one_error_line(run_prep(*args), "1 of the ")
+    assert snapshot(out) == before
+    summary = ok_run(*args, "--prune", workers=2)
+    assert "; 1 no longer in the input removed (--prune)" in summary
     skipped = int(summary.split(" unchanged")[0].rsplit(" ", 1)[1])
     assert skipped >= 10 and f"{n - skipped} encoded" in summary
     ok_run("--input", src, "--output", ref, workers=2)
@@ -323,6 +327,26 @@ def test_interrupted_runs_resume_to_the_same_output(tmp_path: Path) -> None:
     (out / "val" / "mine.pickle").unlink()
     assert snapshot(out) == snapshot(ref)
     assert len(manifest(out)) == n and len(list(out.rglob("*.pickle"))) == n
+
+
+def test_another_input_into_the_same_output_is_refused(tmp_path: Path) -> None:
+    """A second input given the same --output (say, your own folder after MAESTRO, both
+    into the default data/) would have removed the first dataset: it is refused, the
+    folder left byte-identical, until --prune."""
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "data"
+    for i in range(4):
+        write(first / f"a{i}.mid", REAL_FILES[i].read_bytes())
+    write(second / "mine.mid", REAL_FILES[4].read_bytes())
+    ok_run("--input", first, "--output", out, *EACH)
+    before = snapshot(out)
+    proc = run_prep("--input", second, "--output", out, *EACH)
+    one_error_line(proc, f"{out / 'manifest.jsonl'}: 4 of the 4 files it records are not "
+                         "in this input (e.g. a0.mid), and this run would remove their "
+                         "token files: give this input another --output, or add --prune")
+    assert snapshot(out) == before
+    summary = ok_run("--input", second, "--output", out, *EACH, "--prune")
+    assert "; 4 no longer in the input removed (--prune)" in summary
+    assert list(manifest(out)) == ["mine.mid"] and len(list(out.rglob("*.pickle"))) == 1
 
 
 def one_error_line(proc: subprocess.CompletedProcess, text: str) -> None:
@@ -462,8 +486,9 @@ def test_a_folder_of_different_pieces_gets_told_how_to_split_it(tmp_path: Path) 
     from prep import hash_split
 
     flat, nested = tmp_path / "flat", tmp_path / "nested"
-    for i in range(6):
-        write(flat / "Grieg" / f"p{i}.mid", REAL_FILES[i % 5].read_bytes())
+    for i in range(6):  # six different files (a copy would be warned about)
+        data = REAL_FILES[i].read_bytes() if i < 5 else midi_bytes([(0, 480, 60)])
+        write(flat / "Grieg" / f"p{i}.mid", data)
     r = run_prep("--input", flat, "--output", tmp_path / "d1")
     assert r.returncode == 0
     assert "too few to put one in val/; if a folder holds different pieces, --group_by " \
