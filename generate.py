@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,26 @@ def save_take(take, final: Path, **options) -> tuple[Path, list[str]]:
     return final, problems
 
 
+_READER_GONE: list[bool] = []  # set once --stream's reader closed standard output
+
+
+def stream_print(line: dict) -> None:
+    """One --stream JSON line on standard output. Once its reader has gone (``| head -n
+    2``) the lines stop, said once on standard error, and the take is still generated and
+    written: nothing is lost to a closed pipe."""
+    if _READER_GONE:
+        return
+    try:
+        print(json.dumps(line), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes too
+        _READER_GONE.append(True)
+        from tqdm import tqdm
+
+        tqdm.write("note: standard output was closed: no more --stream lines; the take is "
+                   "still written", file=sys.stderr)  # above the progress bar
+
+
 def stream_lines(model, primer: list[int], settings: dict, bar, by_seconds: bool,
                  seconds: float):
     """`PerceiverMusic.stream` to standard output, a JSON line per chunk (the module
@@ -193,9 +214,9 @@ def stream_lines(model, primer: list[int], settings: dict, bar, by_seconds: bool
         ended = [n for n in chunk.notes if (final or n.end < now) and n.start >=
                  chunk.primer_seconds and (n.start, n.pitch) not in told]
         told.update((n.start, n.pitch) for n in ended)
-        print(json.dumps({"seconds": round(chunk.seconds, 2), "tokens": chunk.tokens[sent:],
-                          "notes": [[round(n.start, 2), round(n.end, 2), n.pitch, n.velocity]
-                                    for n in ended]}), flush=True)
+        stream_print({"seconds": round(chunk.seconds, 2), "tokens": chunk.tokens[sent:],
+                      "notes": [[round(n.start, 2), round(n.end, 2), n.pitch, n.velocity]
+                                for n in ended]})
         sent = len(chunk.tokens)
         bar.update((min(chunk.seconds, seconds) if by_seconds else sent) - bar.n)
     return chunk.take
@@ -303,8 +324,8 @@ def main() -> None:
         print(f"note: --new_tokens {args.new_tokens} ended the music before --seconds "
               f"{args.seconds:g}: raise --new_tokens for longer takes", file=sys.stderr)
     if args.stream:
-        print(json.dumps({"done": True, "folder": str(final), "seconds": take.seconds[0],
-                          "tokens": len(take.continuations[0])}), flush=True)
+        stream_print({"done": True, "folder": str(final), "seconds": take.seconds[0],
+                      "tokens": len(take.continuations[0])})
     state.wait_for_everyone()
 
 

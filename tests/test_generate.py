@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -384,6 +385,18 @@ def test_stream_prints_the_music_as_it_grows(ckpt, tmp_path):
     assert report(tmp_path / "w")["samples"][0]["token_ids"] == tokens
     beams = gen(ckpt, tmp_path, "--stream", "--beams", "2")
     assert beams.returncode == 1 and "--stream needs sampling" in beams.stderr
+    # a reader that has gone (`| true` exits long before the model loads): the lines stop,
+    # said once, and the take is still written (a real pipe, so a real process)
+    cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
+           "--out_dir", str(tmp_path), "--name", "gone", "--stream", "--seconds", "4",
+           "--new_tokens", "400", "--no-stop_at_end", "--prime_seconds", "4", "--no-audio",
+           "--seed", "7"]
+    r = subprocess.run(f"{shlex.join(cmd)} | true; exit ${{PIPESTATUS[0]}}", shell=True,
+                       executable="bash", cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "error" not in r.stderr
+    assert r.stderr.count("note: standard output was closed") == 1, r.stderr
+    assert report(tmp_path / "gone")["samples"][0]["token_ids"] == tokens
 
 
 def test_a_taken_automatic_name_gets_a_suffix_and_no_take_is_thrown_away(ckpt, tmp_path):
