@@ -306,6 +306,9 @@ def input_folders(spec: str) -> dict[str, Path]:
     folders: dict[str, Path] = {}
     for part in parts:
         root = Path(part.strip())
+        if root.is_file():
+            fail(f"--input {root}: a file; give the folder that holds the MIDI files "
+                 f"({root.parent})")
         if not root.is_dir():
             fail(f"input folder not found: {root}")
         name = root.resolve().name or "input"

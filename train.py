@@ -271,13 +271,15 @@ def save_last(accelerator, model, optimizer, cfg, data_state, meta: dict, out_di
 RUN_FILES = ("last", "best", "metrics.csv")  # what makes a folder hold a training run
 
 
-def occupied(out_dir: Path) -> str | None:
-    """Why a new run must not start in ``out_dir`` (it holds another run's files), or None."""
+def occupied(out_dir: Path, init: bool = False) -> str | None:
+    """Why a new run must not start in ``out_dir`` (it holds another run's files), or None;
+    with ``init`` (--init given, which --resume refuses) the way to continue says so."""
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not found:
         return None
+    resume = "--resume in place of --init" if init else "--resume"
     return (f"{out_dir} already holds a training run ({', '.join(found)}); continue it with "
-            f"--resume, or start a new one with another --out_dir (or delete {out_dir})")
+            f"{resume}, or start a new one with another --out_dir (or delete {out_dir})")
 
 
 def last_paths(out_dir: Path) -> tuple[Path, Path, Path]:
@@ -832,7 +834,8 @@ def main() -> None:
             problem = f"cannot resume: {out_dir / 'last' / 'state'}: bad data position ({exc})"
         fail_together(accelerator, problem)
     else:  # checked by the first process alone, before any process writes
-        fail_together(accelerator, occupied(out_dir) if accelerator.is_main_process else None)
+        fail_together(accelerator, occupied(out_dir, bool(args.init)) if accelerator.is_main_process
+                      else None)
 
     log = RunLog(args, out_dir, step, accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -1,7 +1,8 @@
 """Torch code shared by the scripts (design.md: Model, Generation engine, Checkpoints).
 
 - ``api``: the Python API, ``PerceiverMusic.from_pretrained(...).generate(...)``, also
-  importable from here (``from perceiver_music import PerceiverMusic, DEMO_PRIMER``).
+  importable from here (``from perceiver_music import PerceiverMusic, DEMO_PRIMER``), with
+  the errors it raises besides ValueError (``CheckpointError``, ``MidiError``).
 - ``config``: ModelConfig and the named presets.
 - ``model``: builds ``perceiver_ar_pytorch.PerceiverAR`` (its state dict is the checkpoint
   format) and runs it fast: an SDPA forward equal to the library's, one-token cached steps.
@@ -16,12 +17,13 @@ Importing this package imports nothing (the API is loaded on first use), so torc
 scripts such as prep.py start fast.
 """
 
-__all__ = ["DEMO_CHECKPOINT", "DEMO_PRIMER", "Chunk", "Generation", "PerceiverMusic"]
+__all__ = ["DEMO_CHECKPOINT", "DEMO_PRIMER", "CheckpointError", "Chunk", "Generation",
+           "MidiError", "PerceiverMusic"]
 
 
 def __getattr__(name: str):
     """The API's names (``PerceiverMusic``, ``Generation``, ``Chunk``, the bundled demo
-    checkpoint and primer paths), imported from ``api`` on first use."""
+    checkpoint and primer paths, the errors), imported from ``api`` on first use."""
     if name in __all__:
         from . import api
 

@@ -46,7 +46,12 @@ from midi_processor import (
 from midi_processor.core import shift_steps
 from midi_processor.vocab import END, NOTE_OFF, PAD, STEPS_PER_SECOND, VELOCITY, VOCAB_SIZE
 
-from .checkpoint import atomic_folder, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,  # noqa: F401 (an error of the API, re-exported)
+    atomic_folder,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import ModelConfig
 from .engine import SamplingConfig, StepInfo, generate
 from .render import AudioInfo, pianoroll_figure, render_audio, save_pianoroll

@@ -70,11 +70,18 @@ def load_split(folder: str | Path) -> TokenSplit:
     """Pack every ``*.pickle`` of ``folder`` (sorted by name). Pieces written by the
     original scripts may lack the final END; it is added so every piece ends with one."""
     folder = Path(folder)
+    prepped = (folder.parent / "manifest.jsonl").is_file()  # prep.py's output: say more
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such data folder (run prep.py first)")
+        raise DataError(f"{folder}: no such data folder (" + (
+            f"{folder.parent} holds prep.py's train, val and test)" if prepped
+            else "run prep.py first)"))
     files = sorted(folder.glob("*.pickle"))
     if not files:
-        raise DataError(f"{folder}: no .pickle token files (run prep.py first)")
+        share = {"val": "; raise --val_share when you run it again",
+                 "test": "; raise --test_share when you run it again"}.get(folder.name, "")
+        raise DataError(f"{folder}: no .pickle token files" + (
+            f": prep.py put no piece there (its manifest.jsonl says where each went){share}"
+            if prepped else " (run prep.py first)"))
     pieces = []
     for f in files:
         t = load_token_file(f)

@@ -77,7 +77,8 @@ def test_the_package_lists_the_api_it_imports_on_first_use():
     import perceiver_music
     from perceiver_music import api
 
-    names = {"PerceiverMusic", "Generation", "Chunk", "DEMO_CHECKPOINT", "DEMO_PRIMER"}
+    names = {"PerceiverMusic", "Generation", "Chunk", "DEMO_CHECKPOINT", "DEMO_PRIMER",
+             "CheckpointError", "MidiError"}  # the errors the README names
     assert names <= set(dir(perceiver_music)) and set(perceiver_music.__all__) == names
     assert all(getattr(perceiver_music, n) is getattr(api, n) for n in names)
 

@@ -362,6 +362,9 @@ def test_exit_status(tmp_path: Path) -> None:
     write(empty / "notes.txt", b"no MIDI here")
     proc = run_prep("--input", empty, "--output", tmp_path / "out1")
     one_error_line(proc, "no MIDI files")
+    one_error_line(run_prep("--input", empty / "notes.txt", "--output", tmp_path / "out2"),
+                   f"--input {empty / 'notes.txt'}: a file; give the folder that holds the "
+                   f"MIDI files ({empty})")
     assert proc.stderr.count("\n") == 1
     bad = tmp_path / "bad"
     write(bad / "a.mid", b"")

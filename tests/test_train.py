@@ -321,8 +321,16 @@ def test_empty_split_is_refused(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     r = run(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "x"), *TINY])
-    assert r.returncode != 0 and "no .pickle token files" in r.stderr
+    assert r.returncode != 0 and "no .pickle token files (run prep.py first)" in r.stderr
     assert "Traceback" not in r.stderr
+    # prep.py's output whose val/ got no piece (--val_share 0): said so, not "run prep.py"
+    (tmp_path / "manifest.jsonl").write_text("")
+    (tmp_path / "train" / "a.pickle").write_bytes(pickle.dumps(list(range(1, 200))))
+    r = run(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "x"), *TINY])
+    assert r.stderr.strip() == (
+        f"error: {tmp_path / 'val'}: no .pickle token files: prep.py put no piece there "
+        "(its manifest.jsonl says where each went); raise --val_share when you run it "
+        "again"), r.stderr
 
 
 def test_symlinked_last_is_resumed_and_stays_a_link(data_dir, tmp_path):
@@ -675,3 +683,6 @@ def test_init_fine_tunes_from_a_checkpoint_with_a_new_schedule(data_dir, tmp_pat
     assert all(torch.equal(kept[k], started[k]) for k in kept)
     r = run([*base, "--out_dir", str(second), "--init", str(first / "last"), "--resume"])
     assert r.returncode == 1 and "choose one" in r.stderr
+    r = run([*base, "--out_dir", str(second), "--init", str(first / "last")])  # once more
+    refused_in_an_occupied_folder(r)  # and told the --resume that works
+    assert "continue it with --resume in place of --init, or" in r.stderr
