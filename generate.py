@@ -35,6 +35,7 @@ from perceiver_music.cli import (
     check_writable,
     cpu_only,
     fail,
+    given_options,
     os_error_message,
     parse_constants,
     run_script,
@@ -132,6 +133,8 @@ def primer_tokens(args) -> tuple[list[int], str]:
         fail(str(exc))
     if args.prime_seconds and not args.num_prime and args.primer and " all of " not in note:
         note += "; --prime_seconds 0 takes all of it"
+    if args.num_prime and "prime_seconds" in given_options():
+        note += f"; --num_prime takes the place of --prime_seconds {args.prime_seconds:g}"
     return tokens, note
 
 

@@ -151,22 +151,27 @@ def shift_steps(tokens) -> np.ndarray:
 def cut_tokens(tokens, *, seconds: float = 0.0, count: int = 0,
                from_end: bool = False) -> list[int]:
     """The first (or, ``from_end``, the last) ``seconds`` of music or ``count`` tokens of
-    a token sequence (0: all); END and what follows it are dropped. The first ``seconds``
+    a token sequence (0: all); END and what follows it are dropped. Either way ``seconds``
     last exactly that long when the piece does (a rest across the limit is shortened).
 
-    A cut that starts inside the piece gets the VELOCITY event in force there, so its
-    first notes keep their dynamics. Notes cut at the end simply stay unfinished; note-offs
-    whose note-on was cut away are ignored when decoding.
+    A cut that starts inside the piece starts as the music is there: the notes sounding
+    at that moment are struck again at its start (each with its own velocity), and the
+    VELOCITY event in force follows them, so the last seconds of a piece that ends on a held
+    chord hold the chord. Notes cut at the end simply stay unfinished.
     """
     ids = [int(t) for t in tokens]
     ids = ids[: ids.index(END)] if END in ids else ids
-    start, stop = 0, len(ids)
-    if seconds:
+    start, stop, lead = 0, len(ids), []
+    if seconds and ids:
         steps = shift_steps(ids)
         clock = np.cumsum(steps) - steps  # when each token happens, in 10 ms steps
         limit = round(seconds * STEPS_PER_SECOND)
         if from_end:
-            start = int(np.searchsorted(clock, clock[-1] - limit, side="left")) if ids else 0
+            at = int(clock[-1] + steps[-1]) - limit  # where the last ``seconds`` begin
+            start = int(np.searchsorted(clock, at, side="left")) if at > 0 else 0
+            rest = int(clock[start - 1] + steps[start - 1]) - at if start else 0
+            if rest > 0:  # a rest across the cut is kept from it on: exactly ``seconds``
+                lead = [TIME_SHIFT + rest - 1]
         else:
             stop = int(np.searchsorted(clock, limit, side="left"))
     elif count:
@@ -176,10 +181,39 @@ def cut_tokens(tokens, *, seconds: float = 0.0, count: int = 0,
         over = int(clock[stop - 1] + steps[stop - 1]) - limit  # a last shift past the limit
         if over > 0:
             cut[-1] -= over  # ... ends at the limit instead: exactly ``seconds`` of music
-    first_on = next((i for i, t in enumerate(cut) if t < NOTE_OFF), len(cut))
-    if start and not any(VELOCITY <= t < END for t in cut[:first_on]):
-        cut = [t for t in ids[:start] if VELOCITY <= t < END][-1:] + cut
-    return cut
+    return (_state_at(ids[:start], cut, at_once=not lead) if start else []) + lead + cut
+
+
+def _state_at(before: list[int], after: list[int], at_once: bool) -> list[int]:
+    """The events that put a cut (``after``) in the state the music is in after
+    ``before``: a NOTE_ON (after its VELOCITY) for every note sounding then, except one
+    that ``after`` ends ``at_once`` (before its first TIME_SHIFT: it would last no time),
+    then the VELOCITY in force unless ``after`` sets one before its first note."""
+    sounding: dict[int, int | None] = {}  # pitch -> the VELOCITY it was struck with
+    velocity = None
+    for t in before:
+        if VELOCITY <= t < END:
+            velocity = t
+        elif t < NOTE_OFF:
+            sounding[t] = velocity
+        elif t < TIME_SHIFT:
+            sounding.pop(t - NOTE_OFF, None)
+    for t in after if at_once else ():  # what happens at the cut's first moment
+        if t >= TIME_SHIFT:
+            break
+        if t >= NOTE_OFF:
+            sounding.pop(t - NOTE_OFF, None)
+    state, current = [], None
+    for pitch, struck in sorted(sounding.items()):
+        if struck is not None and struck != current:
+            state.append(struck)
+            current = struck
+        state.append(pitch)
+    first_on = next((i for i, t in enumerate(after) if t < NOTE_OFF), len(after))
+    sets_own = any(VELOCITY <= t < END for t in after[:first_on])
+    if velocity is not None and velocity != current and not sets_own:
+        state.append(velocity)
+    return state
 
 
 def layout_time_shifts(

@@ -26,8 +26,10 @@ from midi_processor import (
     VELOCITY,
     VOCAB_SIZE,
     MidiError,
+    cut_tokens,
     decode_midi,
     encode_midi,
+    piece_seconds,
     read_midi_mido,
     tokens_to_text,
 )
@@ -244,6 +246,31 @@ def test_real_file_roundtrip(real_files, tmp_path):
     decode_midi(tokens, out)
     assert encode_midi(out) == tokens
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_a_cut_from_the_end_starts_as_the_music_is_there():
+    """The last seconds of a piece that ends on a held chord hold the chord: the notes
+    sounding where the cut begins are struck again there, each at its own velocity (not a
+    note that ends at that very moment), the velocity in force follows them, and the cut
+    lasts exactly the seconds asked for (the rest across its start is kept in part). The
+    first seconds cut as before; a count of tokens from the end gets the same state."""
+    piece = make_pm([(0.0, 1.0, 60, 80), (1.0, 6.0, 64, 100), (1.5, 6.0, 67, 40),
+                     (2.0, 3.0, 72, 90), (3.0, 3.5, 48, 70)])
+    tokens = encode_midi(piece)
+    for seconds, expected in (
+            (3.0, [(0, 50, 48, 70), (0, 300, 64, 102), (0, 300, 67, 42)]),  # 72 ends at 3 s
+            (3.25, [(0, 25, 72, 90), (0, 325, 64, 102), (0, 325, 67, 42), (25, 75, 48, 70)]),
+            (5.0, [(0, 500, 64, 102), (50, 500, 67, 42), (100, 200, 72, 90),
+                   (200, 250, 48, 70)])):
+        cut = cut_tokens(tokens, seconds=seconds, from_end=True)
+        assert piece_seconds(cut) == seconds
+        assert notes_of(decode_midi(cut)) == expected, seconds
+    first = cut_tokens(tokens, seconds=2.0)  # the opening, its notes as they start
+    assert piece_seconds(first) == 2.0 and [n[:1] + n[2:] for n in notes_of(
+        decode_midi(first))] == [(0, 60, 82), (100, 64, 102), (150, 67, 42)]
+    last = cut_tokens(tokens, count=5, from_end=True)  # 2.5 s of rest, then two note-offs
+    assert last[-5:] == tokens[-6:-1] and notes_of(decode_midi(last)) == [
+        (0, 250, 64, 102), (0, 250, 67, 42)]
 
 
 def test_tokens_to_text():
