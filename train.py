@@ -146,6 +146,17 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
 
 
+def windows_id(windows) -> str:
+    """A fingerprint of the validation windows: a resumed run whose windows differ
+    (another --data_dir, or its data prepared anew) cannot compare losses with its past."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in windows:
+        digest.update(tensor.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def evaluate(model, windows, accelerator, batch_size: int) -> float:
     """Mean loss in nats per token over the fixed validation windows, each process taking
     every num_processes-th window."""
@@ -569,13 +580,14 @@ class Run:
 
     def __init__(self, args, accelerator, model, optimizer, sampler, tuner, cfg, val,
                  out_dir: Path, log: RunLog, step: int, best: float, previous_s: float,
-                 best_step: int | None) -> None:
+                 best_step: int | None, new_windows: bool = False) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
         self.step, self.best, self.previous_s = step, best, previous_s
         self.first_step = step
         self.best_step = best_step  # the step of the best validation (0: the start's)
+        self.val_id, self.new_windows = windows_id(val), new_windows
         self.main = accelerator.is_main_process
         self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
         self.val_loss: float | None = None
@@ -608,7 +620,7 @@ class Run:
         """What a checkpoint of this moment records about the run."""
         return {"step": self.step, "val_loss": self.val_loss,
                 "best_val_loss": self.best if self.best < math.inf else None,
-                "best_step": self.best_step,
+                "best_step": self.best_step, "val_windows": self.val_id,
                 "train_seconds": round(self.elapsed(), 3), "train": self.settings,
                 **({"budget_spent": self.args.max_minutes} if self.spent else {})}
 
@@ -675,6 +687,26 @@ class Run:
         self.budget.validation_s = time.perf_counter() - t_final
         self.overhead_s += self.budget.validation_s
 
+    def measure_best_again(self, bar) -> None:
+        """A resumed run whose validation windows changed: best/'s loss was measured on
+        the old ones, so best/'s weights are measured on these before a step competes."""
+        from perceiver_music.checkpoint import load_checkpoint
+
+        model = self.accelerator.unwrap_model(self.model)
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.best = math.inf
+        if (self.out_dir / "best").is_dir():
+            model.load_state_dict(load_checkpoint(self.out_dir / "best")[0].state_dict())
+            with self.tuner.use() if self.tuner else nullcontext(), \
+                    self.accelerator.autocast():
+                self.best = evaluate(self.model, self.val, self.accelerator,
+                                     self.args.batch_size)
+            model.load_state_dict(own)
+        if self.main:
+            bar.write(f"note: the validation windows are not the run's (another --data_dir, "
+                      f"or its data prepared anew): best/ measured on them, "
+                      f"{self.best:.4f} nats/token, is the loss to beat")
+
     def best_line(self) -> str:
         """The run's last words on its best validation loss, saying plainly when no step
         of a fine-tuning run beat the weights it started from."""
@@ -718,6 +750,8 @@ class Run:
         with tqdm(disable=not self.main, dynamic_ncols=True, **bar_args) as bar:
             if args.init and self.step == 0:  # fine-tuning: the loss to beat is the start's
                 self.validate(lr_at(0, args), bar)
+            if self.new_windows:
+                self.measure_best_again(bar)
             clock = projected = self.previous_s  # the same everywhere
             decay_s = projected  # never back: a measured validation may be shorter than its
             while self.step < args.max_steps:  # estimate, and the rate would rise again
@@ -840,8 +874,10 @@ def main() -> None:
     log = RunLog(args, out_dir, step, accelerator.is_main_process)
     if accelerator.is_main_process:
         print("\n".join([describe(args, accelerator, model, cfg, train_split, tuner), *notes]))
+    saved = json.loads((out_dir / "last" / "config.json").read_text()) if args.resume else {}
+    new_windows = saved.get("val_windows") not in (None, windows_id(val))
     run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
-              step, best, previous_s, best_step)
+              step, best, previous_s, best_step, new_windows)
     signal.signal(signal.SIGINT, run.request_stop)
     signal.signal(signal.SIGTERM, run.request_stop)
     run.loop()

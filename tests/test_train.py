@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -486,6 +487,42 @@ def test_two_processes_through_accelerate_launch(data_dir, tmp_path):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "process_1.json: missing" in lines[0], r.stderr
+
+
+def test_a_resume_on_other_validation_data_measures_best_again(data_dir, tmp_path):
+    """best/'s loss was measured on the run's validation windows: resumed on other ones
+    (another --data_dir, or the data prepared anew), best/'s weights are measured on the
+    new windows first, and only a step that beats that replaces best/. The same data
+    measures nothing again."""
+    import torch
+
+    from perceiver_music.checkpoint import load_checkpoint
+    from perceiver_music.data import load_split, validation_windows
+    from perceiver_music.model import window_losses
+
+    out, other = tmp_path / "run", tmp_path / "other"
+    common = [*TINY, "--out_dir", str(out), "--save_interval", "4", "--eval_interval", "4"]
+    assert run(["--data_dir", str(data_dir), *common, "--max_steps", "4"]).returncode == 0
+    r = run(["--data_dir", str(data_dir), *common, "--max_steps", "6", "--resume"])
+    assert r.returncode == 0 and "windows are not the run's" not in r.stdout, r.stdout
+    shutil.copytree(data_dir, other)
+    for f in (other / "val").iterdir():
+        f.unlink()
+    piece = sorted((other / "train").iterdir())[0]  # a training piece as validation
+    shutil.copy(piece, other / "val" / piece.name)
+    best_before = load_checkpoint(out / "best")[0]
+    r = run(["--data_dir", str(other), *common, "--max_steps", "8", "--resume"])
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if "windows are not the run's" in x)
+    measured = float(re.search(r"best/ measured on them, ([\d.]+) nats", line).group(1))
+    cfg = load_checkpoint(out / "last")[1]
+    tokens, mask = validation_windows(load_split(other / "val"), cfg.max_seq_len,
+                                      cfg.cross_attn_seq_len, 256)
+    with torch.no_grad():
+        total, count = window_losses(best_before.eval(), tokens, mask, 8)
+    assert measured == pytest.approx(total / count, abs=1e-3)
+    config = json.loads((out / "last" / "config.json").read_text())
+    assert config["best_val_loss"] <= measured + 1e-9
 
 
 def test_a_time_budget_anneals_and_ends_with_validation(data_dir, tmp_path):
