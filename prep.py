@@ -501,7 +501,8 @@ def summarize(entries: list[dict], outcomes: Counter, seconds: float, manifest: 
     if failed:
         shown = min(len(failed), _FAILURES_SHOWN)
         lines.append(f"first {shown} of {len(failed)} failures (all in {manifest}):")
-        lines += [f"  {e['path']}: {e['error']}" for e in failed[:_FAILURES_SHOWN]]
+        lines += [f"  {e['path']!r}: {e['error']}" if "\n" in e["path"] else
+                  f"  {e['path']}: {e['error']}" for e in failed[:_FAILURES_SHOWN]]
     return printable("\n".join(lines))
 
 
@@ -519,8 +520,8 @@ def twins_across_splits(entries: list[dict]) -> str | None:
     b = next(e for e in straddling[0] if e["split"] != a["split"])
     return (f"warning: {len(straddling)} recording(s) are byte-identical files in different "
             f"splits (e.g. {a['path']} in {a['split']}/ and {b['path']} in {b['split']}/): "
-            "held-out figures would count music the model trained on; remove the copies, or "
-            "keep them in one folder or metadata.csv piece")
+            "validation or test figures would count music seen elsewhere (in training, or "
+            "in the other held-out split); remove the copies")
 
 
 def main(argv: list[str] | None = None) -> None:

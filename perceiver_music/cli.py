@@ -153,9 +153,11 @@ FAIL_GRACE_S = 10.0
 
 
 def printable(text: str) -> str:
-    """``text`` with undecodable file-name bytes (surrogate escapes) shown as U+FFFD, so
-    that printing a name from any file system never fails."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as U+FFFD and
+    control characters other than line breaks escaped (``\\x1b``), so that printing a name
+    from any file system never fails, and a name holding ESC cannot recolour the terminal."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
 def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str:

@@ -419,6 +419,13 @@ def test_awkward_file_names_are_encoded(tmp_path: Path) -> None:
         assert tokens_of(out / e["output"])[-1] == END
     again = run_prep("--input", src, "--output", out, "--val_share", "0", "--test_share", "0")
     assert "0 encoded, 2 unchanged" in again.stdout, again.stdout
+    # a failing file whose name holds a line break and a terminal's colour code: one
+    # line of the failure list, the codes shown, not obeyed
+    write(src / "trunc\nname\x1b[31mred.mid", b"MThd broken")
+    r = run_prep("--input", src, "--output", out, "--val_share", "0", "--test_share", "0")
+    failure = [line for line in r.stdout.splitlines() if "red.mid" in line]
+    assert failure == ["  'trunc\\nname\\x1b[31mred.mid': not a MIDI file (no MThd header)"]
+    assert "\x1b" not in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("problem", ["read-only", "disk full"])
