@@ -49,6 +49,7 @@ from midi_processor import (
 )
 from midi_processor.core import encode_notes
 from perceiver_music.cli import (
+    check_writable,
     fail,
     given_options,
     os_error_message,
@@ -311,6 +312,11 @@ def input_folders(spec: str) -> dict[str, Path]:
                  f"({root.parent})")
         if not root.is_dir():
             fail(f"input folder not found: {root}")
+        for other in folders.values():  # a folder twice, or inside another: its files too
+            a, b = sorted((root.resolve(), other.resolve()), key=lambda p: len(p.parts))
+            if b == a or a in b.parents:
+                fail(f"--input names {b} {'twice' if a == b else f'inside {a}'}: its files "
+                     "would be encoded twice")
         name = root.resolve().name or "input"
         label, n = name, 1
         while label in folders:
@@ -545,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     if not sources:
         fail(f"no MIDI files (.mid, .midi) found in {', '.join(map(str, folders.values()))}")
 
+    check_writable(output, "the token files (--output)")
     for split in _SPLITS:
         (output / split).mkdir(parents=True, exist_ok=True)
     manifest = output / _MANIFEST

@@ -178,6 +178,9 @@ def check_writable(folder: Path, what: str) -> None:
     write in it (``what`` says what would have been lost), before any work is done."""
     import tempfile
 
+    file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:  # else mkdir's "File exists" or "Not a directory"
+        fail(f"cannot write {what}: {file} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -274,6 +274,10 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
     # the folder the user chose, not the name of a temporary file in it
     assert r.stderr.strip() == (f"error: cannot write the output: {out}: Permission denied "
                                 "(choose a folder you can write to)")
+    (tmp_path / "afile").write_text("")  # a file where the folder would be
+    r = gen(ckpt, tmp_path / "afile" / "deeper")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: cannot write the output: {tmp_path / 'afile'} is a file, not a folder")
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):

@@ -362,6 +362,15 @@ def test_exit_status(tmp_path: Path) -> None:
     write(empty / "notes.txt", b"no MIDI here")
     proc = run_prep("--input", empty, "--output", tmp_path / "out1")
     one_error_line(proc, "no MIDI files")
+    one = tmp_path / "one"
+    write(one / "sub" / "a.mid", REAL_FILES[0].read_bytes())
+    for spec, said in ((f"{one},{one}/", f"{one} twice"),
+                       (f"{one},{one / 'sub'}", f"{one / 'sub'} inside {one}")):
+        one_error_line(run_prep("--input", spec, "--output", tmp_path / "x"),
+                       f"--input names {said}: its files would be encoded twice")
+    one_error_line(run_prep("--input", tmp_path / "one", "--output", empty / "notes.txt"),
+                   f"cannot write the token files (--output): {empty / 'notes.txt'} is a "
+                   "file, not a folder")
     one_error_line(run_prep("--input", empty / "notes.txt", "--output", tmp_path / "out2"),
                    f"--input {empty / 'notes.txt'}: a file; give the folder that holds the "
                    f"MIDI files ({empty})")
