@@ -57,6 +57,14 @@ def audio_options_problem(renderer: str, soundfont: str | None) -> str | None:
         return f"--renderer must be {' or '.join(RENDERERS)}, not {renderer!r}"
     if soundfont and not Path(soundfont).is_file():
         return f"{soundfont}: soundfont not found (give a .sf2 file, or '' for the default)"
+    if soundfont:  # a SoundFont (.sf2, .sf3) is a RIFF file of form "sfbk"
+        try:
+            with open(soundfont, "rb") as f:
+                head = f.read(12)
+        except OSError as exc:
+            return f"{soundfont}: cannot read the soundfont ({exc.strerror})"
+        if head[:4] != b"RIFF" or head[8:12] != b"sfbk":
+            return f"{soundfont}: not a SoundFont (give a .sf2 file, or '' for the default)"
     return None
 
 

@@ -44,7 +44,8 @@ def test_bad_options_get_one_line(tmp_path):
              (["--out_dir", "/proc/no-takes-here"],
               "cannot write takes (--out_dir): /proc/no-takes-here"),
              (["--renderer", "foo"], "--renderer must be midirenderer or fluidsynth"),
-             (["--soundfont", str(tmp_path / "no.sf2")], "no.sf2: soundfont not found")]
+             (["--soundfont", str(tmp_path / "no.sf2")], "no.sf2: soundfont not found"),
+             (["--soundfont", str(empty)], "empty.mid: not a SoundFont")]
     with busy:
         for args, message in cases:
             out = [] if "--out_dir" in args else ["--out_dir", str(tmp_path / "takes")]

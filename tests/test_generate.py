@@ -217,6 +217,7 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--primer", "FOLDER"], "is a folder: give one MIDI file"),
         (["--ckpt", "RUN"], "is a training run folder, not a checkpoint: use"),
         (["--soundfont", "/nonexistent.sf2"], "soundfont not found"),
+        (["--soundfont", "CORRUPT"], "not a SoundFont (give a .sf2 file"),  # before decoding
         (["--renderer", "timidity"], "--renderer must be"),
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
