@@ -186,20 +186,14 @@ def save_take(take, final: Path, **options) -> tuple[Path, list[str]]:
     return final, problems
 
 
-_READER_GONE: list[bool] = []  # set once --stream's reader closed standard output
-
-
 def stream_print(line: dict) -> None:
     """One --stream JSON line on standard output. Once its reader has gone (``| head -n
     2``) the lines stop, said once on standard error, and the take is still generated and
     written: nothing is lost to a closed pipe."""
-    if _READER_GONE:
-        return
     try:
         print(json.dumps(line), flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes too
-        _READER_GONE.append(True)
+    except BrokenPipeError:  # standard output becomes /dev/null: no second error, at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         from tqdm import tqdm
 
         tqdm.write("note: standard output was closed: no more --stream lines; the take is "

@@ -580,14 +580,15 @@ class Run:
 
     def __init__(self, args, accelerator, model, optimizer, sampler, tuner, cfg, val,
                  out_dir: Path, log: RunLog, step: int, best: float, previous_s: float,
-                 best_step: int | None, new_windows: bool = False) -> None:
+                 best_step: int | None, resumed_windows: str | None = None) -> None:
         self.args, self.accelerator, self.model = args, accelerator, model
         self.optimizer, self.sampler, self.tuner = optimizer, sampler, tuner
         self.cfg, self.val, self.out_dir, self.log = cfg, val, out_dir, log
         self.step, self.best, self.previous_s = step, best, previous_s
         self.first_step = step
         self.best_step = best_step  # the step of the best validation (0: the start's)
-        self.val_id, self.new_windows = windows_id(val), new_windows
+        self.val_id = windows_id(val)  # a resumed run on other windows measures best/ again
+        self.new_windows = resumed_windows not in (None, self.val_id)
         self.main = accelerator.is_main_process
         self.settings = {k: v for k, v in vars(args).items() if k != "resume"}
         self.val_loss: float | None = None
@@ -875,9 +876,8 @@ def main() -> None:
     if accelerator.is_main_process:
         print("\n".join([describe(args, accelerator, model, cfg, train_split, tuner), *notes]))
     saved = json.loads((out_dir / "last" / "config.json").read_text()) if args.resume else {}
-    new_windows = saved.get("val_windows") not in (None, windows_id(val))
     run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
-              step, best, previous_s, best_step, new_windows)
+              step, best, previous_s, best_step, saved.get("val_windows"))
     signal.signal(signal.SIGINT, run.request_stop)
     signal.signal(signal.SIGTERM, run.request_stop)
     run.loop()

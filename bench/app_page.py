@@ -27,13 +27,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for python bench/app_page.py too
 _HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _busy() -> None:
-    x = 0
-    while True:
-        x += 1
 
 
 def tree_cpu(root_pid: int) -> float:
@@ -70,6 +65,8 @@ def main() -> None:
     parser.add_argument("--browser", default="chromium", help="the Chromium program")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
+
+    from bench.threads import _busy  # the busy process of the README's load matrix
 
     port, out = free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / f"app-page-{os.getpid()}"
     app = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cpu",

@@ -118,14 +118,14 @@ def primer_tokens(primer: Primer, *, seconds: float = 0.0, count: int = 0,
     total = piece_seconds(tokens)
     side = "last" if from_end else "first"
     cut = cut_tokens(tokens, seconds=0.0 if count else seconds, count=count, from_end=from_end)
-    whole = len(tokens[: tokens.index(END)] if END in tokens else tokens)
-    if count and count < whole:
+    part = 0 < count < len(tokens[: tokens.index(END)] if END in tokens else tokens)
+    if part:
         what = f"{side} {count} tokens"
     elif seconds and seconds < total:
         what = f"{side} {seconds:g} s"
     else:
         what = "all"
-    added = len(cut) - count if count and count < whole else 0  # the state it starts in
+    added = len(cut) - count if part else 0  # the notes and velocity it starts in
     state = f", {added} of them setting the notes and velocity in force there" if added else ""
     note = f"primer: {what} of {name} ({piece_seconds(cut):.1f} of {total:.1f} s, {len(cut)} " \
            f"tokens{state})"
