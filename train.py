@@ -843,6 +843,9 @@ def main() -> None:
     model, cfg, step, best, previous_s, best_step = starting_point(args, out_dir)
     train_split, spec, val = load_data(args, cfg, data_dir)
     accelerator, tuner = make_accelerator(args)
+    if not args.resume:  # checked by the first process alone, before any process writes
+        fail_together(accelerator, occupied(out_dir, bool(args.init)) if accelerator.is_main_process
+                      else None)
     set_seed(args.seed)  # the same initial weights in every process
     if model is None:
         model = build_model(cfg)
@@ -868,9 +871,6 @@ def main() -> None:
         except (TypeError, ValueError, KeyError) as exc:
             problem = f"cannot resume: {out_dir / 'last' / 'state'}: bad data position ({exc})"
         fail_together(accelerator, problem)
-    else:  # checked by the first process alone, before any process writes
-        fail_together(accelerator, occupied(out_dir, bool(args.init)) if accelerator.is_main_process
-                      else None)
 
     log = RunLog(args, out_dir, step, accelerator.is_main_process)
     if accelerator.is_main_process:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
-import pretty_midi
-import pytest
-import torch
+# OpenMP's threads wait for the next parallel region by spinning a while first: with two
+# test workers on two cores, a test's idle second thread burned CPU the other worker
+# needed (a fifth of test_shapes.py's CPU time, at the same wall time). Set before torch
+# loads OpenMP here and in every script the suite starts; it changes no result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pretty_midi  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -20,6 +28,13 @@ REAL_FILES = sorted(DATA.glob("*.mid"))
 # product. A handler, unlike an ignored signal, is not inherited across exec.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Some machines (this project's CI VM among them) set PYTHONDONTWRITEBYTECODE=1: then each
+# of the suite's hundreds of script runs compiled the project's modules anew, about 0.1
+# CPU-seconds each time. The suite lets Python keep their bytecode (in __pycache__ folders,
+# which git ignores), as it does on a developer's machine.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 def make_pm(notes, pedal=(), instruments=1, resolution=480) -> pretty_midi.PrettyMIDI:
@@ -55,33 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def without_root_privileges() -> None:
-    """``preexec_fn`` that makes a child process obey file permissions even as root (CI
-    runs as root): drop the capabilities that bypass them from its bounding set, which
-    becomes its permitted set at exec."""
-    import ctypes
-    import os
-
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop = 24
-    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def file_size_limit(limit: int):
-    """``preexec_fn`` that lets the child write no file beyond ``limit`` bytes: writes then
-    fail with EFBIG, as on a full disk (Python ignores the SIGXFSZ that comes with it)."""
-    import resource
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
 
 
 # The files that take longest (CPU-seconds on the 2-core VM, each alone: 205, 129, 80),

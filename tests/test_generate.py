@@ -14,7 +14,7 @@ import pretty_midi
 import pytest
 import torch
 import zygote
-from conftest import free_port, without_root_privileges
+from conftest import free_port
 from PIL import Image
 
 from perceiver_music.checkpoint import save_checkpoint
@@ -267,7 +267,7 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(out), "--new_tokens", "100000", "--seconds", "0"]
     r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                   preexec_fn=without_root_privileges)
+                   preexec_fn=zygote.without_root_privileges)
     out.chmod(0o755)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]  # one line, no progress bar
@@ -282,38 +282,38 @@ def test_unwritable_output_is_refused_before_generating(ckpt, tmp_path):
 
 
 def test_ctrl_c_exits_130_with_one_line_and_writes_nothing(ckpt, tmp_path):
-    import os
+    import contextlib
     import re
-    import select
     import signal
     import time
 
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(tmp_path / "out"), "--new_tokens", "1000000", "--seconds", "0",
            "--no-stop_at_end"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    shown, deadline = b"", time.monotonic() + 120
-    while not re.search(rb" [1-9]\d*/1000000 ", shown) and time.monotonic() < deadline:
-        if select.select([proc.stderr], [], [], 1.0)[0]:  # the bar: it is generating
-            chunk = os.read(proc.stderr.fileno(), 65536)
-            if not chunk:  # it ended before generating: the checks below say how
-                break
-            shown += chunk
+    errors = tmp_path / "stderr.txt"
+    errors.write_bytes(b"")
+    proc = zygote.start(cmd, cwd=ROOT, stderr=errors)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the bar: it is generating (or it has ended: the
+        if re.search(rb" [1-9]\d*/1000000 ", errors.read_bytes()):  # checks below say how)
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.1)
+            break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    err = (shown + err).decode()
+    proc.wait(timeout=60)
+    err = errors.read_text()
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: interrupted: nothing was written"
     assert not list((tmp_path / "out").iterdir())
 
 
 def test_outputs_follow_the_umask(ckpt, tmp_path):
-    import os
 
     cmd = [sys.executable, "generate.py", "--ckpt", str(ckpt), "--primer", str(PRIMER),
            "--out_dir", str(tmp_path), "--name", "u", "--new_tokens", "10"]
     r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                   preexec_fn=lambda: os.umask(0o027))
+                   preexec_fn=zygote.umask(0o027))
     assert r.returncode == 0, r.stderr
     for f in (tmp_path / "u").rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o750 if f.is_dir() else 0o640), f

@@ -17,7 +17,7 @@ from pathlib import Path
 import mido
 import pytest
 import zygote
-from conftest import REAL_FILES, file_size_limit, without_root_privileges
+from conftest import REAL_FILES
 
 from midi_processor import END, encode_midi
 
@@ -445,9 +445,9 @@ def test_output_problems_stop_with_one_line_and_no_temporaries(tmp_path: Path, p
     if problem == "read-only":
         out.mkdir()
         out.chmod(0o555)
-        preexec = without_root_privileges
+        preexec = zygote.without_root_privileges
     else:
-        preexec = file_size_limit(3000)  # the first pickles fit, then writes fail
+        preexec = zygote.file_size_limit(3000)  # the first pickles fit, then writes fail
     cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
     r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                    preexec_fn=preexec)
@@ -462,7 +462,7 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
     write(src / "a.mid", REAL_FILES[0].read_bytes())
     cmd = [sys.executable, "prep.py", "--input", str(src), "--output", str(out)]
     r = zygote.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                   preexec_fn=lambda: os.umask(0o022))
+                   preexec_fn=zygote.umask(0o022))
     assert r.returncode == 0, r.stderr
     for f in out.rglob("*"):
         assert f.stat().st_mode & 0o777 == (0o755 if f.is_dir() else 0o644), f

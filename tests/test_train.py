@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zygote
-from conftest import file_size_limit, free_port, without_root_privileges
+from conftest import free_port
 from safetensors.numpy import load_file
 
 from midi_processor import encode_midi
@@ -38,6 +38,10 @@ TINY = [
     "--eval_windows",
     "64",
     "--no-tensorboard",
+    # one thread: the tiny model gains little from more, and the tuner's trials with every
+    # core cost the CPU that the suite's other worker needs
+    "--threads",
+    "1",
 ]
 
 
@@ -144,19 +148,14 @@ def test_resume_after_kill_is_bitwise_equal_to_an_uninterrupted_run(data_dir, tm
     assert run([*common, "--out_dir", str(full)]).returncode == 0
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", *common, "--out_dir", str(cut)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = zygote.start([sys.executable, "train.py", *common, "--out_dir", str(cut)], cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
         meta = cut / "last" / "config.json"
         if meta.exists() and '"step": 8' in meta.read_text():
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     r = run(["--out_dir", str(cut), "--resume"])  # the run's own settings, from last/
     assert r.returncode == 0, r.stderr
@@ -211,8 +210,8 @@ def test_a_rows_tokens_per_second_leaves_out_validations_and_saves():
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_last_and_says_how_to_resume(data_dir, tmp_path, sig, code):
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
+    out, output = tmp_path / "run", tmp_path / "output.txt"
+    proc = zygote.start(
         [
             sys.executable,
             "train.py",
@@ -229,16 +228,15 @@ def test_a_signal_saves_last_and_says_how_to_resume(data_dir, tmp_path, sig, cod
             "100000",
         ],
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=output,
     )
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "metrics.csv").exists():
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(sig)
-    text, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    text = output.read_text()  # universal newlines, as a text pipe reads it
     assert proc.returncode == code, text  # the shell's status for the signal, after saving
     # the command to continue is the one that started the run, with --resume
     assert f"Continue with: python train.py --data_dir {data_dir} --out_dir {out}" in text
@@ -354,9 +352,9 @@ def test_output_problems_are_one_line_and_leave_no_temporaries(data_dir, tmp_pat
     out.mkdir()
     if problem == "read-only":
         out.chmod(0o555)
-        preexec, message = without_root_privileges, "Permission denied"
+        preexec, message = zygote.without_root_privileges, "Permission denied"
     else:
-        preexec, message = file_size_limit(200_000), "File too large"
+        preexec, message = zygote.file_size_limit(200_000), "File too large"
     args = ["--data_dir", str(data_dir), "--out_dir", str(out), *TINY, "--max_steps", "4",
             "--save_interval", "2", "--eval_interval", "2"]
     r = run(args, preexec_fn=preexec)
@@ -374,6 +372,7 @@ def test_a_full_disk_is_reported_on_a_line_of_its_own_in_a_terminal(data_dir, tm
     sees)."""
     import fcntl
     import pty
+    import select
     import struct
     import termios
 
@@ -382,20 +381,23 @@ def test_a_full_disk_is_reported_on_a_line_of_its_own_in_a_terminal(data_dir, tm
             "--save_interval", "30", "--eval_interval", "100"]  # last/ is saved first
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdin=follower,
-                            stdout=follower, stderr=follower, preexec_fn=file_size_limit(200_000))
+    terminal = os.ttyname(follower)
+    proc = zygote.start([sys.executable, "train.py", *args], cwd=ROOT, stdin=terminal,
+                        stdout=terminal, setup=zygote.file_size_limit(200_000))
+    chunks, deadline = [], time.monotonic() + 300
+    while True:  # the terminal stays open here until the child has ended (it opens the
+        try:  # terminal itself, maybe after a close here would have left it with no user)
+            status = proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            status = None
+            assert time.monotonic() < deadline
+        while select.select([leader], [], [], 0)[0]:
+            chunks.append(os.read(leader, 65536))
+        if status is not None:
+            break
     os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
     os.close(leader)
-    assert proc.wait(timeout=300) == 1
+    assert status == 1
     text = b"".join(chunks).decode(errors="replace")
     at = text.index("error: ")
     assert "File too large" in text[at:] and "/last/" in text[at:], text[-500:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -77,3 +78,54 @@ def test_what_could_differ_runs_in_a_real_process():
     assert not zygote.eligible([sys.executable, "x.py"], {**kw, "preexec_fn": print})
     assert not zygote.eligible([sys.executable, "x.py"], {**kw, "env": {"OMP_NUM_THREADS": "7"}})
     assert not zygote.eligible([sys.executable, "x.py"], {"text": True})  # output not captured
+
+
+CHILD = """\
+import os, signal, sys, time
+mask = os.umask(0)
+print("umask", oct(mask))
+for name, size in (("big", 5000), ("locked/file", 1)):
+    try:
+        with open(name, "wb") as f:
+            f.write(bytes(size))
+        print(name, "written")
+    except OSError as exc:
+        print(name, os.strerror(exc.errno))
+sys.stdout.flush()
+if sys.argv[1:] == ["wait"]:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("setup", [zygote.umask(0o027), zygote.file_size_limit(1000),
+                                   zygote.without_root_privileges, None])
+def test_a_setup_and_a_started_script_act_as_in_a_real_process(tmp_path, monkeypatch, setup):
+    """A `Setup` (the ``preexec_fn``s the tests use) has the same effect in a child of the
+    zygote, whose script never execs, as before a real process's exec; `start` gives a
+    script its output file and signals as ``subprocess.Popen`` does."""
+    (tmp_path / "child.py").write_text(CHILD)
+    (tmp_path / "locked").mkdir(mode=0o555)
+    args, kw = [sys.executable, "child.py"], dict(cwd=tmp_path, capture_output=True, text=True)
+    assert zygote.eligible(args, {**kw, "preexec_fn": setup})
+    real = subprocess.run(args, **kw, preexec_fn=setup)
+    (tmp_path / "big").unlink(missing_ok=True)
+    assert zygote.forked(args, **kw, preexec_fn=setup).stdout == real.stdout != ""
+    effect = {"umask": "umask 0o27", "file_size_limit": "big File too large",
+              "without_root_privileges": "locked/file Permission denied"}
+    if setup is not None:  # it took effect
+        assert effect[setup.name] in real.stdout.splitlines(), real.stdout
+
+    outputs = []
+    for use_zygote in ("1", "0"):
+        monkeypatch.setenv("TESTS_ZYGOTE", use_zygote)
+        output = tmp_path / f"output-{use_zygote}.txt"
+        child = zygote.start([*args, "wait"], cwd=tmp_path, stdout=output, setup=setup)
+        while "locked" not in (output.read_text() if output.exists() else ""):
+            with pytest.raises(subprocess.TimeoutExpired):
+                child.wait(timeout=0.05)  # it waits for the signal
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 7
+        outputs.append(output.read_text())
+        (tmp_path / "big").unlink(missing_ok=True)
+    assert outputs == [real.stdout, real.stdout]

@@ -9,22 +9,27 @@ as closely as Python allows: the caller's working folder, environment and argv, 
 ``__main__`` module and ``sys.path[0]``, stdin/stdout/stderr on files, a fresh numpy seed,
 and the interpreter's normal shutdown (atexit, thread joins, flushes) decides the status.
 
-``run`` is a drop-in for ``subprocess.run``. It uses a real process whenever the zygote
-could differ from one: a ``preexec_fn``, a variable that is read while torch or Python
-starts (``PYTHON*``, ``OMP_*``, ``MKL_*``, ``TORCH_*``...) set differently from the
-zygote's, ``python -c``, a run already in progress on this worker (threads), or
-``TESTS_ZYGOTE=0`` in the environment (to check that the suite passes both ways).
+``run`` is a drop-in for ``subprocess.run``, and ``start`` starts a script to signal or
+watch while it runs (the part of ``subprocess.Popen`` the tests use). They use a real
+process whenever the zygote could differ from one: a ``preexec_fn`` other than a `Setup`
+(a umask, a file size limit, no root privileges: applied in the child either way), a
+variable that is read while torch or Python starts (``PYTHON*``, ``OMP_*``, ``MKL_*``,
+``TORCH_*``...) set differently from the zygote's, ``python -c``, a run already in
+progress on this worker (threads), or ``TESTS_ZYGOTE=0`` in the environment (to check
+that the suite passes both ways).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import gc
 import importlib
 import importlib.machinery
 import json
 import os
+import resource
 import runpy
 import select
 import signal
@@ -57,6 +62,76 @@ def _startup_env(env: dict) -> dict:
     """The variables in ``env`` that take effect only while Python or torch starts."""
     return {k: v for k, v in env.items()
             if k.startswith(STARTUP_VARIABLES) and not _set_by_torch(k, v)}
+
+
+def _umask(mask: int) -> None:
+    os.umask(mask)
+
+
+def _file_size_limit(limit: int) -> None:
+    """No file beyond ``limit`` bytes: writes then fail with EFBIG, as on a full disk
+    (Python ignores the SIGXFSZ that comes with it)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _without_root_privileges() -> None:
+    """Obey file permissions even as root (CI runs as root): drop the capabilities that
+    bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) from this process
+    (a fork runs on without exec) and from its bounding set (which becomes the permitted
+    set at an exec)."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    caps = (1, 2, 3)
+    for cap in caps:
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    keep = ~sum(1 << cap for cap in caps) & 0xFFFFFFFF
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+_SETUPS = {"umask": _umask, "file_size_limit": _file_size_limit,
+           "without_root_privileges": _without_root_privileges}
+
+
+class Setup:
+    """A ``preexec_fn`` the zygote can apply too: one of `_SETUPS` with its arguments, run
+    in the child before the script (after the fork in the zygote, before the exec in a
+    real process)."""
+
+    def __init__(self, name: str, *args: int) -> None:
+        self.name, self.args = name, args
+
+    def __call__(self) -> None:
+        _SETUPS[self.name](*self.args)
+
+
+def umask(mask: int) -> Setup:
+    """The child's umask."""
+    return Setup("umask", mask)
+
+
+def file_size_limit(limit: int) -> Setup:
+    """The child writes no file beyond ``limit`` bytes (`_file_size_limit`)."""
+    return Setup("file_size_limit", limit)
+
+
+without_root_privileges = Setup("without_root_privileges")
 
 
 def _set_by_torch(name: str, value: str) -> bool:
@@ -108,14 +183,14 @@ def _kill(pid: int | None) -> None:
 
 def eligible(cmd, kw: dict) -> bool:
     """Whether ``subprocess.run(cmd, **kw)`` can run in the zygote unchanged."""
-    if kw.get("preexec_fn") is not None:
+    if not isinstance(kw.get("preexec_fn"), (Setup, type(None))):
         return False
     if not (len(cmd) >= 2 and cmd[0] == sys.executable):
         return False
     if not (str(cmd[1]).endswith(".py") or (cmd[1] == "-m" and len(cmd) >= 3)):
         return False
     allowed = {"cwd", "capture_output", "text", "timeout", "check", "input", "env",
-               "stdout", "stderr"}
+               "stdout", "stderr", "preexec_fn"}
     if set(kw) - allowed:
         return False
     capture = kw.get("capture_output") or (kw.get("stdout") == subprocess.PIPE
@@ -153,7 +228,8 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
         request = {"argv": cmd[1:], "cwd": str(kw.get("cwd") or os.getcwd()),
                    "env": dict(_environment(kw)), "merged": merged,
                    "stdin": files["stdin"] if data is not None else os.devnull,
-                   "stdout": files["stdout"], "stderr": files["stderr"]}
+                   "stdout": files["stdout"], "stderr": files["stderr"],
+                   "setup": _setup(kw)}
         pid = None
         try:
             proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -188,6 +264,69 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
     return result
 
 
+def _setup(kw: dict) -> list:
+    """The `Setup` of a call, as the zygote's request names it."""
+    setup = kw.get("preexec_fn")
+    return [] if setup is None else [[setup.name, list(setup.args)]]
+
+
+class Child:
+    """A script `start` started: the part of ``subprocess.Popen`` the tests use. Its
+    output goes to the files (or terminal) given to `start`."""
+
+    def __init__(self, pid: int, proc: subprocess.Popen | None) -> None:
+        self.pid, self.returncode, self._proc = pid, None, proc
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status (negative: the signal that ended it); raises
+        subprocess.TimeoutExpired after ``timeout`` seconds and leaves it running."""
+        if self.returncode is not None:
+            return self.returncode
+        if self._proc is not None:  # a real process
+            self.returncode = self._proc.wait(timeout)
+            return self.returncode
+        reply = _read_line(_zygote["proc"], timeout)
+        if reply is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        self.returncode = reply["status"]
+        _lock.release()
+        return self.returncode
+
+
+def start(cmd, cwd: Path, stdout: str = os.devnull, stderr: str | None = None,
+          stdin: str = os.devnull, setup: Setup | None = None) -> Child:
+    """Start ``python SCRIPT ARGS`` (``cmd``) in ``cwd``, its input from the file ``stdin``
+    and its output written to the files ``stdout`` and ``stderr`` (None: with stdout),
+    each a path (a terminal's too), after ``setup``; forked from the zygote as `run` would
+    (the same environment as this process), or a real process. `Child.wait` for its end."""
+    cmd = list(map(str, cmd))
+    kw = {"cwd": cwd, "capture_output": True, "preexec_fn": setup}
+    if (os.environ.get("TESTS_ZYGOTE") == "0" or not eligible(cmd, kw)
+            or not _lock.acquire(blocking=False)):
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(stdout, "wb"))
+            err = out if stderr is None else files.enter_context(open(stderr, "wb"))
+            given = files.enter_context(open(stdin, "rb"))
+            proc = subprocess.Popen(cmd, cwd=cwd, stdin=given, stdout=out, stderr=err,
+                                    preexec_fn=setup)
+        return Child(proc.pid, proc)
+    proc = _start()
+    request = {"argv": cmd[1:], "cwd": str(cwd), "env": dict(os.environ),
+               "merged": stderr is None, "stdin": str(stdin), "stdout": str(stdout),
+               "stderr": str(stderr), "setup": _setup(kw)}
+    try:
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        proc.stdin.flush()
+        return Child(_read_line(proc, None)["pid"], None)
+    except BaseException:
+        _lock.release()
+        raise
+
+
 def _become(request: dict) -> None:
     """In the forked child: turn into ``python ARGV`` and exit as it would."""
     os.chdir(request["cwd"])
@@ -202,6 +341,8 @@ def _become(request: dict) -> None:
         opened = os.open(path, mode, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
+    for name, args in request["setup"]:
+        _SETUPS[name](*args)
     np.random.seed()  # a new process would draw its own seed
     try:
         _execute(request["argv"])
