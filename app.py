@@ -17,6 +17,8 @@ would share its interpreter lock.
 """
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import json
 import math
 import multiprocessing
@@ -751,11 +753,43 @@ class Browser:
         return curves_figure(chosen, self.runs_root)
 
 
+class _WithoutStubs(importlib.abc.MetaPathFinder):
+    """Finds ``gradio.component_meta`` as Python would, and makes its stub writer a no-op
+    once the module has run, before Gradio makes its first component class."""
+
+    def find_spec(self, name: str, path, target=None):
+        if name != "gradio.component_meta":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module) -> None:
+                run(module)
+                module.create_or_modify_pyi = lambda *args, **kwargs: None
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def import_gradio():
+    """``import gradio``, without the .pyi stubs Gradio 6 writes as it makes each component
+    class: it parses the whole source file of every one of its ~80 classes to compare
+    their stubs, 4 of the 8.6 CPU-seconds its import took at every start of the app (and
+    a class of ours would get a stub file beside app.py). The app needs no stubs."""
+    if "gradio" not in sys.modules:
+        sys.meta_path.insert(0, _WithoutStubs())
+    import gradio
+
+    return gradio
+
+
 def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
     """The Data tab (the data folder's pieces, figures, and one piece opened) and the Runs
     tab (training runs, their curves on one plot, refreshed every 10 s while it is shown;
     ``others``: the page's other tabs)."""
-    import gradio as gr
+    gr = import_gradio()
 
     from perceiver_music.browse import COLUMNS, BrowseError
 
@@ -834,7 +868,7 @@ def browse_tabs(browser: Browser, page, others: tuple = ()) -> None:
 
 def build_page(studio: Studio, args):
     """The Gradio page, its events and queue."""
-    import gradio as gr
+    gr = import_gradio()
 
     from midi_processor import MidiError
     from perceiver_music.api import RELEASE

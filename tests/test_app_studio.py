@@ -240,3 +240,16 @@ def test_the_runs_tab_says_why_it_lists_no_run(tmp_path):
     assert note(tmp_path / "runs").startswith("No training run in")
     (tmp_path / "runs" / "r1" / "metrics.csv").write_text("step,train_loss\n1,5.0\n")
     assert note(tmp_path / "runs") == ""
+
+
+def test_gradio_is_imported_without_its_stub_writer(tmp_path):
+    """app.py imports Gradio without the .pyi stubs Gradio writes beside the source of each
+    component class as it is made (half of its import's CPU time at each start of the app):
+    a component class made after it gets no stub file beside its module."""
+    (tmp_path / "probe.py").write_text(
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport app\ngr = app.import_gradio()\n"
+        "class Mine(gr.Textbox):\n    pass\n\nprint(Mine().label)\n")
+    r = zygote.run([sys.executable, "probe.py", str(ROOT)], cwd=tmp_path, capture_output=True,
+                   text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout == "None\n", r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.py"]

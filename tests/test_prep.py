@@ -420,6 +420,7 @@ def test_awkward_file_names_are_encoded(tmp_path: Path) -> None:
     r = run_prep("--input", src, "--output", out, "--val_share", "0", "--test_share", "0")
     assert r.returncode == 0, r.stderr
     assert "2 encoded" in r.stdout
+    assert "note: --val_share 0 leaves val/ empty, and train.py needs" in r.stderr
     entries = manifest(out)
     assert os.fsdecode(raw).rsplit("/", 1)[1] in entries  # the name as the file system has it
     assert [e["status"] for e in entries.values()] == ["ok", "ok"]
