@@ -340,7 +340,7 @@ def gather_sources(folders: dict[str, Path], val_share: float, test_share: float
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
     if val_share > 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
         warnings.append("warning: no piece went to val/, which train.py needs: add files")
-    elif val_share == 0 and out:
+    elif val_share == 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
         warnings.append("note: --val_share 0 leaves val/ empty, and train.py needs "
                         "validation pieces: give a share, or put token files there yourself")
     return out, warnings

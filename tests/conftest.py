@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pretty_midi  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import zygote  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -53,6 +54,13 @@ def make_pm(notes, pedal=(), instruments=1, resolution=480) -> pretty_midi.Prett
 def real_files() -> list[Path]:
     assert len(REAL_FILES) == 5, "tests/data should hold the five bundled MIDI files"
     return REAL_FILES
+
+
+@pytest.fixture(autouse=True)
+def no_child_left():
+    """A test that failed between `zygote.start` and its wait leaves no script running."""
+    yield
+    zygote.reap()
 
 
 @pytest.fixture(autouse=True)

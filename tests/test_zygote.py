@@ -121,6 +121,7 @@ def test_a_setup_and_a_started_script_act_as_in_a_real_process(tmp_path, monkeyp
         monkeypatch.setenv("TESTS_ZYGOTE", use_zygote)
         output = tmp_path / f"output-{use_zygote}.txt"
         child = zygote.start([*args, "wait"], cwd=tmp_path, stdout=output, setup=setup)
+        assert (child._proc is None) == (use_zygote == "1")  # forked, or a real process
         while "locked" not in (output.read_text() if output.exists() else ""):
             with pytest.raises(subprocess.TimeoutExpired):
                 child.wait(timeout=0.05)  # it waits for the signal
@@ -129,3 +130,18 @@ def test_a_setup_and_a_started_script_act_as_in_a_real_process(tmp_path, monkeyp
         outputs.append(output.read_text())
         (tmp_path / "big").unlink(missing_ok=True)
     assert outputs == [real.stdout, real.stdout]
+
+
+def test_a_child_nobody_waited_for_is_reaped(tmp_path):
+    """A test that fails between `start` and its wait: `reap` (after every test) kills the
+    script, and the worker's next run forks from the zygote again."""
+    (tmp_path / "slow.py").write_text("import time; time.sleep(60)")
+    child = zygote.start([sys.executable, "slow.py"], cwd=tmp_path)
+    assert child._proc is None  # forked
+    zygote.reap()
+    assert child.returncode == -signal.SIGKILL
+    (tmp_path / "quick.py").write_text("print('forked')")
+    args, kw = [sys.executable, "quick.py"], dict(cwd=tmp_path, capture_output=True, text=True)
+    assert zygote._lock.acquire(blocking=False)  # free: run() would fork
+    zygote._lock.release()
+    assert zygote.run(args, **kw).stdout == "forked\n"

@@ -1,8 +1,8 @@
 """Run the project's scripts for the tests without paying Python's start-up each time.
 
-``python train.py ...`` spends 2-3 CPU-seconds importing torch, numpy, pretty_midi and
-accelerate before it reads its first argument, and the suite starts scripts well over a
-hundred times: on the 2-core CI machine that was a third of the suite's time. So each test
+``python train.py ...`` spends about 7.6 CPU-seconds on the 2-core CI machine importing
+torch, numpy, pretty_midi, accelerate and (when it makes its optimizer) torch._dynamo,
+and the suite runs scripts over two hundred times. So each test
 worker keeps one *zygote*: a process that imports those libraries once (nothing of this
 project) and forks a child for every script run. The child becomes ``python SCRIPT ARGS``
 as closely as Python allows: the caller's working folder, environment and argv, its own
@@ -70,7 +70,9 @@ def _umask(mask: int) -> None:
 
 def _file_size_limit(limit: int) -> None:
     """No file beyond ``limit`` bytes: writes then fail with EFBIG, as on a full disk
-    (Python ignores the SIGXFSZ that comes with it)."""
+    (Python ignores the SIGXFSZ that comes with it). In the zygote's child it applies to
+    the files that catch its output too (pipes, for a real process): keep the output of a
+    script run with it below the limit."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
@@ -86,8 +88,8 @@ class _CapData(ctypes.Structure):
 def _without_root_privileges() -> None:
     """Obey file permissions even as root (CI runs as root): drop the capabilities that
     bypass them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) from this process
-    (a fork runs on without exec) and from its bounding set (which becomes the permitted
-    set at an exec)."""
+    (a fork runs on without exec), and from its bounding and inheritable sets (of which
+    an exec makes root's permitted set)."""
     if os.geteuid() != 0:
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -101,6 +103,7 @@ def _without_root_privileges() -> None:
     keep = ~sum(1 << cap for cap in caps) & 0xFFFFFFFF
     data[0].effective &= keep
     data[0].permitted &= keep
+    data[0].inheritable &= keep  # which an exec would add to the permitted set
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
 
@@ -181,6 +184,16 @@ def _kill(pid: int | None) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _reset(pid: int | None) -> None:
+    """Kill the child ``pid`` and this worker's zygote, whose replies would be out of step
+    after an interrupted call; the next call starts a new zygote."""
+    _kill(pid)
+    proc = _zygote["proc"]
+    proc.kill()
+    proc.wait()
+    _zygote.clear()
+
+
 def eligible(cmd, kw: dict) -> bool:
     """Whether ``subprocess.run(cmd, **kw)`` can run in the zygote unchanged."""
     if not isinstance(kw.get("preexec_fn"), (Setup, type(None))):
@@ -241,10 +254,7 @@ def forked(cmd, **kw) -> subprocess.CompletedProcess:
                 _kill(pid)
                 reply = _read_line(proc, None)
         except BaseException:  # Ctrl-C, a test timeout...: the replies would be out of
-            _kill(pid)  # step, so the child and this zygote go; the next call starts a
-            proc.kill()  # new one
-            proc.wait()
-            _zygote.clear()
+            _reset(pid)  # step
             raise
 
         def read(name: str) -> str | bytes | None:
@@ -276,10 +286,12 @@ class Child:
 
     def __init__(self, pid: int, proc: subprocess.Popen | None) -> None:
         self.pid, self.returncode, self._proc = pid, None, proc
+        _started.append(self)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # ended, not yet waited for
+                os.kill(self.pid, sig)
 
     def wait(self, timeout: float | None = None) -> int:
         """The exit status (negative: the signal that ended it); raises
@@ -288,13 +300,30 @@ class Child:
             return self.returncode
         if self._proc is not None:  # a real process
             self.returncode = self._proc.wait(timeout)
-            return self.returncode
-        reply = _read_line(_zygote["proc"], timeout)
-        if reply is None:
-            raise subprocess.TimeoutExpired(str(self.pid), timeout)
-        self.returncode = reply["status"]
-        _lock.release()
+        else:
+            try:
+                reply = _read_line(_zygote["proc"], timeout)
+            except BaseException:  # the zygote died, Ctrl-C...: the replies are out of step
+                _reset(self.pid)
+                _lock.release()
+                raise
+            if reply is None:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            self.returncode = reply["status"]
+            _lock.release()
+        _started.remove(self)
         return self.returncode
+
+
+_started: list[Child] = []  # children of `start` not waited for yet
+
+
+def reap() -> None:
+    """Kill and wait for every child of `start` that nobody waited for (its test failed
+    midway): it would hold this worker's zygote, and a core, for the rest of the suite."""
+    for child in list(_started):
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
 
 
 def start(cmd, cwd: Path, stdout: str = os.devnull, stderr: str | None = None,
@@ -323,6 +352,7 @@ def start(cmd, cwd: Path, stdout: str = os.devnull, stderr: str | None = None,
         proc.stdin.flush()
         return Child(_read_line(proc, None)["pid"], None)
     except BaseException:
+        _reset(None)
         _lock.release()
         raise
 
@@ -341,8 +371,12 @@ def _become(request: dict) -> None:
         opened = os.open(path, mode, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
-    for name, args in request["setup"]:
-        _SETUPS[name](*args)
+    try:
+        for name, args in request["setup"]:
+            _SETUPS[name](*args)
+    except OSError as error:  # as subprocess reports a failed preexec_fn: before the script
+        os.write(2, f"zygote: the child's setup failed: {error}\n".encode())
+        os._exit(255)
     np.random.seed()  # a new process would draw its own seed
     try:
         _execute(request["argv"])
