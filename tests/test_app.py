@@ -312,7 +312,7 @@ def test_progress_and_a_bounded_queue(app_url, browser):
     from playwright.sync_api import expect
 
     first, second, third = (open_page(browser, app_url) for _ in range(3))
-    for page, seconds in ((first, 30), (second, 10), (third, 10)):
+    for page, seconds in ((first, 30), (second, 3), (third, 3)):
         set_number(page, "seconds", seconds)
     first.get_by_text("sampling").click()  # 30 s in all: the model may not end it sooner
     first.get_by_label("stop when the model ends the piece").uncheck()
