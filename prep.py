@@ -338,10 +338,10 @@ def gather_sources(folders: dict[str, Path], val_share: float, test_share: float
         out.update({prefix + p: (root / p, (split, prefix + group, piece))
                     for p, (split, group, piece) in sources.items()})
         warnings += [f"{root}: {line}" if prefix else line for line in notes]
-    if val_share > 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
-        warnings.append("warning: no piece went to val/, which train.py needs: add files")
-    elif val_share == 0 and out and all(split != "val" for _, (split, _, _) in out.values()):
-        warnings.append("note: --val_share 0 leaves val/ empty, and train.py needs "
+    if out and all(split != "val" for _, (split, _, _) in out.values()):
+        warnings.append("warning: no piece went to val/, which train.py needs: add files"
+                        if val_share > 0 else
+                        "note: --val_share 0 leaves val/ empty, and train.py needs "
                         "validation pieces: give a share, or put token files there yourself")
     return out, warnings
 

@@ -454,7 +454,9 @@ def inherit_settings(args) -> list[str]:
 
 def starting_point(args, out_dir: Path):
     """Where the run starts: (model, config, step, best validation loss, training seconds
-    so far, the best validation's step). Resumed from ``out_dir/last``, started from
+    so far, the best validation's step, the fingerprint of the validation windows it was
+    measured on (`windows_id`; None: not resumed, or not recorded)). Resumed from
+    ``out_dir/last``, started from
     --init's weights, or a new model of the preset (model None: it is built once the seed
     is set)."""
     from perceiver_music.checkpoint import CheckpointError, load_checkpoint
@@ -478,9 +480,11 @@ def starting_point(args, out_dir: Path):
         if isinstance(spent, int | float) and spent >= args.max_minutes > 0:
             fail(f"the run in {out_dir} spent its time budget of {args.max_minutes:g} min; "
                  "raise --max_minutes to train on")
-        return model, cfg, step, best, previous_s, best_step
+        windows = meta.get("val_windows")
+        return (model, cfg, step, best, previous_s, best_step,
+                windows if isinstance(windows, str) else None)
     model, cfg = init_from(args) if args.init else (None, model_config(args))
-    return model, cfg, 0, math.inf, 0.0, None
+    return model, cfg, 0, math.inf, 0.0, None, None
 
 
 def load_data(args, cfg, data_dir: Path):
@@ -840,7 +844,7 @@ def main() -> None:
     from perceiver_music.model import build_model, use_fast_forward
 
     out_dir, data_dir = Path(args.out_dir), Path(args.data_dir)
-    model, cfg, step, best, previous_s, best_step = starting_point(args, out_dir)
+    model, cfg, step, best, previous_s, best_step, windows = starting_point(args, out_dir)
     train_split, spec, val = load_data(args, cfg, data_dir)
     accelerator, tuner = make_accelerator(args)
     if not args.resume:  # checked by the first process alone, before any process writes
@@ -875,9 +879,8 @@ def main() -> None:
     log = RunLog(args, out_dir, step, accelerator.is_main_process)
     if accelerator.is_main_process:
         print("\n".join([describe(args, accelerator, model, cfg, train_split, tuner), *notes]))
-    saved = json.loads((out_dir / "last" / "config.json").read_text()) if args.resume else {}
     run = Run(args, accelerator, model, optimizer, sampler, tuner, cfg, val, out_dir, log,
-              step, best, previous_s, best_step, saved.get("val_windows"))
+              step, best, previous_s, best_step, windows)
     signal.signal(signal.SIGINT, run.request_stop)
     signal.signal(signal.SIGTERM, run.request_stop)
     run.loop()
