@@ -6,7 +6,8 @@
 Every constant below is a command-line option (``--help`` lists them). The page offers
 the bundled primer, an uploaded MIDI file or no primer, how many seconds of it to use,
 every setting of generate.py (length, temperature, top-k, top-p, min-p, greedy, beam
-search, samples, seed, prefix length, int8 weights on a CPU, release of long-held notes)
+search, samples, seed, prefix length, int8 weights on a CPU, release of long-held notes,
+tonality)
 and creativity (a bias towards notes over rests). While it generates, a progress bar
 counts tokens and seconds of music; the take then plays in the page with its piano roll,
 and its MIDI and WAV files can be downloaded. "Extend" continues the selected take; the
@@ -235,7 +236,8 @@ LIMITS = {"prime_seconds": (0, 24 * 3600, False), "seconds": (0, 24 * 3600, Fals
           "temperature": (0, 100, False), "top_k": (0, 100_000, True), "top_p": (0, 1, False),
           "min_p": (0, 1, False), "beams": (1, 16, True), "num_samples": (1, 16, True),
           "seed": (-1, 2**63 - 1, True), "prefix_len": (0, 1 << 20, True),
-          "creativity": (-20, 20, False), "release": (0, 100, False)}
+          "creativity": (-20, 20, False), "release": (0, 100, False),
+          "tonality": (0, 100, False)}
 
 
 def check_settings(settings: dict) -> dict:
@@ -611,7 +613,7 @@ class Studio:
                    num_samples=s["num_samples"], temperature=max(s["temperature"], 1e-6),
                    top_k=s["top_k"] or None, top_p=s["top_p"] or None,
                    min_p=s["min_p"] or None, greedy=s["greedy"], creativity=s["creativity"],
-                   release=s["release"],
+                   release=s["release"], tonality=s["tonality"],
                    num_beams=s["beams"], seed=None if s["seed"] < 0 else s["seed"],
                    stop_at_end=s["stop_at_end"], cross_attn_seq_len=s["prefix_len"] or None,
                    precision="int8" if s.get("int8") else "float32")}
@@ -871,11 +873,11 @@ def build_page(studio: Studio, args):
     gr = import_gradio()
 
     from midi_processor import MidiError
-    from perceiver_music.api import RELEASE
+    from perceiver_music.api import RELEASE, TONALITY
 
     setting_names = ["prime_seconds", "seconds", "temperature", "top_k", "top_p", "min_p",
                      "greedy", "beams", "num_samples", "seed", "prefix_len", "creativity",
-                     "release", "stop_at_end", "int8"]
+                     "release", "tonality", "stop_at_end", "int8"]
     cfg = studio.config
     on_cpu = studio.device == "cpu"
 
@@ -944,6 +946,9 @@ def build_page(studio: Studio, args):
                                                      f"model's {cfg.cross_attn_seq_len})")
                         release = Slider(0, 10, value=RELEASE, step=0.1, elem_id="release",
                                          label="release: ends notes held past 1 s (0: off)")
+                        tonality = Slider(0, 3, value=TONALITY, step=0.05, elem_id="tonality",
+                                          label="tonality: keeps to the key of the last "
+                                                "seconds (0: off)")
                         stop_at_end = gr.Checkbox(True, label="stop when the model ends the piece")
                         int8 = gr.Checkbox(False, label="int8 weights: about 1.7x faster on a CPU, "
                                            "slightly different odds", visible=on_cpu)
@@ -968,7 +973,8 @@ def build_page(studio: Studio, args):
             browse_tabs(Browser(args), page, (generate_tab,))
 
         settings = [prime_seconds, seconds, temperature, top_k, top_p, min_p, greedy, beams,
-                    num_samples, seed, prefix_len, creativity, release, stop_at_end, int8]
+                    num_samples, seed, prefix_len, creativity, release, tonality, stop_at_end,
+                    int8]
         outputs = [status, audio, roll, downloads, history, chosen, live, job]
 
         def respond(values, source_name, upload_path, takes, selected, extend, request,
@@ -1033,11 +1039,11 @@ def build_page(studio: Studio, args):
             request (for the session) and a progress tracker, as the parameters say."""
 
             def handle(source_name, upload_path, takes, selected, prime_s, length, temp, k,
-                       p, min_p_, greedy_, width, samples, seed_, prefix, bias, release_, stop,
-                       int8_, request: gr.Request,
+                       p, min_p_, greedy_, width, samples, seed_, prefix, bias, release_,
+                       tonality_, stop, int8_, request: gr.Request,
                        progress=gr.Progress()):  # noqa: B008 (Gradio's way)
                 values = [prime_s, length, temp, k, p, min_p_, greedy_, width, samples, seed_,
-                          prefix, bias, release_, stop, int8_]
+                          prefix, bias, release_, tonality_, stop, int8_]
                 yield from respond(values, source_name, upload_path, takes, selected, extend,
                                    request, progress)
 

@@ -12,8 +12,8 @@ notes per second, polyphony, pitch range and mean, velocity, note durations (med
 share held over 4 s) and the correlation of their pitch-class histogram with the
 primer's; each model's difference from the real continuations comes with its standard
 error (takes paired by primer), so a report of a few takes says what it can resolve. The
-continuations are sampled as generate.py samples by default (its temperature, top-p and
-release).
+continuations are sampled as generate.py samples by default (its temperature, top-p,
+release and tonality).
 With --runs, the training curves of those run folders (their metrics.csv).
 
 Writes OUT/report.json, OUT/report.html (tables and plots) and the plots as PNG.
@@ -36,6 +36,7 @@ SECONDS = 15.0  # continuation length, compared with as much of the real continu
 TEMPERATURE = 1.0  # sampling temperature of the continuations (generate.py's default)
 TOP_P = 0.0  # nucleus sampling of the continuations (0: off; generate.py's default)
 RELEASE = 3.0  # NOTE_OFF bias per second a note is held past 1 s (generate.py's default)
+TONALITY = 0.5  # pull towards the pitch classes of the last seconds (generate.py's default)
 SEED = 0  # seed of the primer offsets and the sampling
 RUNS = ""  # run folders (with metrics.csv) whose training curves to plot, comma-separated
 OUT = "eval"  # report folder
@@ -132,8 +133,9 @@ def main() -> None:
         fail(f"--temperature must be positive, got {args.temperature}")
     if not 0 <= args.top_p <= 1:
         fail(f"--top_p must be in [0, 1] (0: off), got {args.top_p}")
-    if args.release < 0:
-        fail(f"--release must not be negative, got {args.release}")
+    for name in ("release", "tonality"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
     for run in runs:
         if not (Path(run) / "metrics.csv").is_file():
             fail(f"{run}: no metrics.csv (give train.py run folders to --runs)")
@@ -210,6 +212,7 @@ def main() -> None:
                     take = model.generate(primer, seconds=args.seconds, prime_seconds=0,
                                           temperature=args.temperature,
                                           top_p=args.top_p or None, release=args.release,
+                                          tonality=args.tonality,
                                           seed=args.seed + k,
                                           stop_at_end=False)
                     notes = continuation_notes(take.tokens(0), take.primer_seconds,

@@ -57,6 +57,7 @@ MIN_P = 0.0  # drop tokens below this share of the likeliest one's probability (
 GREEDY = False  # always take the likeliest token
 CREATIVITY = 0.0  # logit bias towards notes over rests (>0: more notes; <0: sparser)
 RELEASE = 3.0  # NOTE_OFF logit bias per second a note is held past 1 s (>0: fewer drones)
+TONALITY = 0.5  # pull the notes towards the pitch classes of the last seconds (0: off)
 BEAMS = 1  # beam search with this many beams (deterministic; 1: sampling)
 STRIDE = 0  # tokens dropped when the window is full (0: half the latents)
 CROSS_ATTN_SEQ_LEN = 0  # prefix length m at generation (0: the checkpoint's)
@@ -78,7 +79,7 @@ def check_settings(args) -> None:
     if args.new_tokens < 1:
         fail(f"--new_tokens must be at least 1, got {args.new_tokens}")
     for name in ("seconds", "prime_seconds", "num_prime", "top_k", "min_p", "top_p", "stride",
-                 "cross_attn_seq_len", "num_latents", "release"):
+                 "cross_attn_seq_len", "num_latents", "release", "tonality"):
         if getattr(args, name) < 0:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.seed < -1:
@@ -102,7 +103,8 @@ def check_settings(args) -> None:
     sampling = [f"--{n}" for n, off in (("temperature", (1.0,)), ("top_k", (0,)),
                                         ("top_p", (0.0,)), ("min_p", (0.0,)),
                                         ("greedy", (False,)), ("creativity", (0.0,)),
-                                        ("release", (RELEASE, 0.0)))  # unused by --beams
+                                        ("release", (RELEASE, 0.0)),  # unused by --beams
+                                        ("tonality", (TONALITY, 0.0)))
                 if getattr(args, n) not in off]
     if args.beams > 1 and sampling:
         fail(f"beam search (--beams) takes no sampling setting: leave out {' '.join(sampling)}")
@@ -277,14 +279,14 @@ def main() -> None:
                 bar.update(1)
                 bar.set_postfix(music_s=f"{info.seconds:.1f}", refresh=False)
 
-        if args.beams > 1:  # it applies none: recorded as it was applied
-            args.release = 0.0
+        if args.beams > 1:  # it applies neither: recorded as it was applied
+            args.release = args.tonality = 0.0
         settings = dict(
             seconds=args.seconds or None, max_new_tokens=args.new_tokens,
             prime_seconds=0, num_samples=args.num_samples, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p or None, min_p=args.min_p or None,
             greedy=args.greedy, creativity=args.creativity, release=args.release,
-            num_beams=args.beams,
+            tonality=args.tonality, num_beams=args.beams,
             seed=None if args.seed < 0 else args.seed, stop_at_end=args.stop_at_end,
             cross_attn_seq_len=prefix, stride=args.stride or None,
             precision="int8" if args.int8 else "float32", cuda_graphs=args.cuda_graphs)

@@ -11,6 +11,8 @@ cross-attention layer, context 4096, prefix 3072 / 1024 latents, the shapes of i
   through MKL, one thread);
 - the float32 step now (the weight layout this CPU runs fastest, every core), and int8 weights;
 - num_samples 8 against 1, and tokens/s over a long run that includes the re-encodes;
+- the host-side cost of generate.py's default sampling biases (release and tonality, which
+  follow the notes sounding in each sample) on top of the int8 step;
 - exactness: float32 cached logits against the library's forward on the same windows, and
   int8's deviation from float32 (max |logit diff|, KL divergence, top-1 agreement).
 Figures only, no assertions.
@@ -35,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for python be
 
 import perceiver_music.model as model_module  # noqa: E402
 from midi_processor.vocab import PAD  # noqa: E402
+from perceiver_music.api import RELEASE, TONALITY  # noqa: E402
 from perceiver_music.config import ModelConfig  # noqa: E402
-from perceiver_music.engine import StepInfo, generate  # noqa: E402
+from perceiver_music.engine import SamplingConfig, StepInfo, generate  # noqa: E402
 from perceiver_music.model import DecodeCache, build_model, decode_step, forward  # noqa: E402
 
 
@@ -148,6 +151,10 @@ def main() -> None:
         "reference: x @ W, 1 thread": (4, 1, {"decode_threads": 1}, reference_layout),
         "float32 (fastest layout)": (4, 1, {}, nullcontext),
         "int8 weights": (1, 1, {"precision": "int8"}, nullcontext),
+        "int8, release": (1, 1, {"precision": "int8", "sampling": SamplingConfig(
+            release=RELEASE)}, nullcontext),
+        "int8, release + tonality": (1, 1, {"precision": "int8", "sampling": SamplingConfig(
+            release=RELEASE, tonality=TONALITY)}, nullcontext),
         "float32, num_samples 8": (4, 8, {"num_samples": 8}, nullcontext),
         "int8, num_samples 8": (1, 8, {"num_samples": 8, "precision": "int8"}, nullcontext),
     }
@@ -172,9 +179,12 @@ def main() -> None:
     for name, (size, samples, _, _) in settings.items():
         floor = (linear_bytes * size / 4 + shared_bytes + samples * own_bytes) / bandwidth * 1000
         print(f"{name:34s} {ms[name]:8.2f} {floor:8.2f} {ms[name] / floor:8.2f}")
-    ref, fp32, int8, fp32_8, int8_8 = ms.values()
+    ref, fp32, int8, released, tonal, fp32_8, int8_8 = ms.values()
     print(f"float32 vs reference: {ref / fp32:.2f}x faster; int8 vs float32: "
           f"{fp32 / int8:.2f}x faster")
+    print(f"int8 with release {RELEASE:g}: {released - int8:+.3f} ms/step "
+          f"({released / int8 - 1:+.1%}); tonality {TONALITY:g} on top: "
+          f"{tonal - released:+.3f} ms/step ({tonal / released - 1:+.1%})")
     print(f"num_samples 8 / 1: float32 {fp32_8 / fp32:.2f}x, int8 {int8_8 / int8:.2f}x "
           "the time of one sample")
 

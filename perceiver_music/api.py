@@ -64,6 +64,7 @@ START_TOKEN = VELOCITY + 16  # an empty primer starts from VELOCITY(16), as many
 TOKENS_PER_SECOND = 100  # a generous bound on the music's density, for default lengths
 DTYPES = ("auto", "float32", "bfloat16")  # what from_pretrained(dtype=...) takes
 RELEASE = 3.0  # generate()'s default `SamplingConfig.release`
+TONALITY = 0.5  # generate()'s default `SamplingConfig.tonality`
 
 Primer = str | os.PathLike | bytes | pretty_midi.PrettyMIDI | Sequence[int] | np.ndarray | None
 
@@ -441,6 +442,7 @@ class PerceiverMusic:
         greedy: bool = False,
         creativity: float = 0.0,
         release: float = RELEASE,
+        tonality: float = TONALITY,
         num_beams: int = 1,
         seed: int | None = None,
         stop_at_end: bool = True,
@@ -458,9 +460,10 @@ class PerceiverMusic:
         The primer is cut to its first ``prime_seconds`` (or ``prime_tokens`` tokens; from
         its end with ``prime_from_end``; 0: all). Sampling: ``temperature``, ``top_k``,
         ``top_p``, ``min_p``, ``greedy``, ``creativity`` (a bias towards notes over rests),
-        ``release`` (ends long-held notes; see `SamplingConfig`); ``num_beams`` > 1 runs
-        beam search instead, which applies no release (it takes 0 or the default, and the
-        take's settings record 0).
+        ``release`` (ends long-held notes), ``tonality`` (keeps to the key of the last
+        seconds; both explained in `SamplingConfig`); ``num_beams`` > 1 runs beam search
+        instead, which applies neither release nor tonality (each takes 0 or its default,
+        and the take's settings record 0).
         ``num_samples`` continuations decode as one batch; ``seed`` repeats a run.
         ``cross_attn_seq_len`` sets the prefix length at generation (default: the
         model's). ``precision="int8"`` decodes with int8 weights on CPU (about 1.7x as
@@ -479,6 +482,7 @@ class PerceiverMusic:
                                       ("top_p", top_p, True), ("min_p", min_p, True),
                                       ("creativity", creativity, False),
                                       ("release", release, False),
+                                      ("tonality", tonality, False),
                                       ("prime_seconds", prime_seconds, False)):
             _check_number(name, value, optional)
         for name, value in (("greedy", greedy), ("prime_from_end", prime_from_end),
@@ -505,20 +509,23 @@ class PerceiverMusic:
         given = [name for name, value, unused in (  # values beam search can take: unused
             ("temperature", temperature, (1.0,)), ("top_k", top_k, (None,)),
             ("top_p", top_p, (None,)), ("min_p", min_p, (None,)), ("greedy", greedy, (False,)),
-            ("creativity", creativity, (0.0,)), ("release", release, (RELEASE, 0.0)))
+            ("creativity", creativity, (0.0,)), ("release", release, (RELEASE, 0.0)),
+            ("tonality", tonality, (TONALITY, 0.0)))
             if value not in unused]
         if num_beams != 1 and given:
-            named = [f"release (or set it to 0 or {RELEASE:g}: beam search applies none)"
-                     if name == "release" else name for name in given]
+            default = {"release": RELEASE, "tonality": TONALITY}
+            named = [f"{name} (or set it to 0 or {default[name]:g}: beam search applies none)"
+                     if name in default else name for name in given]
             raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
                              f"leave out {', '.join(named)}")
         sampling = None
         if num_beams != 1:
-            settings["release"] = 0.0  # what beam search applies: a replay gives the same
+            # what beam search applies, so that a replay gives the same
+            settings.update(release=0.0, tonality=0.0)
         else:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                       min_p=min_p, greedy=greedy, creativity=creativity,
-                                      release=release)
+                                      release=release, tonality=tonality)
         start = time.perf_counter()
         with tf32_products(self.device.type == "cuda" and self.dtype == "float32"):
             result = generate(self.model, tokens, max_new_tokens=max_new_tokens,

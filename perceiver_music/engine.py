@@ -51,6 +51,9 @@ STOP_SECONDS = "seconds"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_ASKED = "stopped"  # the caller's ``stop`` said so
 RELEASE_AFTER_S = 1.0  # `SamplingConfig.release` acts on notes held longer than this
+KEY_MEMORY_S = 10.0  # `SamplingConfig.tonality`: a note heard this long ago weighs 1/e
+KEY_FLOOR = 0.02  # `SamplingConfig.tonality`: each pitch class's share counts at least this
+_PITCH_CLASS = np.arange(NOTE_OFF - NOTE_ON) % 12  # of each NOTE_ON
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class SamplingConfig:
     ``RELEASE_AFTER_S``, its NOTE_OFF gets ``release`` added to its logit (0: the model's
     own distribution). The demo model under-predicts the end of notes it has held a while
     (its card measures how), so without it some notes sound on for many seconds.
+
+    ``tonality`` keeps the music in the key it is in: each NOTE_ON gets ``tonality`` times
+    the log of its pitch class's share of the music heard so far (primer and continuation;
+    how long each pitch class has sounded, a second `KEY_MEMORY_S` ago weighing 1/e, every
+    share counted at least `KEY_FLOOR`), then the NOTE_ONs are shifted together back to
+    their total chance, so it changes which pitches are struck, not how often notes are
+    (0: the model's own distribution). The demo model follows the primer's key less than
+    the real music does (its card measures how). With 1, each pitch's odds among the notes
+    are the model's times its class's share (plus the floor).
     """
 
     temperature: float = 1.0
@@ -77,12 +89,15 @@ class SamplingConfig:
     greedy: bool = False
     creativity: float = 0.0
     release: float = 0.0
+    tonality: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.creativity):
             raise ValueError(f"creativity must be a finite number, got {self.creativity}")
         if not (math.isfinite(self.release) and self.release >= 0.0):
             raise ValueError(f"release must be a finite number >= 0, got {self.release}")
+        if not (math.isfinite(self.tonality) and self.tonality >= 0.0):
+            raise ValueError(f"tonality must be a finite number >= 0, got {self.tonality}")
         if not self.temperature > 0.0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -432,41 +447,70 @@ class _Limits:
 
 class _Sounding:
     """The notes sounding in each sample and when each started (10 ms steps), kept as
-    `midi_processor.decode_tokens` pairs them, for `SamplingConfig.release`."""
+    `midi_processor.decode_tokens` pairs them, for `SamplingConfig.release`; and how long
+    each pitch class has sounded, the older the less (`KEY_MEMORY_S`), for
+    `SamplingConfig.tonality`."""
 
     def __init__(self, primer: list[int], rows: int) -> None:
         self.now: list[int] = [0]
         self.started: list[dict[int, int]] = [{}]
+        self.classes: list[list[int]] = [[0] * 12]  # sounding notes per pitch class
+        self.heard: list[list[float]] = [[0.0] * 12]  # seconds, fading, per pitch class
         for token in primer:
             self.add(0, token)
         self.now *= rows
         self.started += [dict(self.started[0]) for _ in range(rows - 1)]
+        self.classes += [list(self.classes[0]) for _ in range(rows - 1)]
+        self.heard += [list(self.heard[0]) for _ in range(rows - 1)]
 
     def add(self, row: int, token: int) -> None:
         """Follow ``token`` in sample ``row``."""
         if token < NOTE_OFF:  # a NOTE_ON on a sounding pitch ends it and starts it anew
+            if token not in self.started[row]:
+                self.classes[row][token % 12] += 1
             self.started[row][token] = self.now[row]
         elif token < TIME_SHIFT:
-            self.started[row].pop(token - NOTE_OFF, None)
+            if self.started[row].pop(token - NOTE_OFF, None) is not None:
+                self.classes[row][(token - NOTE_OFF) % 12] -= 1
         elif token < TIME_SHIFT + MAX_SHIFT_STEPS:
-            self.now[row] += token - TIME_SHIFT + 1
+            steps = token - TIME_SHIFT + 1
+            self.now[row] += steps
+            # each sounding note adds the shift's seconds to its pitch class, faded as
+            # they lie back in time: exactly the integral of exp(-age / KEY_MEMORY_S)
+            keep = math.exp(-steps / (KEY_MEMORY_S * STEPS_PER_SECOND))
+            gain = (1.0 - keep) * KEY_MEMORY_S
+            self.heard[row] = [seconds * keep + count * gain
+                               for seconds, count in zip(self.heard[row], self.classes[row],
+                                                         strict=True)]
 
-    def biased(self, logits: Tensor, release: float) -> Tensor:
+    def biased(self, logits: Tensor, release: float, tonality: float) -> Tensor:
         """``logits`` with ``release`` per second past `RELEASE_AFTER_S` added to the
-        NOTE_OFF of every note held that long (the same tensor when none is)."""
+        NOTE_OFF of every note held that long, and the NOTE_ONs tilted by ``tonality``
+        towards the pitch classes heard (the same tensor when neither applies)."""
         after = RELEASE_AFTER_S * STEPS_PER_SECOND
         rows, cols, add = [], [], []
-        for row, started in enumerate(self.started):
+        for row, started in enumerate(self.started if release else ()):
             for pitch, start in started.items():
                 if self.now[row] - start > after:
                     rows.append(row)
                     cols.append(NOTE_OFF + pitch)
                     add.append(release * (self.now[row] - start - after) / STEPS_PER_SECOND)
-        if not add:
+        tilt = tonality > 0.0 and any(map(any, self.heard))
+        if not add and not tilt:
             return logits
-        bias = torch.zeros(logits.shape, dtype=torch.float32)  # built on the host, sent once
-        bias[rows, cols] = torch.tensor(add)
-        return logits.float() + bias.to(logits.device, non_blocking=True)
+        bias = np.zeros(logits.shape, dtype=np.float32)  # built on the host, sent once
+        bias[rows, cols] = add
+        if tilt:  # in float64 on the host: a few hundred numbers, cheaper than torch ops
+            notes = logits[:, NOTE_ON:NOTE_OFF].float().cpu().numpy().astype(np.float64)
+            heard = np.array(self.heard)
+            share = heard / np.maximum(heard.sum(axis=1, keepdims=True), 1e-300)
+            pull = tonality * np.log(share + KEY_FLOOR)[:, _PITCH_CLASS]
+            odds = np.exp(notes - notes.max(axis=1, keepdims=True))
+            # the NOTE_ONs keep their total chance: only which pitch is struck changes
+            keep = np.log(odds.sum(axis=1, keepdims=True)
+                          / (odds * np.exp(pull)).sum(axis=1, keepdims=True))
+            bias[:, NOTE_ON:NOTE_OFF] += pull + keep
+        return logits.float() + torch.from_numpy(bias).to(logits.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,7 +529,7 @@ def _sample(
 ) -> GenerationResult:
     batch = window.buf.shape[0]
     shift = _shift_steps_table(window.buf.device).tolist()
-    sounding = _Sounding(primer, batch) if sampling.release else None
+    sounding = _Sounding(primer, batch) if sampling.release or sampling.tonality else None
     outputs: list[list[int]] = [[] for _ in range(batch)]
     steps = [0] * batch
     reasons: list[str | None] = [None] * batch
@@ -493,7 +537,8 @@ def _sample(
 
     logits = window.encode()
     for step in range(limits.max_new_tokens):
-        biased = logits if sounding is None else sounding.biased(logits, sampling.release)
+        biased = logits if sounding is None else sounding.biased(logits, sampling.release,
+                                                                   sampling.tonality)
         tokens = sample_next(biased, sampling, generators).masked_fill(finished, PAD)
         ended = False
         for row, token in enumerate(tokens.tolist()):

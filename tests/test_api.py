@@ -128,12 +128,15 @@ def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
         tiny.generate(text)  # not a UnicodeDecodeError, nor its bytes taken for a path
     with pytest.raises(ValueError, match=r"num_beams 3\) takes no sampling setting: leave "
                                          r"out temperature, creativity, release \(or set "
-                                         r"it to 0 or 3: beam search applies none\)"):
-        tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0)
+                                         r"it to 0 or 3: beam search applies none\), "
+                                         r"tonality \(or set it to 0 or 0.5: beam"):
+        tiny.generate(raw, num_beams=3, temperature=0.5, creativity=1.0, release=9.0,
+                      tonality=2.0)
     exact = tiny.generate(raw, release=Fraction(7, 2), max_new_tokens=2, seconds=None)
     assert type(exact.settings["release"]) is float and exact.settings["release"] == 3.5
     beam = tiny.generate(raw, num_beams=2, max_new_tokens=3, seconds=None)
-    assert beam.settings["release"] == 0.0  # beam search applies none, and says so
+    assert beam.settings["release"] == beam.settings["tonality"] == 0.0  # beam search
+    # applies neither, and says so
     assert tiny.generate(raw, **beam.settings).continuations == beam.continuations  # replays
     for wrong in ({"num_samples": 2.0}, {"num_samples": None}, {"top_k": 2.5}, {"seed": -1},
                   {"max_new_tokens": 2.5}, {"decode_threads": 0}, {"seconds": "5"},
@@ -141,7 +144,8 @@ def test_every_kind_of_primer(tiny, tmp_path, monkeypatch):
                   {"top_p": "0.9"}, {"min_p": "x"}, {"creativity": "lots"},
                   {"prime_seconds": None}, {"greedy": "yes"}, {"prime_from_end": "no"},
                   {"stop_at_end": 1}, {"release": "lots"}, {"release": -1.0},
-                  {"release": 10**400}):
+                  {"release": 10**400}, {"tonality": "strong"}, {"tonality": -0.5},
+                  {"tonality": math.nan}):
         with pytest.raises(ValueError, match=f"{next(iter(wrong))} must be"):
             tiny.generate(raw, **wrong)  # named, not a TypeError from inside torch
     with pytest.raises(ValueError, match="chunk_seconds must be a number"):

@@ -27,7 +27,7 @@ import pretty_midi
 import pytest
 import zygote
 
-from perceiver_music.api import RELEASE
+from perceiver_music.api import RELEASE, TONALITY
 from tests.conftest import DATA, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,8 +480,8 @@ def api_call(url: str, session: str, upload: tuple[str, bytes] | None = None,
     import json
 
     values = dict(prime_s=4, length=1, temp=1.0, k=0, p=0, min_p_=0, greedy_=False, width=1,
-                  samples=1, seed_=1, prefix=0, bias=0, release_=RELEASE, stop=True,
-                  int8_=False)
+                  samples=1, seed_=1, prefix=0, bias=0, release_=RELEASE,
+                  tonality_=TONALITY, stop=True, int8_=False)
     values.update(settings)
     source, primer = "bundled primer", None
     if upload:
@@ -535,6 +535,7 @@ def test_no_client_input_becomes_a_path(app_url, app_out, tmp_path):
                               # beyond a slider's bounds: no traceback in the app's terminal
                               # (the fixture's end checks its log)
                               ({"length": 1e9}, "seconds must be a number from 0 to 86400"),
-                              ({"p": -1.0}, "top p must be a number from 0 to 1")]:
+                              ({"p": -1.0}, "top p must be a number from 0 to 1"),
+                              ({"tonality_": -0.5}, "tonality must be a number from 0 to 100")]:
         line = api_call(app_url, "x", **settings)
         assert line.startswith("**Could not generate:**") and message in line, line

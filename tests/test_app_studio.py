@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zygote
 
-from perceiver_music.api import RELEASE
+from perceiver_music.api import RELEASE, TONALITY
 from tests.conftest import DATA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def studio_of(tmp_path: Path, *argv: str):
 
 SHORT = dict(prime_seconds=4, seconds=3, temperature=1.0, top_k=0, top_p=0, min_p=0,
              greedy=False, beams=1, num_samples=1, seed=3, prefix_len=0, creativity=0,
-             release=RELEASE, stop_at_end=False, int8=False)
+             release=RELEASE, tonality=TONALITY, stop_at_end=False, int8=False)
 
 
 def test_two_generations_decode_at_once_in_two_processes(tmp_path):
@@ -165,7 +165,7 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
 
     app, studio = studio_of(tmp_path / "app")
     try:
-        settings = {**SHORT, "seconds": 4, "greedy": True, "release": 6.0}
+        settings = {**SHORT, "seconds": 4, "greedy": True, "release": 6.0, "tonality": 1.5}
         messages = list(studio.stream(settings, DATA / "scn15_4.mid", []))
         take, line = messages[-1][1]
         streamed = take.folder.parent / ".take-1-stream"
@@ -190,10 +190,11 @@ def test_a_streamed_take_is_the_take_generated_whole(tmp_path):
     assert len(chunks[-1]["notes"]) > len(chunks[0]["notes"]) > 0
     whole = PerceiverMusic.from_pretrained(app.bundled("ckpt/demo"), device="cpu").generate(
         DATA / "scn15_4.mid", seconds=4, prime_seconds=4, greedy=True, seed=3,
-        stop_at_end=False, release=6.0)
+        stop_at_end=False, release=6.0, tonality=1.5)
     whole.save(tmp_path / "whole")
-    assert json.loads((take.folder / "generation.json").read_text())["generation"][
-        "release"] == 6.0  # every setting of the page reaches the take
+    generation = json.loads((take.folder / "generation.json").read_text())["generation"]
+    assert generation["release"] == 6.0  # every setting of the page reaches the take
+    assert generation["tonality"] == 1.5
     for name in ("full.mid", "continuation.mid", "audio.wav"):
         assert (take.folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 

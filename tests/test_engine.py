@@ -11,11 +11,14 @@ import torch
 from midi_processor.vocab import END, NOTE_OFF, PAD, TIME_SHIFT, VELOCITY, VOCAB_SIZE
 from perceiver_music.config import preset
 from perceiver_music.engine import (
+    KEY_FLOOR,
+    KEY_MEMORY_S,
     STOP_END,
     STOP_MAX_TOKENS,
     STOP_SECONDS,
     SamplingConfig,
     StepInfo,
+    _Sounding,
     filter_logits,
     generate,
 )
@@ -331,6 +334,8 @@ def test_sampling_config_validation():
         {"min_p": -0.1},
         {"release": -0.5},
         {"release": math.inf},
+        {"tonality": -1.0},
+        {"tonality": math.nan},
     ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
@@ -637,6 +642,64 @@ def test_release_ends_notes_held_past_a_second():
     first = generate(model, primer, max_new_tokens=1, sampling=SamplingConfig(
         greedy=True, release=50.0)).tokens[0]
     assert first == [NOTE_OFF + 60]  # 75 nats: the note held 2.5 s ends at once
+
+
+def test_tonality_tilts_the_notes_towards_the_pitch_classes_heard():
+    """Each step, every NOTE_ON gets ``tonality`` times the log of its pitch class's share
+    of the music heard (how long each pitch class has sounded, a second KEY_MEMORY_S ago
+    weighing 1/e; every share counted at least KEY_FLOOR); then the NOTE_ONs are shifted
+    together back to their total chance: which pitch is struck changes, not how often."""
+    second = TIME_SHIFT + 99
+    primer = [VELOCITY + 16, 60, second, second, 67, 60, second, NOTE_OFF + 60,
+              TIME_SHIFT + 49]  # C sounds 3 s (struck again at 2 s), ending 0.5 s ago; G 1.5 s
+    memory = KEY_MEMORY_S * 100  # in 10 ms steps
+
+    def expected(raw: torch.Tensor, tokens: list[int], tonality: float) -> torch.Tensor:
+        now, started, spans = 0, {}, []
+        for t in tokens:
+            if t < NOTE_OFF:
+                started.setdefault(t, now)  # struck again: it sounds on
+            elif t < TIME_SHIFT and t - NOTE_OFF in started:
+                spans.append((t - NOTE_OFF, started.pop(t - NOTE_OFF), now))
+            elif TIME_SHIFT <= t < VELOCITY:
+                now += t - TIME_SHIFT + 1
+        spans += [(pitch, start, now) for pitch, start in started.items()]
+        heard = torch.zeros(12, dtype=torch.float64)
+        for pitch, start, end in spans:
+            heard[pitch % 12] += math.exp((end - now) / memory) - math.exp((start - now) / memory)
+        tilt = tonality * torch.log(heard / heard.sum() + KEY_FLOOR)
+        out = raw.double()
+        notes = out[:NOTE_OFF] + tilt.repeat(11)[:NOTE_OFF]
+        out[:NOTE_OFF] = notes + out[:NOTE_OFF].logsumexp(0) - notes.logsumexp(0)
+        return out
+
+    raw = torch.randn(2, VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
+    tilted = _Sounding(primer, 2).biased(raw, 0.0, 1.5)
+    for row in range(2):
+        assert torch.allclose(tilted[row].double(), expected(raw[row], primer, 1.5), atol=1e-5)
+    notes = slice(0, NOTE_OFF)  # the NOTE_ONs keep their total chance; nothing else moves
+    assert torch.allclose(tilted[:, notes].logsumexp(-1), raw[:, notes].logsumexp(-1))
+    assert torch.equal(tilted[:, NOTE_OFF:], raw[:, NOTE_OFF:])
+    assert tilted[0, 72] - raw[0, 72] > tilted[0, 67] - raw[0, 67] > tilted[0, 61] - raw[0, 61]
+    assert _Sounding(primer, 2).biased(raw, 0.0, 0.0) is raw  # off: the same logits
+    assert _Sounding([VELOCITY + 16, second], 2).biased(raw, 0.0, 1.5) is raw  # nothing heard
+
+    # a model that strikes C# (61) again and again, through generate()
+    model = biased(tiny_model(3), torch.zeros(VOCAB_SIZE).index_fill(
+        0, torch.tensor([61]), 6.0).index_fill(0, torch.tensor([second]), 5.0))
+    alone = generate(model, primer, max_new_tokens=10, sampling=SamplingConfig(greedy=True),
+                     stop_on_end=False).tokens[0]
+    assert alone[0] == 61
+    made: list[int] = []
+
+    def check(info: StepInfo) -> None:
+        want = int(expected(without_pad(info.logits[0]), primer + made, 2.0).argmax())
+        assert int(info.tokens[0]) == want
+        made.append(want)
+
+    generate(model, primer, max_new_tokens=30, sampling=SamplingConfig(greedy=True,
+             tonality=2.0), stop_on_end=False, on_step=check)
+    assert made[0] % 12 in (0, 7) and made != alone[:30]
 
 
 def test_prefix_length_at_generation_is_checked():

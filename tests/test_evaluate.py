@@ -126,6 +126,7 @@ def test_evaluate_samples_as_generate_does_by_default():
     assert evaluate.TEMPERATURE == generate.TEMPERATURE == api["temperature"].default
     assert evaluate.TOP_P == generate.TOP_P and api["top_p"].default in (None, generate.TOP_P)
     assert evaluate.RELEASE == generate.RELEASE == api["release"].default
+    assert evaluate.TONALITY == generate.TONALITY == api["tonality"].default
     assert not generate.TOP_K and api["top_k"].default is None
     assert not generate.MIN_P and api["min_p"].default is None
 
@@ -137,7 +138,8 @@ def test_bad_settings_are_one_line(setup, tmp_path):
                           (["--seconds", "0"], "--seconds must be positive"),
                           (["--top_p", "2"], "--top_p must be in [0, 1]"),
                           (["--temperature", "0"], "--temperature must be positive"),
-                          (["--release", "-1"], "--release must not be negative")]:
+                          (["--release", "-1"], "--release must not be negative"),
+                          (["--tonality", "-1"], "--tonality must not be negative")]:
         r = zygote.run([sys.executable, "evaluate.py", "--data_dir", str(setup / "data"),
                             "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)

@@ -135,6 +135,7 @@ def test_stop_on_seconds_and_greedy_and_beams(ckpt, tmp_path):
     assert "note: --new_tokens 10 ended the music before --seconds 100" in r.stderr
     beam = report(tmp_path / "beam")  # the command's settings say what beam search did
     assert beam["settings"]["release"] == beam["generation"]["release"] == 0
+    assert beam["settings"]["tonality"] == beam["generation"]["tonality"] == 0
 
 
 def test_runs_under_accelerate_launch_with_two_processes(ckpt, tmp_path):
@@ -221,10 +222,12 @@ def test_without_a_renderer_the_midi_is_still_written(ckpt, tmp_path):
         (["--renderer", "timidity"], "--renderer must be"),
         (["--top_p", "1.5"], "--top_p"),
         (["--beams", "2", "--num_samples", "2"], "beam search"),
-        (["--beams", "3", "--top_p", "0.5", "--creativity", "1", "--release", "9"],
+        (["--beams", "3", "--top_p", "0.5", "--creativity", "1", "--release", "9",
+          "--tonality", "2"],
          "beam search (--beams) takes no sampling setting: leave out --top_p --creativity "
-         "--release"),
+         "--release --tonality"),
         (["--release", "-1"], "--release must not be negative"),
+        (["--tonality", "-0.5"], "--tonality must not be negative"),
         (["--seed", "-5"], "--seed must be -1 (random) or a whole number >= 0, got -5"),
         (["--stride", "1000"], "--stride"),
         (["--seconds", "nan"], "--seconds: invalid finite number value: 'nan'"),
@@ -338,11 +341,11 @@ def test_generation_json_replays_the_take_from_the_primer_file(ckpt, tmp_path):
 
 def test_prefix_length_and_creativity_at_generation(ckpt, tmp_path):
     r = gen(ckpt, tmp_path, "--name", "n", "--num_latents", "48", "--creativity", "2",
-            "--release", "2.5")
+            "--release", "2.5", "--tonality", "1.25")
     assert r.returncode == 0, r.stderr
     settings = report(tmp_path / "n")["generation"]
     assert settings["cross_attn_seq_len"] == 16 and settings["creativity"] == 2.0
-    assert settings["release"] == 2.5
+    assert settings["release"] == 2.5 and settings["tonality"] == 1.25
     r = gen(ckpt, tmp_path, "--name", "m", "--cross_attn_seq_len", "64")
     assert r.returncode == 1 and "--cross_attn_seq_len must be in [1, 63]" in r.stderr
     assert not (tmp_path / "m").exists()
