@@ -76,10 +76,11 @@ class SamplingConfig:
     the log of its pitch class's share of the music heard so far (primer and continuation;
     how long each pitch class has sounded, a second `KEY_MEMORY_S` ago weighing 1/e, every
     share counted at least `KEY_FLOOR`), then the NOTE_ONs are shifted together back to
-    their total chance, so it changes which pitches are struck, not how often notes are
-    (0: the model's own distribution). The demo model follows the primer's key less than
-    the real music does (its card measures how). With 1, each pitch's odds among the notes
-    are the model's times its class's share (plus the floor).
+    their total chance, so (at temperature 1, before the filters) it changes which
+    pitches are struck, not how often notes are (0: the model's own distribution). The
+    demo model follows the primer's key less than the real music does (its card measures
+    how). With 1, each pitch's odds among the notes are the model's times its class's share
+    (plus the floor).
     """
 
     temperature: float = 1.0
@@ -505,12 +506,21 @@ class _Sounding:
             heard = np.array(self.heard)
             share = heard / np.maximum(heard.sum(axis=1, keepdims=True), 1e-300)
             pull = tonality * np.log(share + KEY_FLOOR)[:, _PITCH_CLASS]
-            odds = np.exp(notes - notes.max(axis=1, keepdims=True))
-            # the NOTE_ONs keep their total chance: only which pitch is struck changes
-            keep = np.log(odds.sum(axis=1, keepdims=True)
-                          / (odds * np.exp(pull)).sum(axis=1, keepdims=True))
-            bias[:, NOTE_ON:NOTE_OFF] += pull + keep
+            # the NOTE_ONs keep their total chance: only which pitch is struck changes (a
+            # row with no possible NOTE_ON keeps none)
+            with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, made 0
+                keep = _logsumexp(notes) - _logsumexp(notes + pull)
+            bias[:, NOTE_ON:NOTE_OFF] += pull + np.nan_to_num(keep, nan=0.0)
         return logits.float() + torch.from_numpy(bias).to(logits.device, non_blocking=True)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) of each row of ``x``, as a column; exact for any finite tonality
+    (the largest term is taken out) and -inf for a row of -inf."""
+    top = x.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):  # log(0) of a row of -inf: -inf, as it should be
+        return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
 
 
 # ---------------------------------------------------------------------------------------

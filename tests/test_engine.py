@@ -650,8 +650,9 @@ def test_tonality_tilts_the_notes_towards_the_pitch_classes_heard():
     weighing 1/e; every share counted at least KEY_FLOOR); then the NOTE_ONs are shifted
     together back to their total chance: which pitch is struck changes, not how often."""
     second = TIME_SHIFT + 99
-    primer = [VELOCITY + 16, 60, second, second, 67, 60, second, NOTE_OFF + 60,
-              TIME_SHIFT + 49]  # C sounds 3 s (struck again at 2 s), ending 0.5 s ago; G 1.5 s
+    primer = [VELOCITY + 16, NOTE_OFF + 61, 60, second, second, 67, 60, second,
+              NOTE_OFF + 60, TIME_SHIFT + 49]  # C sounds 3 s (struck again at 2 s), ending
+    # 0.5 s ago; G 1.5 s; the NOTE_OFF of a C# that never sounded changes nothing
     memory = KEY_MEMORY_S * 100  # in 10 ms steps
 
     def expected(raw: torch.Tensor, tokens: list[int], tonality: float) -> torch.Tensor:
@@ -674,15 +675,38 @@ def test_tonality_tilts_the_notes_towards_the_pitch_classes_heard():
         return out
 
     raw = torch.randn(2, VOCAB_SIZE, generator=torch.Generator().manual_seed(0))
-    tilted = _Sounding(primer, 2).biased(raw, 0.0, 1.5)
+    sounding = _Sounding(primer, 2)
+    tilted = sounding.biased(raw, 0.0, 1.5)
     for row in range(2):
         assert torch.allclose(tilted[row].double(), expected(raw[row], primer, 1.5), atol=1e-5)
+    sounding.add(1, 61)  # the samples part: each follows its own notes
+    for row in range(2):
+        sounding.add(row, second)
+    apart = sounding.biased(raw, 0.0, 1.5)
+    assert torch.allclose(apart[0].double(), expected(raw[0], primer + [second], 1.5),
+                          atol=1e-5)
+    assert torch.allclose(apart[1].double(), expected(raw[1], primer + [61, second], 1.5),
+                          atol=1e-5)
     notes = slice(0, NOTE_OFF)  # the NOTE_ONs keep their total chance; nothing else moves
     assert torch.allclose(tilted[:, notes].logsumexp(-1), raw[:, notes].logsumexp(-1))
     assert torch.equal(tilted[:, NOTE_OFF:], raw[:, NOTE_OFF:])
     assert tilted[0, 72] - raw[0, 72] > tilted[0, 67] - raw[0, 67] > tilted[0, 61] - raw[0, 61]
     assert _Sounding(primer, 2).biased(raw, 0.0, 0.0) is raw  # off: the same logits
     assert _Sounding([VELOCITY + 16, second], 2).biased(raw, 0.0, 1.5) is raw  # nothing heard
+    scratch = _Sounding([VELOCITY + 16], 2)  # from scratch: only sample 1 has played yet
+    scratch.add(1, 60)
+    scratch.add(1, second)
+    one = scratch.biased(raw, 0.0, 1.5)
+    assert torch.equal(one[0], raw[0])
+    assert torch.allclose(one[1].double(), expected(raw[1], [60, second], 1.5), atol=1e-5)
+    strong = _Sounding(primer, 2).biased(raw, 0.0, 1000.0)  # any strength stays exact
+    assert torch.isfinite(strong).all()
+    assert torch.allclose(strong[:, notes].logsumexp(-1), raw[:, notes].logsumexp(-1))
+    assert strong[:, notes].argmax(-1).remainder(12).tolist() == [0, 0]  # the C's
+    no_notes = raw.clone()
+    no_notes[0, notes] = -math.inf  # a row that can strike no note keeps none, and no NaN
+    cut = _Sounding(primer, 2).biased(no_notes, 0.0, 1.5)
+    assert not cut.isnan().any() and (cut[0, notes] == -math.inf).all()
 
     # a model that strikes C# (61) again and again, through generate()
     model = biased(tiny_model(3), torch.zeros(VOCAB_SIZE).index_fill(
