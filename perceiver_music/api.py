@@ -506,16 +506,16 @@ class PerceiverMusic:
             max_new_tokens = int(TOKENS_PER_SECOND * seconds) + 100 if seconds else 2000
         tokens, note = primer_tokens(primer, seconds=prime_seconds, count=prime_tokens,
                                      from_end=prime_from_end)
-        given = [name for name, value, unused in (  # values beam search can take: unused
+        given = [(name, unused) for name, value, unused in (  # what beam search can take
             ("temperature", temperature, (1.0,)), ("top_k", top_k, (None,)),
             ("top_p", top_p, (None,)), ("min_p", min_p, (None,)), ("greedy", greedy, (False,)),
             ("creativity", creativity, (0.0,)), ("release", release, (RELEASE, 0.0)),
             ("tonality", tonality, (TONALITY, 0.0)))
             if value not in unused]
-        if num_beams != 1 and given:
-            default = {"release": RELEASE, "tonality": TONALITY}
-            named = [f"{name} (or set it to 0 or {default[name]:g}: beam search applies none)"
-                     if name in default else name for name in given]
+        if num_beams != 1 and given:  # a default besides 0: beam search applies neither
+            named = [name if len(unused) == 1 else
+                     f"{name} (or set it to 0 or {unused[0]:g}: beam search applies none)"
+                     for name, unused in given]
             raise ValueError(f"beam search (num_beams {num_beams}) takes no sampling setting: "
                              f"leave out {', '.join(named)}")
         sampling = None

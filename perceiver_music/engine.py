@@ -508,19 +508,12 @@ class _Sounding:
             pull = tonality * np.log(share + KEY_FLOOR)[:, _PITCH_CLASS]
             # the NOTE_ONs keep their total chance: only which pitch is struck changes (a
             # row with no possible NOTE_ON keeps none)
+            lse = np.logaddexp.reduce  # log(sum(exp)), exact however large the pull
             with np.errstate(invalid="ignore"):  # -inf - -inf: NaN, made 0
-                keep = _logsumexp(notes) - _logsumexp(notes + pull)
+                keep = (lse(notes, axis=1, keepdims=True)
+                        - lse(notes + pull, axis=1, keepdims=True))
             bias[:, NOTE_ON:NOTE_OFF] += pull + np.nan_to_num(keep, nan=0.0)
         return logits.float() + torch.from_numpy(bias).to(logits.device, non_blocking=True)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """log(sum(exp(x))) of each row of ``x``, as a column; exact for any finite tonality
-    (the largest term is taken out) and -inf for a row of -inf."""
-    top = x.max(axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):  # log(0) of a row of -inf: -inf, as it should be
-        return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
 
 
 # ---------------------------------------------------------------------------------------
